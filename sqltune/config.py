@@ -1,0 +1,293 @@
+"""Typed configuration for every stage: one dataclass per stage, loadable from YAML and overridable by
+`--name value` flags with the same names (the names users know from DB-GPT-Hub and LLaMA-Factory).
+
+Each field's `help` metadata is its `--help` text; each `__post_init__` checks values and fails with a
+sentence naming the flag. Nothing here imports torch, so evaluation stays fast to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from sqltune.errors import SqltuneError
+
+
+def arg(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with its --help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SqltuneError(message)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+SCHEMA_STYLES = ("words", "ddl", "ddl+rows")
+SOURCES = ("spider", "bird", "sparc", "cosql")
+
+
+@dataclass
+class PrepareConfig:
+    source: str = arg("spider", f"dataset layout to read: {', '.join(SOURCES)}")
+    data_dir: str = arg("", "folder with the source files (for Spider: train_spider.json, dev.json, tables.json, database/)")
+    out: str = arg("data/prepared", "folder to write <name>_train.jsonl, <name>_dev.jsonl, gold files and dataset_info.json")
+    name: str = arg("", "dataset name prefix in the registry (default: the source name)")
+    schema_style: str = arg("words", f"how the schema is stated in the prompt: {', '.join(SCHEMA_STYLES)}")
+    sample_rows: int = arg(3, "rows per table shown with schema_style ddl+rows")
+    max_prompt_tokens: int = arg(0, "cap on the instruction length in tokens (0 = no cap); cut schemas are counted")
+    tokenizer: str = arg("", "tokenizer folder used to count tokens for max_prompt_tokens (default: whitespace words)")
+    splits: str = arg("train,dev", "comma list of splits to prepare")
+
+    def __post_init__(self):
+        _check(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}, not {self.source!r}")
+        _check(self.schema_style in SCHEMA_STYLES,
+               f"--schema_style must be one of {', '.join(SCHEMA_STYLES)}, not {self.schema_style!r}")
+        _check(self.sample_rows >= 0, "--sample_rows must be >= 0")
+        _check(self.max_prompt_tokens >= 0, "--max_prompt_tokens must be >= 0")
+        self.name = self.name or self.source
+
+
+# --------------------------------------------------------------------------------------------- train
+FINETUNING_TYPES = ("lora", "qlora", "freeze", "full")
+TEMPLATES = ("default", "llama2", "mistral", "chatml", "auto")
+
+
+@dataclass
+class TrainConfig:
+    model_name_or_path: str = arg("", "base model folder, or a catalog name (see `sqltune models list`)")
+    dataset: str = arg("", "comma list of registry names, e.g. spider_train")
+    dataset_dir: str = arg("data/prepared", "folder holding dataset_info.json and the prepared JSONL files")
+    template: str = arg("auto", f"chat template: {', '.join(TEMPLATES)}")
+    finetuning_type: str = arg("lora", f"what to train: {', '.join(FINETUNING_TYPES)}")
+    quantization_bit: Optional[int] = arg(None, "4 or 8 for QLoRA (bitsandbytes); implies finetuning_type qlora")
+    lora_rank: int = arg(8, "LoRA rank r")
+    lora_alpha: int = arg(16, "LoRA alpha")
+    lora_dropout: float = arg(0.05, "LoRA dropout")
+    lora_target: str = arg("all", "comma list of module names to adapt, or `all` for every linear layer")
+    freeze_trainable_layers: int = arg(2, "with finetuning_type freeze: train only the last N decoder layers")
+    max_source_length: int = arg(1024, "prompt tokens kept (the schema is cut first; the question is kept)")
+    max_target_length: int = arg(256, "answer tokens kept")
+    output_dir: str = arg("output/adapter", "where the adapter (or full model), tokenizer and logs go")
+    overwrite_output_dir: bool = arg(False, "allow writing into an existing, non-empty output_dir")
+    resume: bool = arg(False, "continue from the latest checkpoint in output_dir")
+    per_device_train_batch_size: int = arg(1, "examples per device per step")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    learning_rate: float = arg(2e-4, "peak learning rate")
+    lr_scheduler_type: str = arg("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    warmup_ratio: float = arg(0.0, "fraction of steps spent warming up")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    num_train_epochs: float = arg(1.0, "epochs over the dataset (ignored when max_steps > 0)")
+    max_steps: int = arg(-1, "stop after this many optimizer steps (-1 = use num_train_epochs)")
+    max_samples: int = arg(0, "use only the first N records (0 = all)")
+    logging_steps: int = arg(10, "log the loss every N steps")
+    save_steps: int = arg(500, "write a checkpoint every N steps")
+    save_total_limit: int = arg(2, "checkpoints kept")
+    bf16: bool = arg(False, "train in bfloat16 mixed precision")
+    fp16: bool = arg(False, "train in float16 mixed precision (GPU)")
+    gradient_checkpointing: bool = arg(False, "trade compute for memory")
+    group_by_length: bool = arg(True, "batch examples of similar length together (less padding)")
+    seed: int = arg(42, "random seed for data order and initialisation")
+    plot_loss: bool = arg(False, "write training_loss.png")
+    deepspeed: str = arg("", "DeepSpeed config file passed through to transformers/Accelerate (GPU, optional)")
+    report_to: str = arg("none", "transformers report_to (none, tensorboard, wandb, ...)")
+
+    def __post_init__(self):
+        if self.quantization_bit is not None:
+            _check(self.quantization_bit in (4, 8), "--quantization_bit must be 4 or 8")
+            if self.finetuning_type == "lora":
+                self.finetuning_type = "qlora"
+        _check(self.finetuning_type in FINETUNING_TYPES,
+               f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not {self.finetuning_type!r}")
+        if self.finetuning_type == "qlora" and self.quantization_bit is None:
+            self.quantization_bit = 4
+        _check(self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+        _check(self.lora_rank > 0, "--lora_rank must be > 0")
+        _check(self.max_source_length > 0 and self.max_target_length > 0,
+               "--max_source_length and --max_target_length must be > 0")
+        _check(self.per_device_train_batch_size > 0, "--per_device_train_batch_size must be > 0")
+        _check(self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be > 0")
+        _check(self.learning_rate > 0, "--learning_rate must be > 0")
+        _check(self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or --num_train_epochs above 0")
+        _check(self.save_steps > 0 and self.logging_steps > 0, "--save_steps and --logging_steps must be > 0")
+        _check(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
+
+
+# --------------------------------------------------------------------------------------------- merge
+@dataclass
+class MergeConfig:
+    model_name_or_path: str = arg("", "base model folder or catalog name (loaded in full precision)")
+    adapter: str = arg("", "LoRA adapter folder written by `sqltune train`")
+    out: str = arg("output/merged", "folder for the merged plain model")
+    overwrite_output_dir: bool = arg(False, "replace an existing out folder")
+
+    def __post_init__(self):
+        _check(bool(self.model_name_or_path), "--model_name_or_path is required")
+        _check(bool(self.adapter), "--adapter is required")
+
+
+# --------------------------------------------------------------------------------------------- predict
+@dataclass
+class PredictConfig:
+    model_name_or_path: str = arg("", "model folder or catalog name")
+    adapter: str = arg("", "optional LoRA adapter folder applied on top of the model")
+    dataset: str = arg("", "registry name of the prepared records to answer, e.g. spider_dev")
+    dataset_dir: str = arg("data/prepared", "folder holding dataset_info.json")
+    out: str = arg("output/pred.sql", "prediction file: one SQL per line, in record order")
+    template: str = arg("auto", f"chat template (same as training): {', '.join(TEMPLATES)}")
+    max_source_length: int = arg(1024, "prompt tokens kept (cut as in training)")
+    max_new_tokens: int = arg(256, "tokens generated per answer at most")
+    batch_size: int = arg(8, "prompts generated together (left padded)")
+    temperature: float = arg(0.0, "0 = greedy")
+    top_p: float = arg(1.0, "nucleus sampling threshold (with temperature > 0)")
+    num_beams: int = arg(1, "beam search width")
+    max_samples: int = arg(0, "answer only the first N records (0 = all)")
+    backend: str = arg("hf", "hf (transformers) or vllm (GPU, when installed)")
+    seed: int = arg(42, "random seed for sampling")
+
+    def __post_init__(self):
+        _check(self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, not {self.backend!r}")
+        _check(self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+        _check(self.batch_size > 0, "--batch_size must be > 0")
+        _check(self.max_new_tokens > 0, "--max_new_tokens must be > 0")
+        _check(self.num_beams > 0, "--num_beams must be > 0")
+        _check(self.temperature >= 0, "--temperature must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+@dataclass
+class EvalConfig:
+    pred: str = arg("", "prediction file, one SQL per line")
+    gold: str = arg("", "gold file, `SQL<TAB>db_id` per line (blank lines separate interactions)")
+    db_dir: str = arg("", "folder with <db_id>/<db_id>.sqlite (every .sqlite there is used: test-suite accuracy)")
+    tables: str = arg("", "tables.json (foreign keys for exact match; schema of databases that are absent)")
+    etype: str = arg("all", "exec, match or all")
+    plug_value: bool = arg(False, "plug the gold values into the prediction before executing it")
+    keep_distinct: bool = arg(False, "keep DISTINCT when executing (the official default drops it)")
+    timeout: float = arg(30.0, "seconds each query may run")
+    max_rows: int = arg(100_000, "rows a query may return; more counts as a failed query")
+    workers: int = arg(0, "parallel processes (0 = number of cores)")
+    skip_missing_db: bool = arg(False, "leave out questions whose database file is absent (else: an error)")
+    report: str = arg("", "folder for metrics.json, per_example.jsonl and report.md")
+    questions: str = arg("", "optional prepared JSONL (or dev.json) whose questions go into the report")
+    bird: bool = arg(False, "BIRD execution accuracy: result sets compared as sets")
+    difficulty: str = arg("", "BIRD: file with one difficulty (simple/moderate/challenging) per gold line")
+    quiet: bool = arg(False, "print no table")
+
+    def __post_init__(self):
+        _check(self.etype in ("exec", "match", "all"), f"--etype must be exec, match or all, not {self.etype!r}")
+        _check(self.timeout > 0, "--timeout must be > 0")
+        _check(self.max_rows > 0, "--max_rows must be > 0")
+        _check(self.workers >= 0, "--workers must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    tp, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional or value is None:
+            return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+        if typing.get_origin(tp) is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+        if typing.get_origin(tp) is dict:
+            return dict(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    type_name = getattr(tp, "__name__", str(tp))
+    raise SqltuneError(f"--{name} expects {type_name}, got {value!r}")
+
+
+def build(cls, values: dict | None = None, where: str = "config"):
+    """Make a `cls` from a plain dict, checking names and types; unknown keys are an error with a hint."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        norm = key.replace("-", "_")
+        if norm not in names:
+            close = difflib.get_close_matches(norm, names, n=1)
+            hint = f" (did you mean --{close[0]}?)" if close else ""
+            raise SqltuneError(f"unknown option {key!r} in {where}{hint}")
+        kwargs[norm] = _coerce(norm, value, hints[norm])
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SqltuneError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SqltuneError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise SqltuneError(f"{path} must hold a mapping of option names to values")
+    return data
+
+
+def load(cls, yaml_path: str | None = None, overrides: dict | None = None, section: str | None = None):
+    """YAML values (optionally one section of the file), then command-line overrides on top."""
+    values: dict = {}
+    if yaml_path:
+        data = load_yaml(yaml_path)
+        if section and isinstance(data.get(section), dict):
+            data = data[section]
+        values.update(data)
+    values.update(overrides or {})
+    return build(cls, values, where=str(yaml_path or "the command line"))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_lines(cls) -> list[str]:
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  --{f.name:<30} {f.metadata.get('help', '')} [default: {default!r}]")
+    return lines
