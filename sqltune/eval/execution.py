@@ -1,0 +1,157 @@
+"""Execution accuracy (the official exec_eval.eval_exec_match), run safely.
+
+Rules:
+- `> =`, `< =`, `! =` are closed up; `YEAR(CURDATE())` becomes 2020; DISTINCT is removed from both queries
+  unless keep_distinct (token-wise, with sqlparse);
+- results are bags of rows; row order matters only when the gold query has ORDER BY; columns may come in any
+  order (a column permutation that makes the bags equal is searched for);
+- every `.sqlite` file in the database's folder must agree (test-suite accuracy); with one file, that is Spider EX;
+- with plug_value, the prediction also passes if any filling of its values with gold values passes.
+
+Unlike the official script, a gold query that fails is reported (not a crash), and every query is bounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import sqlparse
+
+from sqltune.eval.safe_sqlite import QueryError, connect, run_query
+from sqltune.eval.values import plugged_candidates
+
+_CUR_YEAR = re.compile(r"YEAR\s*\(\s*CURDATE\s*\(\s*\)\s*\)\s*", re.IGNORECASE)
+
+
+def close_operators(query: str) -> str:
+    return query.replace("> =", ">=").replace("< =", "<=").replace("! =", "!=")
+
+
+def remove_distinct(query: str) -> str:
+    parsed = sqlparse.parse(query)
+    if not parsed:
+        return query
+    return "".join(t.value for t in parsed[0].flatten() if t.value.lower() != "distinct")
+
+
+def _unordered_row(row: tuple) -> tuple:
+    return tuple(sorted(row, key=lambda x: str(x) + str(type(x))))
+
+
+def _bags_may_match(r1: list, r2: list, order_matters: bool) -> bool:
+    s1 = [_unordered_row(r) for r in r1]
+    s2 = [_unordered_row(r) for r in r2]
+    return s1 == s2 if order_matters else set(s1) == set(s2)
+
+
+def _candidate_permutations(r1: list, r2: list, n_cols: int):
+    """Column permutations worth trying: for wide results, rule out pairs where a value of r2's column does not
+    occur in r1's column at all (a sound filter; the official samples 20 rows for it)."""
+    allowed = [set(range(n_cols)) for _ in range(n_cols)]
+    if n_cols > 3:
+        column_values = [{row[i] for row in r1} for i in range(n_cols)]
+        step = max(1, len(r2) // 20)
+        for row in r2[::step][:20]:
+            for c1 in range(n_cols):
+                for c2 in list(allowed[c1]):
+                    if row[c2] not in column_values[c1]:
+                        allowed[c1].discard(c2)
+    return itertools.product(*allowed)
+
+
+def results_equal(gold: list[tuple], pred: list[tuple], order_matters: bool) -> bool:
+    """Same bag (or list, if order matters) of rows up to a permutation of columns."""
+    if not gold and not pred:
+        return True
+    if len(gold) != len(pred):
+        return False
+    n_cols = len(gold[0])
+    if len(pred[0]) != n_cols:
+        return False
+    if not _bags_may_match(gold, pred, order_matters):
+        return False
+    for perm in _candidate_permutations(gold, pred, n_cols):
+        if len(set(perm)) != n_cols:
+            continue
+        permuted = pred if n_cols == 1 else [tuple(row[i] for i in perm) for row in pred]
+        if order_matters:
+            if gold == permuted:
+                return True
+        elif set(gold) == set(permuted) and Counter(gold) == Counter(permuted):
+            return True
+    return False
+
+
+def database_files(db_path: str | Path) -> list[Path]:
+    """Every .sqlite in the folder of `db_path` (test-suite accuracy uses them all)."""
+    folder = Path(db_path).parent
+    return sorted(folder / name for name in os.listdir(folder) if ".sqlite" in name)
+
+
+class Executor:
+    """Runs queries with a connection per database file and caches gold results per (file, query)."""
+
+    def __init__(self, timeout: float, max_rows: int):
+        self.timeout = timeout
+        self.max_rows = max_rows
+        self._conns: dict[Path, object] = {}
+        self._gold: dict[tuple[Path, str], object] = {}
+
+    def run(self, path: Path, sql: str) -> list[tuple]:
+        conn = self._conns.get(path)
+        if conn is None:
+            conn = self._conns[path] = connect(path)
+        return run_query(conn, _CUR_YEAR.sub("2020", sql), self.timeout, self.max_rows)
+
+    def gold_result(self, path: Path, sql: str):
+        key = (path, sql)
+        if key not in self._gold:
+            try:
+                self._gold[key] = self.run(path, sql)
+            except QueryError as exc:
+                self._gold[key] = exc
+        return self._gold[key]
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+    def exec_match(self, db_path: Path, pred: str, gold: str, plug_value: bool, keep_distinct: bool
+                   ) -> tuple[int, str | None, str | None]:
+        """(1 or 0, prediction error, gold error)."""
+        pred, gold = close_operators(pred), close_operators(gold)
+        if not keep_distinct:
+            pred, gold = remove_distinct(pred), remove_distinct(gold)
+        order_matters = "order by" in gold.lower()
+        files = database_files(db_path)
+        candidates = [pred]
+        if plug_value:
+            try:
+                candidates = itertools.chain([pred], plugged_candidates(gold, pred))
+            except Exception:  # noqa: BLE001 - an unparseable prediction just has no plugged variants
+                candidates = [pred]
+        first_error = None
+        for candidate in candidates:
+            passes = True
+            for path in files:
+                gold_rows = self.gold_result(path, gold)
+                if isinstance(gold_rows, QueryError):
+                    return 0, None, f"gold query failed on {path.name}: {gold_rows}"
+                try:
+                    pred_rows = self.run(path, candidate)
+                except QueryError as exc:
+                    if first_error is None:
+                        first_error = str(exc)
+                    passes = False
+                    break
+                if not results_equal(gold_rows, pred_rows, order_matters):
+                    passes = False
+                    break
+            if passes:
+                return 1, None, None
+        return 0, first_error, None

@@ -1,0 +1,30 @@
+"""Shared test fixtures: offline settings, the path to ../shared, and small Spider-layout data made by our code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+SPIDER = SHARED / "spider"
+EVAL_CASES = SHARED / "spider-eval-cases"
+
+needs_spider = pytest.mark.skipif(not (SPIDER / "dev.json").is_file(),
+                                  reason="../shared/spider is absent (the real Spider lives beside the checkout)")
+needs_eval_cases = pytest.mark.skipif(not (EVAL_CASES / "official_figures.json").is_file() or
+                                      not (SPIDER / "database").is_dir(),
+                                      reason="../shared/spider-eval-cases or ../shared/spider is absent")
+
+
+@pytest.fixture(autouse=True)
+def _runs_dir(tmp_path, monkeypatch):
+    """Keep trace files of CLI calls inside the test's own folder."""
+    monkeypatch.setenv("SQLTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("SQLTUNE_TRACE", raising=False)
