@@ -28,3 +28,18 @@ def _runs_dir(tmp_path, monkeypatch):
     """Keep trace files of CLI calls inside the test's own folder."""
     monkeypatch.setenv("SQLTUNE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("SQLTUNE_TRACE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """A small Spider-layout dataset made by sqltune's own generator (3 databases, 80 train, 30 dev)."""
+    from sqltune.data.demo import generate
+
+    out = tmp_path_factory.mktemp("demo")
+    generate(out, seed=0, train=80, dev=30)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_db(demo_dir) -> Path:
+    return demo_dir / "database"

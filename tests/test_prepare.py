@@ -1,0 +1,183 @@
+"""prepare: Spider-layout folders -> supervised records, gold files and the registry; clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import pytest
+
+from conftest import SHARED, SPIDER, needs_spider
+from sqltune.cli import main
+from sqltune.config import PrepareConfig
+from sqltune.data.prepare import prepare
+from sqltune.data.prompts import INSTRUCTION, question_of
+from sqltune.data.registry import lookup
+from sqltune.errors import SqltuneError
+
+
+def records(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_spider_layout_records_gold_and_registry(demo_dir, tmp_path):
+    figures = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path)))
+    assert figures["train_records"] == 80 and figures["dev_records"] == 30
+    train = records(tmp_path / "spider_train.jsonl")
+    dev = records(tmp_path / "spider_dev.jsonl")
+    source_dev = json.loads((demo_dir / "dev.json").read_text())
+    assert set(train[0]) == {"db_id", "instruction", "input", "output", "history"}
+    assert [r["output"] for r in dev] == [q["query"] for q in source_dev]  # source order kept
+    assert dev[0]["input"] == f"###Input:\n{source_dev[0]['question']}\n\n###Response:"
+    assert question_of(dev[0]) == source_dev[0]["question"]
+    assert dev[0]["instruction"].startswith(INSTRUCTION)
+    gold = (tmp_path / "spider_dev_gold.sql").read_text().splitlines()
+    assert gold == [f"{q['query']}\t{q['db_id']}" for q in source_dev]
+    entry = lookup(tmp_path, "spider_dev")
+    assert entry["gold"].endswith("spider_dev_gold.sql") and entry["records"] == 30
+
+
+def test_schema_in_words_names_tables_keys_and_foreign_keys(demo_dir, tmp_path):
+    prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path), splits="dev"))
+    school = next(r for r in records(tmp_path / "spider_dev.jsonl") if r["db_id"] == "school")
+    text = school["instruction"]
+    assert "school contains tables such as teacher, student, course." in text
+    assert "Table teacher has columns such as teacher_id, name, department, salary. teacher_id is the primary key." in text
+    assert "The advisor_id of student is the foreign key of teacher_id of teacher." in text
+
+
+@pytest.mark.parametrize("style", ["ddl", "ddl+rows"])
+def test_ddl_styles(demo_dir, tmp_path, style):
+    prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path), splits="dev", schema_style=style, sample_rows=2))
+    shop = next(r for r in records(tmp_path / "spider_dev.jsonl") if r["db_id"] == "shop")
+    text = shop["instruction"]
+    assert "CREATE TABLE orders (" in text and "PRIMARY KEY (order_id)" in text
+    assert "FOREIGN KEY (customer_id) REFERENCES customer(customer_id)" in text
+    assert ("2 example rows from customer" in text) == (style == "ddl+rows")
+
+
+def test_token_budget_cuts_schema_and_counts(demo_dir, tmp_path):
+    figures = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path), splits="dev", max_prompt_tokens=60))
+    assert figures["dev_prompts_cut"] == 30
+    for r in records(tmp_path / "spider_dev.jsonl"):
+        assert len(r["instruction"].split()) <= 60
+        assert r["input"].startswith("###Input:")  # the question is never cut
+
+
+def test_multiturn_history(tmp_path, demo_dir):
+    data = tmp_path / "sparc"
+    data.mkdir()
+    shutil.copy(demo_dir / "tables.json", data / "tables.json")
+    shutil.copytree(demo_dir / "database", data / "database")
+    dialog = [{"database_id": "shop", "interaction": [
+        {"utterance": "Show all customers.", "query": "SELECT name FROM customer"},
+        {"utterance": "Only those in Aster.", "query": "SELECT name FROM customer WHERE city = 'Aster'"}]},
+        {"database_id": "school", "interaction": [{"utterance": "How many teachers?", "query": "SELECT count(*) FROM teacher"}]}]
+    (data / "dev.json").write_text(json.dumps(dialog))
+    prepare(PrepareConfig(source="sparc", data_dir=str(data), out=str(tmp_path / "out"), splits="dev"))
+    rows = records(tmp_path / "out" / "sparc_dev.jsonl")
+    assert rows[0]["history"] == [] and rows[1]["history"] == [["###Input:\nShow all customers.\n\n###Response:",
+                                                                  "SELECT name FROM customer"]]
+    gold = (tmp_path / "out" / "sparc_dev_gold.sql").read_text()
+    assert gold == ("SELECT name FROM customer\tshop\nSELECT name FROM customer WHERE city = 'Aster'\tshop\n\n"
+                    "SELECT count(*) FROM teacher\tschool\n")
+
+
+def test_bird_evidence_in_prompt(tmp_path, demo_dir):
+    data = tmp_path / "bird"
+    (data / "dev_databases").mkdir(parents=True)
+    shutil.copy(demo_dir / "tables.json", data / "dev_tables.json")
+    shutil.copytree(demo_dir / "database" / "shop", data / "dev_databases" / "shop")
+    (data / "dev.json").write_text(json.dumps([{"question_id": 0, "db_id": "shop", "question": "Expensive products?",
+                                                "evidence": "expensive means price > 400",
+                                                "SQL": "SELECT name FROM product WHERE price > 400",
+                                                "difficulty": "simple"}]))
+    prepare(PrepareConfig(source="bird", data_dir=str(data), out=str(tmp_path / "out"), splits="dev"))
+    row = records(tmp_path / "out" / "bird_dev.jsonl")[0]
+    assert "expensive means price > 400" in row["instruction"]
+    assert (tmp_path / "out" / "bird_dev_difficulty.txt").read_text() == "simple\n"
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, demo_dir, capsys):
+    code, _, err = run_cli(["prepare", "--data_dir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "data folder not found" in err
+
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_dir, broken)
+    (broken / "dev.json").write_text('[{"db_id": "shop",\n "question": oops}]')
+    code, _, err = run_cli(["prepare", "--data_dir", str(broken), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "dev.json at line 2" in err and "Traceback" not in err
+
+    (broken / "dev.json").write_text(json.dumps([{"db_id": "nowhere", "question": "q", "query": "SELECT 1"}]))
+    code, _, err = run_cli(["prepare", "--data_dir", str(broken), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "'nowhere'" in err and "no schema" in err
+
+    tables = json.loads((demo_dir / "tables.json").read_text())
+    tables[0]["foreign_keys"].append([999, 1])
+    (broken / "tables.json").write_text(json.dumps(tables))
+    code, _, err = run_cli(["prepare", "--data_dir", str(broken), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "out of range" in err
+
+    code, _, err = run_cli(["prepare", "--data_dir", str(demo_dir), "--schema_style", "xml"], capsys)
+    assert code == 2 and "--schema_style" in err
+    code, _, err = run_cli(["prepare", "--data_dir", str(demo_dir), "--scheme_style", "ddl"], capsys)
+    assert code == 2 and "did you mean --schema_style" in err
+    assert not (tmp_path / "o" / "spider_dev.jsonl").exists()  # nothing half-written
+
+
+def test_missing_tables_file(tmp_path):
+    (tmp_path / "dev.json").write_text("[]")
+    with pytest.raises(SqltuneError, match="tables file not found"):
+        prepare(PrepareConfig(data_dir=str(tmp_path), out=str(tmp_path / "o")))
+
+
+def test_help_lists_stages(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0
+    for stage in ("prepare", "train", "merge", "predict", "evaluate", "run", "trace"):
+        assert f"  {stage} " in out
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0 and "--lora_rank" in out and "--model_name_or_path" in out
+
+
+def test_yaml_config_with_override(tmp_path, demo_dir, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"prepare:\n  data_dir: {demo_dir}\n  out: {tmp_path / 'o'}\n  schema_style: ddl\n")
+    code, out, err = run_cli(["prepare", str(cfg), "--splits", "dev"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "o" / "spider_train.jsonl").exists()
+    assert "CREATE TABLE" in records(tmp_path / "o" / "spider_dev.jsonl")[0]["instruction"]
+
+
+@needs_spider
+def test_real_spider_counts_and_first_record(tmp_path):
+    before = {p: p.stat().st_mtime_ns for p in (SPIDER / "database").glob("*/*.sqlite")}
+    figures = prepare(PrepareConfig(data_dir=str(SPIDER), out=str(tmp_path)))
+    assert figures["train_records"] == 8659 and figures["dev_records"] == 1034
+    first = records(tmp_path / "spider_dev.jsonl")[0]
+    assert first["db_id"] == "concert_singer" and first["output"] == "SELECT count(*) FROM singer"
+    assert "How many singers do we have?" in first["input"]
+    assert "concert_singer contains tables such as stadium, singer, concert, singer_in_concert." in first["instruction"]
+    assert "Table singer has columns such as Singer_ID, Name, Country, Song_Name, Song_release_year, Age, Is_male." \
+        in first["instruction"]
+    assert "The Stadium_ID of concert is the foreign key of Stadium_ID of stadium." in first["instruction"]
+    gold = (tmp_path / "spider_dev_gold.sql").read_text().splitlines()
+    assert gold == (SPIDER / "dev_gold.sql").read_text().splitlines()
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert SHARED.is_dir()
+
+
+def test_databases_are_opened_read_only(demo_db, tmp_path):
+    from sqltune.data.schema import connect_read_only
+
+    conn = connect_read_only(demo_db / "shop" / "shop.sqlite")
+    with pytest.raises(sqlite3.OperationalError):
+        conn.execute("DELETE FROM customer")
+    conn.close()
