@@ -19,10 +19,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import sqlparse
-
 from sqltune.eval.safe_sqlite import QueryError, connect, run_query
-from sqltune.eval.values import plugged_candidates
+from sqltune.eval.values import first_statement_tokens, plugged_candidates
 
 _CUR_YEAR = re.compile(r"YEAR\s*\(\s*CURDATE\s*\(\s*\)\s*\)\s*", re.IGNORECASE)
 
@@ -32,10 +30,13 @@ def close_operators(query: str) -> str:
 
 
 def remove_distinct(query: str) -> str:
-    parsed = sqlparse.parse(query)
-    if not parsed:
+    """The first statement's sqlparse tokens, DISTINCT left out (the official joins them back with no spaces)."""
+    if query.strip() and "distinct" not in query.lower() and ";" not in query and "GO" not in query:
+        return query  # one statement, nothing to drop: sqlparse's tokens join back to the same text
+    tokens = first_statement_tokens(query)
+    if tokens is None:
         return query
-    return "".join(t.value for t in parsed[0].flatten() if t.value.lower() != "distinct")
+    return "".join(value for _, value in tokens if value.lower() != "distinct")
 
 
 def _unordered_row(row: tuple) -> tuple:

@@ -71,7 +71,7 @@ def run_query(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int)
         if timed_out:
             raise QueryError(f"timed out after {timeout:g} s") from None
         raise QueryError(f"{type(exc).__name__}: {exc}") from None
-    except (ValueError, OverflowError, MemoryError) as exc:  # e.g. two statements, huge integers
+    except (sqlite3.Warning, ValueError, OverflowError, MemoryError) as exc:  # e.g. two statements, huge ints
         raise QueryError(f"{type(exc).__name__}: {exc}") from None
     finally:
         conn.set_progress_handler(None, 0)

@@ -12,22 +12,36 @@ import re
 from typing import Iterator
 
 import sqlparse
+from sqlparse import lexer
 from sqlparse import tokens as T
+from sqlparse.engine import StatementSplitter
 
 SLOT = "VALUERARE"
 _TABLE_STARS = ("t1.*", "t2.*", "t3.*", "T1.*", "T2.*", "T3.*")
 
 
-def _flat(query: str):
-    parsed = sqlparse.parse(query)
-    if not parsed:
+def first_statement_tokens(query: str) -> list[tuple] | None:
+    """(ttype, text) of the first statement's tokens, as `sqlparse.parse(query)[0].flatten()` gives them.
+
+    The statement splitter alone yields the same leaf tokens without sqlparse's costly grouping pass (the leaves
+    are what the official rules read). None when the text holds no statement.
+    """
+    statement = next(iter(StatementSplitter().process(lexer.tokenize(query))), None)
+    if statement is None:
+        return None
+    return [(tok.ttype, tok.value) for tok in statement.flatten()]
+
+
+def _flat(query: str) -> list[tuple]:
+    tokens = first_statement_tokens(query)
+    if tokens is None:
         raise ValueError("empty query")
-    return parsed[0].flatten()
+    return tokens
 
 
 def _reformat(query: str) -> str:
     query = query.strip().replace(";", "").replace("\t", "")
-    query = " ".join(t.value for t in _flat(query) if t.ttype != T.Whitespace)
+    query = " ".join(value for ttype, value in _flat(query) if ttype != T.Whitespace)
     for star in _TABLE_STARS:
         query = query.replace(star, "*")
     return query
@@ -36,7 +50,7 @@ def _reformat(query: str) -> str:
 def _strip_values(query: str) -> tuple[list[str], list[str]]:
     """Tokens with each value replaced by the slot, and the values found (strings, then floats, then ints)."""
     values: list[str] = []
-    strings = [t.value for t in _flat(query) if t.ttype in (T.Literal.String.Single, T.Literal.String.Symbol)]
+    strings = [value for ttype, value in _flat(query) if ttype in (T.Literal.String.Single, T.Literal.String.Symbol)]
     for val in strings:
         values.append(val)
         query = query.replace(val.strip(), SLOT)

@@ -1,0 +1,102 @@
+"""How much faster `sqltune evaluate` is than sequential execution of the same pairs, measured in one run.
+
+Baseline: what the official script does — one pair after another, a fresh connection for every query, the gold
+query executed again for every prediction, no worker processes — built from the same parsing and comparison code,
+so the figures must be identical. Ours: gold results cached per (database, query), connections reused, pairs
+grouped by database and scored in `--workers` processes.
+
+    python benchmarks/eval_speed.py [--pred P --gold G --db_dir D --tables T] [--workers N] [--official DIR]
+
+Defaults: the DB-GPT-Hub predictions on Spider dev from ../shared/spider-eval-cases. With `--official DIR`
+(a checkout of taoyds/test-suite-sql-eval you provide) and `--official_python` (a Python with nltk, its punkt data,
+and sqlparse), the official script is timed on the same files too. It opens databases read-write: point --db_dir
+at a copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqltune.config import EvalConfig
+from sqltune.eval import evaluate as ev
+from sqltune.eval.execution import Executor
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ROOT.parent / "shared" / "spider-eval-cases"
+SPIDER = ROOT.parent / "shared" / "spider"
+
+
+class FreshExecutor(Executor):
+    """No cache and a new connection per query: the official script's way of executing."""
+
+    def gold_result(self, path, sql):
+        try:
+            return self.run(path, sql)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    def run(self, path, sql):
+        try:
+            return super().run(path, sql)
+        finally:
+            self.close()
+
+
+def sequential(cfg: EvalConfig) -> dict:
+    pairs, multi_turn = ev.read_pairs(cfg)
+    kmaps, tables = ev.load_tables(cfg.tables)
+    ev._init_worker(cfg, kmaps, tables)
+    ev._STATE["executor"] = FreshExecutor(cfg.timeout, cfg.max_rows)
+    results = [ev.score_pair(p) for p in pairs]
+    return ev.aggregate([r for r in results if r["hardness"]], multi_turn, cfg.etype)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", default=str(CASES / "dbgpthub_lora_2023.sql"))
+    parser.add_argument("--gold", default=str(CASES / "dev_gold_no_wta1.sql"))
+    parser.add_argument("--db_dir", default=str(SPIDER / "database"))
+    parser.add_argument("--tables", default=str(SPIDER / "tables.json"))
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--official", default="", help="folder holding the official evaluation.py (optional)")
+    parser.add_argument("--official_python", default=sys.executable, help="a Python with nltk (+punkt) and sqlparse")
+    args = parser.parse_args()
+    if not Path(args.pred).is_file():
+        print(f"eval_speed: {args.pred} not found (needs ../shared or --pred/--gold/--db_dir/--tables)")
+        return 2
+    cfg = EvalConfig(pred=args.pred, gold=args.gold, db_dir=args.db_dir, tables=args.tables, quiet=True,
+                     workers=args.workers)
+
+    t0 = time.perf_counter()
+    base = sequential(cfg)
+    t_base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "sqltune", "evaluate", "--pred", args.pred, "--gold", args.gold, "--db_dir",
+           args.db_dir, "--tables", args.tables, "--quiet", "--workers", str(args.workers)]
+    subprocess.run(cmd, check=True)  # the whole command, interpreter start included
+    t_ours = time.perf_counter() - t0
+    ours = ev.evaluate(cfg)["details"]["scores"]
+    same = all(f"{ours[k]['exec']:.3f}" == f"{base[k]['exec']:.3f}" and f"{ours[k]['exact']:.3f}" ==
+               f"{base[k]['exact']:.3f}" for k in ("easy", "medium", "hard", "extra", "all"))
+    print(f"pairs: {ours['all']['count']}, workers: {args.workers or os.cpu_count()}, figures identical: {same}")
+    print(f"sequential baseline (in-process): {t_base:.2f} s")
+    print(f"sqltune evaluate (whole command):  {t_ours:.2f} s")
+    print(f"speed-up: {t_base / t_ours:.1f}x")
+    if args.official:
+        t0 = time.perf_counter()
+        subprocess.run([args.official_python, "evaluation.py", "--gold", str(Path(args.gold).resolve()), "--pred",
+                        str(Path(args.pred).resolve()), "--db", str(Path(args.db_dir).resolve()), "--table",
+                        str(Path(args.tables).resolve()), "--etype", "all"], cwd=args.official, check=True,
+                       stdout=subprocess.DEVNULL)
+        t_off = time.perf_counter() - t0
+        print(f"official evaluation.py (whole command): {t_off:.2f} s -> sqltune is {t_off / t_ours:.1f}x faster")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
