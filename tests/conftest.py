@@ -43,3 +43,28 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_db(demo_dir) -> Path:
     return demo_dir / "database"
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(demo_dir, tmp_path_factory) -> Path:
+    """The demo data prepared into records (registry names demo_train, demo_dev)."""
+    from sqltune.config import PrepareConfig
+    from sqltune.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(PrepareConfig(data_dir=str(demo_dir), out=str(out), name="demo"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(prepared_demo, tmp_path_factory) -> Path:
+    """A random Llama (hidden 64, 2 layers) with a BPE tokenizer trained on the demo records."""
+    import json
+
+    from sqltune.models import build_tiny_llama
+
+    corpus = []
+    for line in open(prepared_demo / "demo_train.jsonl"):
+        r = json.loads(line)
+        corpus += [r["instruction"], r["input"], r["output"]]
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", corpus)

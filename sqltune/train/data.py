@@ -1,0 +1,70 @@
+"""Training data: prepared records -> tokenised examples (answer-only labels) -> padded batches.
+
+Batches are padded to their own longest example (never to a global maximum), and with length grouping the
+examples of a batch have similar lengths, so little compute goes to padding. There is no packing, so no example
+can attend to another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sqltune.data.registry import lookup_many
+from sqltune.errors import SqltuneError
+from sqltune.io import read_jsonl
+from sqltune.templates import Template, encode_example
+
+
+def load_records(dataset_dir: str, names: str, max_samples: int = 0) -> list[dict]:
+    records: list[dict] = []
+    for entry in lookup_many(dataset_dir, names):
+        for i, row in enumerate(read_jsonl(entry["file_name"])):
+            if "output" not in row or "input" not in row:
+                raise SqltuneError(f"{entry['file_name']} record {i + 1} has no 'input' or 'output' field")
+            records.append(row)
+    if max_samples:
+        records = records[:max_samples]
+    if not records:
+        raise SqltuneError(f"dataset {names!r} has no records")
+    return records
+
+
+def tokenize_records(records: list[dict], tokenizer, template: Template, max_source_length: int,
+                     max_target_length: int):
+    """A datasets.Dataset with input_ids, labels and length; plus counts of cut prompts and answers."""
+    from datasets import Dataset
+
+    rows = {"input_ids": [], "labels": [], "length": []}
+    prompts_cut = answers_cut = 0
+    for rec in records:
+        ex = encode_example(tokenizer, template, rec, max_source_length, max_target_length)
+        rows["input_ids"].append(ex["input_ids"])
+        rows["labels"].append(ex["labels"])
+        rows["length"].append(len(ex["input_ids"]))
+        prompts_cut += ex["prompt_cut"]
+        answers_cut += ex["answer_cut"]
+    return Dataset.from_dict(rows), {"prompts_cut": prompts_cut, "answers_cut": answers_cut,
+                                     "train_tokens": sum(rows["length"])}
+
+
+@dataclass
+class Collator:
+    """Right-pads a batch to its longest example; labels padded with -100. Counts the real tokens it has seen."""
+
+    pad_token_id: int
+    tokens_seen: int = field(default=0)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), -100, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            mask[i, :n] = 1
+        self.tokens_seen += int(mask.sum())
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,94 @@
+"""Model setup per finetuning type: which parameters learn, and the guards that keep their gradients flowing.
+
+- lora: a PEFT LoRA adapter on `lora_target` modules (`all` = every linear layer but the output head);
+- qlora: the base loaded in 4 or 8 bits (bitsandbytes), prepared for k-bit training, then LoRA;
+- freeze: only the last `freeze_trainable_layers` decoder layers learn;
+- full: every parameter learns.
+
+The 4-bit trap: on CPUs with AVX-512-BF16, bitsandbytes repacks a 4-bit weight for a fast inference kernel the
+first time the layer runs in eval mode without gradients, and that kernel passes no gradient back, so every LoRA
+gradient stays None. `guard_4bit_for_training` undoes any repacking and switches it off before training.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sqltune.errors import SqltuneError
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks") and len(module):
+            return module
+    raise SqltuneError("could not find the decoder layers of this model for finetuning_type freeze")
+
+
+def guard_4bit_for_training(model) -> int:
+    """Unpack CPU-repacked 4-bit weights and stop further repacking; returns how many layers it touched."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        return 0
+    touched = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                    module.weight.data, state)
+                touched += 1
+    return touched
+
+
+def lora_targets(model, lora_target: str) -> list[str] | str:
+    if lora_target.strip() == "all":
+        return "all-linear"
+    names = [t.strip() for t in lora_target.split(",") if t.strip()]
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    unknown = [n for n in names if n not in present]
+    if unknown:
+        raise SqltuneError(f"--lora_target names modules this model lacks: {', '.join(unknown)} "
+                           f"(linear layers here include: {', '.join(sorted(linear_names(model))[:8])})")
+    return names
+
+
+def linear_names(model) -> set[str]:
+    return {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+
+
+def setup_trainable(model, cfg):
+    """Return the model to train for cfg.finetuning_type, with exactly the intended parameters trainable."""
+    kind = cfg.finetuning_type
+    if kind == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if kind == "freeze":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layers = decoder_layers(model)
+        n = min(cfg.freeze_trainable_layers, len(layers))
+        for layer in list(layers)[len(layers) - n:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if kind == "qlora":
+        guard_4bit_for_training(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_targets(model, cfg.lora_target), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def missing_gradients(model) -> list[str]:
+    """Names of trainable parameters that have no (or a non-finite) gradient."""
+    bad = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all()):
+            bad.append(name)
+    return bad
