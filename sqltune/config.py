@@ -154,6 +154,7 @@ class PredictConfig:
     max_samples: int = arg(0, "answer only the first N records (0 = all)")
     backend: str = arg("hf", "hf (transformers) or vllm (GPU, when installed)")
     seed: int = arg(42, "random seed for sampling")
+    overwrite: bool = arg(False, "start again even if `out` holds predictions of another run")
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, not {self.backend!r}")

@@ -1,0 +1,1 @@
+"""Inference: merging adapters into plain models, batched resumable prediction, and SQL extraction."""

@@ -1,0 +1,80 @@
+"""The merge stage: fold a LoRA adapter into its base model and save a plain model folder.
+
+The base is loaded in full precision (never the 4-bit copy a QLoRA run trained against), the adapter's weights are
+added in, and the result is saved as safetensors with tokenizer and generation config, so that
+`AutoModelForCausalLM.from_pretrained(out)` loads it without peft.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from sqltune.config import MergeConfig
+from sqltune.errors import SqltuneError
+from sqltune.models import load_model, load_tokenizer, resolve
+
+_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def check_adapter(adapter: str) -> Path:
+    path = Path(adapter)
+    if not path.is_dir():
+        raise SqltuneError(f"adapter folder not found: {adapter}")
+    if not (path / "adapter_config.json").is_file():
+        raise SqltuneError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    return path
+
+
+def attach_adapter(model, adapter: Path):
+    """A PeftModel; an adapter trained for another base is a one-line error, not a traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        text = str(exc)
+        found = _MISMATCH.search(text)
+        if found:
+            name, got, want = found.groups()
+            detail = f"{name} is {got} in the adapter but {want} in the model"
+        else:
+            detail = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SqltuneError(f"adapter {adapter} does not fit this base model: {detail}") from None
+
+
+def merge(cfg: MergeConfig) -> dict:
+    import torch
+
+    base = resolve(cfg.model_name_or_path)
+    adapter = check_adapter(cfg.adapter)
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
+        raise SqltuneError(f"{out} exists and is not empty (pass --overwrite_output_dir to replace it)")
+    saved_dtype = json.loads((base / "config.json").read_text()).get("dtype") or \
+        json.loads((base / "config.json").read_text()).get("torch_dtype") or "float32"
+    model = attach_adapter(load_model(base, None, dtype=torch.float32), adapter)
+    merged = model.merge_and_unload()
+    merged = merged.to(getattr(torch, saved_dtype, torch.float32))
+    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if merged.generation_config is not None:
+            merged.generation_config.save_pretrained(tmp)
+        (tmp / "sqltune_merge.json").write_text(json.dumps({"base": str(base.resolve()),
+                                                            "adapter": str(adapter.resolve())}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {"out": str(out), "params": sum(p.numel() for p in merged.parameters()), "dtype": saved_dtype}

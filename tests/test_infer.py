@@ -1,0 +1,160 @@
+"""merge and predict: merged logits equal base+adapter, ordered resumable output, SQL extraction, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqltune.cli import main
+from sqltune.config import MergeConfig, PredictConfig, TrainConfig
+from sqltune.infer import predict as predict_mod
+from sqltune.infer.extract import extract_sql
+from sqltune.infer.merge import merge
+from sqltune.infer.predict import predict
+from sqltune.train.sft import train
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, prepared_demo, tmp_path_factory):
+    """A LoRA and a QLoRA adapter trained a few steps on the tiny model."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for kind in ("lora", "qlora"):
+        train(TrainConfig(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
+                          template="chatml", finetuning_type=kind, output_dir=str(root / kind), max_steps=3,
+                          learning_rate=5e-3, per_device_train_batch_size=4, save_steps=100))
+        out[kind] = root / kind
+    return out
+
+
+def test_merged_logits_equal_base_plus_adapter(tiny_model, adapters, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merge(MergeConfig(model_name_or_path=str(tiny_model), adapter=str(adapters["lora"]), out=str(tmp_path / "m")))
+    assert not (tmp_path / "m" / "adapter_config.json").exists()
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / "m" / name).is_file(), name
+    batch = torch.randint(0, 500, (3, 17))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapters["lora"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        a, b, c = (m(input_ids=batch).logits for m in (merged, with_adapter, base))
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-4)  # the adapter really changed something
+
+
+def test_qlora_adapter_merges_into_full_precision_base(tiny_model, adapters, tmp_path):
+    figures = merge(MergeConfig(model_name_or_path=str(tiny_model), adapter=str(adapters["qlora"]),
+                                out=str(tmp_path / "q")))
+    assert figures["dtype"] == "float32"
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert not hasattr(model.config, "quantization_config")
+
+
+def pcfg(tiny_model, prepared_demo, out, **kw):
+    base = dict(model_name_or_path=str(tiny_model), dataset="demo_dev", dataset_dir=str(prepared_demo), out=str(out),
+                template="chatml", max_new_tokens=12, batch_size=4)
+    base.update(kw)
+    return PredictConfig(**base)
+
+
+def test_predictions_line_up_with_records(tiny_model, prepared_demo, adapters, tmp_path):
+    figures = predict(pcfg(tiny_model, prepared_demo, tmp_path / "p.sql", adapter=str(adapters["lora"])))
+    lines = (tmp_path / "p.sql").read_text().split("\n")
+    assert lines[-1] == "" and len(lines) - 1 == figures["records"] == 30
+    raw = [json.loads(line) for line in (tmp_path / "p.sql.raw.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in raw] == list(range(30))
+    dev = [json.loads(line) for line in open(prepared_demo / "demo_dev.jsonl")]
+    assert [r["db_id"] for r in raw] == [d["db_id"] for d in dev]
+    assert [r["sql"] for r in raw] == lines[:-1]
+
+
+def test_batched_equals_one_at_a_time(tiny_model, prepared_demo, tmp_path):
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "b.sql", batch_size=8, max_samples=8))
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "s.sql", batch_size=1, max_samples=8))
+    assert (tmp_path / "b.sql").read_text() == (tmp_path / "s.sql").read_text()
+
+
+def test_resume_after_interruption(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    whole = tmp_path / "whole.sql"
+    predict(pcfg(tiny_model, prepared_demo, whole))
+    out = tmp_path / "cut.sql"
+    original = predict_mod.HFGenerator.generate
+    calls = {"n": 0}
+
+    def dies_on_third_batch(self, prompts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, prompts)
+
+    monkeypatch.setattr(predict_mod.HFGenerator, "generate", dies_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        predict(pcfg(tiny_model, prepared_demo, out))
+    monkeypatch.setattr(predict_mod.HFGenerator, "generate", original)
+    assert out.read_text().count("\n") == 8
+    with open(out, "a") as handle:  # a torn line, as a crash in the middle of a write could leave
+        handle.write("SELECT half")
+    figures = predict(pcfg(tiny_model, prepared_demo, out))
+    assert figures["resumed_from"] == 8 and figures["generated"] == 22
+    assert out.read_text() == whole.read_text()
+    assert len((tmp_path / "cut.sql.raw.jsonl").read_text().splitlines()) == 30
+    again = predict(pcfg(tiny_model, prepared_demo, out))
+    assert again["generated"] == 0 and out.read_text() == whole.read_text()
+
+
+def test_other_run_is_not_resumed_silently(tiny_model, prepared_demo, tmp_path):
+    out = tmp_path / "x.sql"
+    predict(pcfg(tiny_model, prepared_demo, out, max_samples=4))
+    with pytest.raises(Exception, match="another run"):
+        predict(pcfg(tiny_model, prepared_demo, out, max_samples=4, max_new_tokens=5))
+    predict(pcfg(tiny_model, prepared_demo, out, max_samples=4, max_new_tokens=5, overwrite=True))
+
+
+@pytest.mark.parametrize("raw, sql", [
+    ("SELECT name FROM singer", "SELECT name FROM singer"),
+    ("```sql\nSELECT name\nFROM singer;\n```\nThis query lists names.", "SELECT name FROM singer"),
+    ("Here is the query:\nSELECT count(*) FROM t WHERE a = 1;\nIt counts rows.", "SELECT count(*) FROM t WHERE a = 1"),
+    ("###Input:\nHow many?\n\n###Response: SELECT count(*) FROM t", "SELECT count(*) FROM t"),
+    ("SELECT a FROM t\n\nExplanation: picks a", "SELECT a FROM t"),
+    ("SELECT a\nFROM t\nWHERE b = 2\nThis returns a.", "SELECT a FROM t WHERE b = 2"),
+    ("with x as (select 1) select * from x", "with x as (select 1) select * from x"),
+    ("I don't know the\nanswer", "I don't know the answer"),
+    ("", ""),
+])
+def test_sql_extraction(raw, sql):
+    assert extract_sql(raw) == sql
+
+
+def test_bad_inputs_are_one_line(tiny_model, prepared_demo, adapters, tmp_path, capsys):
+    from sqltune.models import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "other", ["select a from b"] * 20, hidden=32)
+    cases = [
+        (["predict", "--model_name_or_path", str(tiny_model), "--adapter", str(tmp_path / "none"), "--dataset",
+          "demo_dev", "--dataset_dir", str(prepared_demo), "--out", str(tmp_path / "a.sql")], "adapter folder not found"),
+        (["predict", "--model_name_or_path", str(tiny_model), "--dataset", "spider_dev", "--dataset_dir",
+          str(prepared_demo), "--out", str(tmp_path / "b.sql")], "unknown dataset 'spider_dev'"),
+        (["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+          str(tmp_path / "empty"), "--out", str(tmp_path / "c.sql")], "run `sqltune prepare"),
+        (["merge", "--model_name_or_path", str(other), "--adapter", str(adapters["lora"]), "--out",
+          str(tmp_path / "m")], "does not fit this base model"),
+        (["predict", "--model_name_or_path", str(other), "--adapter", str(adapters["lora"]), "--dataset", "demo_dev",
+          "--dataset_dir", str(prepared_demo), "--out", str(tmp_path / "d.sql"), "--template", "chatml"],
+         "does not fit this base model"),
+        (["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+          str(prepared_demo), "--out", str(tmp_path / "e.sql"), "--backend", "vllm"], "vLLM"),
+    ]
+    capsys.readouterr()
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # libraries may draw a progress bar first; the error is one line
+        assert message in last and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists()
