@@ -34,13 +34,14 @@ def _check(ok: bool, message: str) -> None:
 
 # --------------------------------------------------------------------------------------------- prepare
 SCHEMA_STYLES = ("words", "ddl", "ddl+rows")
-SOURCES = ("spider", "bird", "sparc", "cosql")
+SOURCES = ("spider", "bird", "sparc", "cosql", "demo")
 
 
 @dataclass
 class PrepareConfig:
     source: str = arg("spider", f"dataset layout to read: {', '.join(SOURCES)}")
-    data_dir: str = arg("", "folder with the source files (for Spider: train_spider.json, dev.json, tables.json, database/)")
+    data_dir: str = arg("", "folder with the source files (for Spider: train_spider.json, dev.json, tables.json, "
+                             "database/); for source demo, where the demo data is generated (default: <out>/demo_source)")
     out: str = arg("data/prepared", "folder to write <name>_train.jsonl, <name>_dev.jsonl, gold files and dataset_info.json")
     name: str = arg("", "dataset name prefix in the registry (default: the source name)")
     schema_style: str = arg("words", f"how the schema is stated in the prompt: {', '.join(SCHEMA_STYLES)}")
@@ -90,6 +91,7 @@ class TrainConfig:
     num_train_epochs: float = arg(1.0, "epochs over the dataset (ignored when max_steps > 0)")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1 = use num_train_epochs)")
     max_samples: int = arg(0, "use only the first N records (0 = all)")
+    max_train_minutes: float = arg(0.0, "stop (and save) after this much training time (0 = no limit)")
     logging_steps: int = arg(10, "log the loss every N steps")
     save_steps: int = arg(500, "write a checkpoint every N steps")
     save_total_limit: int = arg(2, "checkpoints kept")

@@ -58,8 +58,9 @@ def write_gold(path: Path, examples: list[Example]) -> None:
 def prepare(cfg: PrepareConfig) -> dict:
     """Read the source, write `<name>_<split>.jsonl` (+ gold for non-train splits), register them; return figures."""
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
-    data = load_source(cfg.source, cfg.data_dir, splits)
     out = Path(cfg.out)
+    data_dir = cfg.data_dir or (str(out / "demo_source") if cfg.source == "demo" else "")
+    data = load_source(cfg.source, data_dir, splits)
     out.mkdir(parents=True, exist_ok=True)
     schema_of = _schema_cache(data, cfg)
     count = token_counter(cfg.tokenizer) if cfg.max_prompt_tokens else None

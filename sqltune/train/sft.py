@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -106,7 +107,20 @@ def _callbacks(cfg: TrainConfig, collator: Collator, resume_step: int):
                 Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
                 (Path(cfg.output_dir) / f"rank{rank}_weights.sha256").write_text(h.hexdigest() + "\n")
 
-    return [JsonlLog(), GradientCheck(), RankDigest()]
+    class TimeBudget(TrainerCallback):
+        """Stops training (the final save still happens) once max_train_minutes have passed."""
+
+        started = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.started = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cfg.max_train_minutes and time.monotonic() - self.started > cfg.max_train_minutes * 60:
+                control.should_training_stop = True
+            return control
+
+    return [JsonlLog(), GradientCheck(), RankDigest(), TimeBudget()]
 
 
 def plot_loss(log_path: Path, out: Path) -> None:

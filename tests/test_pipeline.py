@@ -1,0 +1,105 @@
+"""`sqltune run` end to end on the tiny model: every stage's outputs, the trace, skipping and continuing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sqltune.cli import main
+from sqltune.infer import predict as predict_mod
+
+
+@pytest.fixture
+def run_config(tmp_path, demo_dir, tiny_model):
+    cfg = tmp_path / "e2e.yaml"
+    cfg.write_text(f"""
+name: e2e
+stages: [prepare, train, merge, predict, evaluate]
+compare_base: true
+model_name_or_path: {tiny_model}
+template: chatml
+max_source_length: 512
+prepare: {{source: spider, data_dir: {demo_dir}, name: demo}}
+train: {{max_steps: 2, per_device_train_batch_size: 4, save_steps: 1, learning_rate: 1.0e-3, plot_loss: true}}
+predict: {{max_new_tokens: 8, batch_size: 8}}
+evaluate: {{etype: all}}
+""")
+    return cfg
+
+
+def spans(run):
+    return [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
+
+
+def test_run_end_to_end_with_trace(run_config, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "base" in out and "finetuned" in out and "EX" in out
+    (run,) = list(runs.iterdir())
+    for rel in ("config.yaml", "data/demo_train.jsonl", "data/demo_dev_gold.sql", "adapter/adapter_model.safetensors",
+                "adapter/training_loss.png", "merged/model.safetensors", "predictions/base.sql",
+                "predictions/finetuned.sql", "eval/base/metrics.json", "eval/finetuned/report.md",
+                "eval/finetuned/per_example.jsonl"):
+        assert (run / rel).is_file(), rel
+    assert len((run / "predictions" / "finetuned.sql").read_text().splitlines()) == 30
+    stages = [s["stage"] for s in spans(run)]
+    assert stages == ["prepare", "train", "merge", "predict_base", "evaluate_base", "predict_finetuned",
+                      "evaluate_finetuned", "run"]
+    assert all(s["status"] == "ok" and s["duration_s"] >= 0 for s in spans(run))
+    figures = {s["stage"]: s["figures"] for s in spans(run)}
+    assert figures["prepare"]["dev_records"] == 30 and "train_loss" in figures["train"]
+    assert "ex" in figures["evaluate_finetuned"] and "ex_finetuned" in figures["run"]
+
+    assert main(["trace", "list", "--runs_dir", str(runs)]) == 0
+    listing = capsys.readouterr().out
+    assert run.name in listing and "ok" in listing
+    assert main(["trace", "show", run.name, "--runs_dir", str(runs), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in shown["spans"]] == stages
+    assert main(["trace", "show", run.name, "--runs_dir", str(runs)]) == 0
+    assert "evaluate_finetuned" in capsys.readouterr().out
+
+    # the same folder again: every stage is skipped
+    assert main(["run", str(run_config), "--run_dir", str(run)]) == 0
+    again = spans(run)[len(stages):]
+    assert [s["status"] for s in again[:-1]] == ["skipped"] * (len(stages) - 1)
+
+
+def test_interrupted_run_continues_where_it_stopped(run_config, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    original = predict_mod.HFGenerator.generate
+    calls = {"n": 0}
+
+    def fails_in_second_predict(self, prompts):
+        calls["n"] += 1
+        if calls["n"] == 6:  # base takes 4 batches of 8; die in the fine-tuned model's 2nd batch
+            raise RuntimeError("simulated crash")
+        return original(self, prompts)
+
+    monkeypatch.setattr(predict_mod.HFGenerator, "generate", fails_in_second_predict)
+    assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 1
+    monkeypatch.setattr(predict_mod.HFGenerator, "generate", original)
+    (run,) = list(runs.iterdir())
+    assert spans(run)[-1]["stage"] == "run" and spans(run)[-1]["status"] == "failed"
+    assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 0
+    assert len(list(runs.iterdir())) == 1  # continued in the same folder
+    everything = spans(run)
+    first_end = next(i for i, s in enumerate(everything) if s["stage"] == "run")
+    second = everything[first_end + 1:]
+    status = {s["stage"]: s["status"] for s in second}
+    assert status["prepare"] == status["train"] == status["merge"] == status["predict_base"] == "skipped"
+    resumed = next(s for s in second if s["stage"] == "predict_finetuned")
+    assert resumed["status"] == "ok" and resumed["figures"]["resumed_from"] == 8
+    assert len((run / "predictions" / "finetuned.sql").read_text().splitlines()) == 30
+
+
+def test_bad_run_config(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("stages: [prepare, fly]\n")
+    assert main(["run", str(cfg)]) == 2
+    assert "unknown stage 'fly'" in capsys.readouterr().err
+    cfg.write_text("train: {lora_rnak: 8}\n")
+    assert main(["run", str(cfg), "--runs_dir", str(tmp_path / "r")]) == 2
+    assert "did you mean --lora_rank" in capsys.readouterr().err
