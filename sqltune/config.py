@@ -90,7 +90,7 @@ class TrainConfig:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     num_train_epochs: float = arg(1.0, "epochs over the dataset (ignored when max_steps > 0)")
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1 = use num_train_epochs)")
-    max_samples: int = arg(0, "use only the first N records (0 = all)")
+    max_samples: int = arg(0, "train on a seeded random sample of N records (0 = all)")
     max_train_minutes: float = arg(0.0, "stop (and save) after this much training time (0 = no limit)")
     logging_steps: int = arg(10, "log the loss every N steps")
     save_steps: int = arg(500, "write a checkpoint every N steps")

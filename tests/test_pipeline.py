@@ -103,3 +103,18 @@ def test_bad_run_config(tmp_path, capsys):
     cfg.write_text("train: {lora_rnak: 8}\n")
     assert main(["run", str(cfg), "--runs_dir", str(tmp_path / "r")]) == 2
     assert "did you mean --lora_rank" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid(tmp_path):
+    from pathlib import Path
+
+    from sqltune.pipeline import read_plan, stage_config
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert {c.name for c in configs} >= {"demo.yaml", "spider_qwen05.yaml", "spider_7b_lora.yaml"}
+    for path in configs:
+        plan = read_plan(str(path))
+        for stage in plan.stages:
+            filled = {"evaluate": {"pred": "p", "gold": "g", "db_dir": "d"},
+                      "merge": {"adapter": "a"}}.get(stage, {})
+            stage_config(plan, stage, tmp_path, **filled)

@@ -7,6 +7,7 @@ can attend to another.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -17,15 +18,17 @@ from sqltune.io import read_jsonl
 from sqltune.templates import Template, encode_example
 
 
-def load_records(dataset_dir: str, names: str, max_samples: int = 0) -> list[dict]:
+def load_records(dataset_dir: str, names: str, max_samples: int = 0, seed: int = 0) -> list[dict]:
+    """All records of the named datasets; with max_samples, a seeded random sample of them (in source order)."""
     records: list[dict] = []
     for entry in lookup_many(dataset_dir, names):
         for i, row in enumerate(read_jsonl(entry["file_name"])):
             if "output" not in row or "input" not in row:
                 raise SqltuneError(f"{entry['file_name']} record {i + 1} has no 'input' or 'output' field")
             records.append(row)
-    if max_samples:
-        records = records[:max_samples]
+    if 0 < max_samples < len(records):
+        keep = sorted(random.Random(seed).sample(range(len(records)), max_samples))
+        records = [records[i] for i in keep]
     if not records:
         raise SqltuneError(f"dataset {names!r} has no records")
     return records

@@ -153,7 +153,7 @@ def train(cfg: TrainConfig) -> dict:
     checkpoint = check_output_dir(cfg)
     tokenizer = load_tokenizer(model_path)
     template = get_template(cfg.template, tokenizer)
-    records = load_records(cfg.dataset_dir, cfg.dataset, cfg.max_samples)
+    records = load_records(cfg.dataset_dir, cfg.dataset, cfg.max_samples, cfg.seed)
     dataset, data_figures = tokenize_records(records, tokenizer, template, cfg.max_source_length,
                                              cfg.max_target_length)
 

