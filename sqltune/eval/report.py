@@ -11,6 +11,17 @@ from sqltune.eval.exact_match import PARTIAL_TYPES
 from sqltune.io import atomic_write, write_json, write_jsonl
 
 _NAMES = re.compile(r":\s.*$")
+_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
+
+
+def error_kind(message: str) -> str:
+    """`OperationalError: no such column: T3.x` -> `no such column`; `near "The": syntax error` -> `syntax error`."""
+    text = message.split(": ", 1)[-1] if message.split(": ", 1)[0].endswith(("Error", "Warning")) else message
+    if "syntax error" in text:
+        return "syntax error"
+    if text.startswith("incomplete input"):
+        return "incomplete input"
+    return _QUOTED.sub("…", _NAMES.sub("", text)).strip()[:60]
 
 
 def failure_kind(r: dict) -> str | None:
@@ -26,7 +37,7 @@ def failure_kind(r: dict) -> str | None:
                 return "execution: timed out"
             if err.startswith("more than"):
                 return "execution: too many rows"
-            return "execution error: " + _NAMES.sub("", err.split(": ", 1)[-1]).strip()[:60]
+            return "execution error: " + error_kind(err)
         return "wrong result"
     if r.get("em") == 0:
         if r.get("error", "") and r["error"].startswith("does not parse"):
