@@ -21,6 +21,12 @@ from sqltune.train.setup import guard_4bit_for_training, missing_gradients, setu
 from sqltune.train.sft import train
 
 
+def first_record(tiny_model, prepared_demo):
+    """The tiny model's tokenizer, the chatml template and the first demo training record."""
+    tok = load_tokenizer(tiny_model)
+    return tok, get_template("chatml", tok), json.loads(open(prepared_demo / "demo_train.jsonl").readline())
+
+
 def config(tiny_model, prepared_demo, out, **kw):
     base = dict(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
                 template="chatml", output_dir=str(out), max_steps=4, logging_steps=1, save_steps=2,
@@ -44,10 +50,9 @@ def test_each_finetuning_type_trains_and_saves(tiny_model, prepared_demo, tmp_pa
 @pytest.mark.parametrize("kind", ["lora", "qlora", "freeze", "full"])
 def test_every_trainable_parameter_gets_a_gradient(tiny_model, prepared_demo, tmp_path, kind):
     cfg = config(tiny_model, prepared_demo, tmp_path, finetuning_type=kind, freeze_trainable_layers=1)
-    tok = load_tokenizer(tiny_model)
+    tok, template, record = first_record(tiny_model, prepared_demo)
     model = setup_trainable(load_model(tiny_model, 4 if kind == "qlora" else None), cfg)
-    record = json.loads(open(prepared_demo / "demo_train.jsonl").readline())
-    ex = encode_example(tok, get_template("chatml", tok), record, 512, 64)
+    ex = encode_example(tok, template, record, 512, 64)
     model.train()
     loss = model(input_ids=torch.tensor([ex["input_ids"]]), labels=torch.tensor([ex["labels"]])).loss
     loss.backward()
@@ -70,9 +75,8 @@ def test_4bit_inference_before_training_keeps_gradients(tiny_model, prepared_dem
     gradient back. After the guard, LoRA gradients are those of a model that never ran inference."""
     from peft import LoraConfig, get_peft_model
 
-    tok = load_tokenizer(tiny_model)
-    record = json.loads(open(prepared_demo / "demo_train.jsonl").readline())
-    ex = encode_example(tok, get_template("chatml", tok), record, 512, 64)
+    tok, template, record = first_record(tiny_model, prepared_demo)
+    ex = encode_example(tok, template, record, 512, 64)
     ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
 
     def lora_grads(infer_first: bool, guard: bool) -> dict[str, torch.Tensor]:
@@ -103,9 +107,7 @@ def test_4bit_inference_before_training_keeps_gradients(tiny_model, prepared_dem
 
 
 def test_answer_only_mask_is_exact(tiny_model, prepared_demo):
-    tok = load_tokenizer(tiny_model)
-    template = get_template("chatml", tok)
-    record = json.loads(open(prepared_demo / "demo_train.jsonl").readline())
+    tok, template, record = first_record(tiny_model, prepared_demo)
     ex = encode_example(tok, template, record, 1024, 256)
     n_prompt = sum(1 for label in ex["labels"] if label == -100)
     prompt_ids = tok(template.render(tok, [], record["instruction"] + record["input"]))["input_ids"]
@@ -117,9 +119,7 @@ def test_answer_only_mask_is_exact(tiny_model, prepared_demo):
 
 
 def test_long_prompts_cut_schema_keep_question_and_answer(tiny_model, prepared_demo):
-    tok = load_tokenizer(tiny_model)
-    template = get_template("chatml", tok)
-    record = json.loads(open(prepared_demo / "demo_train.jsonl").readline())
+    tok, template, record = first_record(tiny_model, prepared_demo)
     ex = encode_example(tok, template, record, 60, 8)
     n_prompt = sum(1 for label in ex["labels"] if label == -100)
     assert n_prompt <= 60 and ex["prompt_cut"]

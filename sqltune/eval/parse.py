@@ -101,6 +101,10 @@ class _Parser:
         need(i < len(self.toks), "unexpected end of query")
         return self.toks[i]
 
+    def open_block(self, i: int) -> tuple[int, bool]:
+        """Skip an opening parenthesis at i, saying whether there was one (its closing one is checked later)."""
+        return (i + 1, True) if self.tok(i) == "(" else (i, False)
+
     # ---------------------------------------------------------------- columns and values
     def col(self, toks: list[str], i: int, default_tables) -> tuple[int, str]:
         tok = toks[i] if i < len(toks) else need(False, "unexpected end of query")
@@ -150,10 +154,7 @@ class _Parser:
 
     def val_unit(self, i: int, default_tables) -> tuple[int, tuple]:
         toks, n = self.toks, len(self.toks)
-        block = False
-        if self.tok(i) == "(":
-            block = True
-            i += 1
+        i, block = self.open_block(i)
         unit_op = UNIT_OPS.index("none")
         col2 = None
         i, col1 = self.col_unit(toks, i, default_tables)
@@ -168,10 +169,7 @@ class _Parser:
     def value(self, i: int, default_tables):
         toks, n = self.toks, len(self.toks)
         start = i
-        block = False
-        if self.tok(i) == "(":
-            block = True
-            i += 1
+        i, block = self.open_block(i)
         tok = self.tok(i)
         if tok == "select":
             i, val = self.sql(i)
@@ -248,10 +246,7 @@ class _Parser:
         i = toks.index("from", start) + 1
         default_tables, table_units, conds = [], [], []
         while i < n:
-            block = False
-            if toks[i] == "(":
-                block = True
-                i += 1
+            i, block = self.open_block(i)
             if self.tok(i) == "select":
                 i, sub = self.sql(i)
                 table_units.append((TABLE_SQL, sub))
@@ -335,11 +330,7 @@ class _Parser:
 
     def sql(self, start: int) -> tuple[int, dict]:
         toks, n = self.toks, len(self.toks)
-        i = start
-        block = False
-        if self.tok(i) == "(":
-            block = True
-            i += 1
+        i, block = self.open_block(start)
         from_end, table_units, conds, default_tables = self.from_(start)
         sql: dict = {"from": {"table_units": table_units, "conds": conds}}
         _, sql["select"] = self.select(i, default_tables)
