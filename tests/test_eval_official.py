@@ -60,3 +60,28 @@ def test_figures_equal_official(case, flags):
                 assert f"{mine:.3f}" == f"{value:.3f}", f"{section} / {row} / {col}: ours {mine:.3f}, official {value}"
                 checked += 1
     assert checked > 100
+
+
+@needs_eval_cases
+def test_gold_against_itself_is_perfect(tmp_path):
+    """Every dev gold query matches itself: EM on all 1034 (schemas of absent databases come from tables.json),
+    EX on the 972 whose database is present."""
+    gold = SPIDER / "dev_gold.sql"
+    pred = tmp_path / "pred.sql"
+    pred.write_text("".join(line.split("\t")[0] + "\n" for line in gold.read_text().splitlines()))
+    base = dict(pred=str(pred), gold=str(gold), db_dir=str(SPIDER / "database"), tables=str(SPIDER / "tables.json"),
+                quiet=True)
+    matched = evaluate(EvalConfig(etype="match", **base))
+    assert matched["count"] == 1034 and matched["em"] == 1.0
+    executed = evaluate(EvalConfig(etype="all", skip_missing_db=True, **base))
+    assert executed["count"] == 972 and executed["ex"] == 1.0 and executed["em"] == 1.0
+    assert executed["skipped_missing_db"] == 62
+
+
+@needs_eval_cases
+def test_shared_databases_are_unchanged_by_evaluation():
+    before = db_digest()
+    cfg = EvalConfig(pred=str(EVAL_CASES / "dbgpthub_lora_2023.sql"), gold=str(EVAL_CASES / "dev_gold_no_wta1.sql"),
+                     db_dir=str(SPIDER / "database"), tables=str(SPIDER / "tables.json"), quiet=True)
+    evaluate(cfg)
+    assert db_digest() == before
