@@ -206,9 +206,10 @@ def _unwrap_optional(tp):
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     tp, optional = _unwrap_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
-        if optional or value is None:
-            return None
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
+        return None
+    if value is None:
+        raise SqltuneError(f"--{name} needs a value")
     try:
         if tp is bool:
             if isinstance(value, bool):

@@ -7,6 +7,7 @@ worker processes; gold results are computed once per (database file, query).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -233,7 +234,10 @@ def score_all(pairs: list[Pair], cfg: EvalConfig, kmaps: dict, tables: dict) -> 
         finally:
             _STATE["executor"].close()
     else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(cfg, kmaps, tables)) as pool:
+        # fork is fastest, but not after torch has started its thread pools (in `sqltune run`): then spawn
+        context = multiprocessing.get_context("spawn" if "torch" in sys.modules else "fork")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(cfg, kmaps, tables)) as pool:
             for chunk_results in pool.map(_score_chunk, _chunks(pairs, 32)):
                 results.extend(chunk_results)
                 bar.update(len(chunk_results))
