@@ -86,8 +86,13 @@ def stage_config(plan: RunPlan, stage: str, run: Path, **filled):
     return build(cls, values, where=f"the `{stage}` section")
 
 
+# how a stage is carried out, not what it makes: a resumed stage is the same stage
+_EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet"}
+
+
 def _fingerprint(cfg) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_ONLY}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_step(run: Path, label: str, func, cfg, force: bool) -> dict:
