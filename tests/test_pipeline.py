@@ -118,3 +118,30 @@ def test_shipped_configs_are_valid(tmp_path):
             filled = {"evaluate": {"pred": "p", "gold": "g", "db_dir": "d"},
                       "merge": {"adapter": "a"}}.get(stage, {})
             stage_config(plan, stage, tmp_path, **filled)
+
+
+def test_run_interrupted_in_training_resumes_the_checkpoint(run_config, tmp_path, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    import sqltune.train.sft as sft
+
+    class Killed(Exception):
+        pass
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 1:
+                raise Killed()
+
+    runs = tmp_path / "runs"
+    original = sft._callbacks
+    monkeypatch.setattr(sft, "_callbacks", lambda *a: original(*a) + [Kill()])
+    assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 1
+    monkeypatch.setattr(sft, "_callbacks", original)
+    (run,) = list(runs.iterdir())
+    assert (run / "adapter" / "checkpoint-1").is_dir()
+    assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 0
+    train_spans = [s for s in spans(run) if s["stage"] == "train"]
+    assert [s["status"] for s in train_spans] == ["failed", "ok"] and train_spans[-1]["figures"]["steps"] == 2
+    assert main(["run", str(run_config), "--run_dir", str(run)]) == 0  # and the finished run skips it now
+    assert [s for s in spans(run) if s["stage"] == "train"][-1]["status"] == "skipped"
