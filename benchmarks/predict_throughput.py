@@ -20,6 +20,7 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32 or bfloat16")
     p.add_argument("--work", default="")
     a = p.parse_args()
 
@@ -33,7 +34,8 @@ def main() -> int:
     if not (work / "data" / "dataset_info.json").is_file():
         prepare(PrepareConfig(source="demo", out=str(work / "data"), name="demo"))
     records = list(read_jsonl(work / "data" / "demo_dev.jsonl"))[: a.prompts]
-    gen = HFGenerator(PredictConfig(model_name_or_path=a.model, template=a.template, max_new_tokens=a.max_new_tokens))
+    gen = HFGenerator(PredictConfig(model_name_or_path=a.model, template=a.template, max_new_tokens=a.max_new_tokens,
+                                    dtype=a.dtype))
     prompts = [encode_prompt(gen.tokenizer, gen.template, r, 1024)[0] for r in records]
     gen.generate(prompts[:2])  # warm-up
 
@@ -47,7 +49,7 @@ def main() -> int:
     tokens_single = sum(n for _, n in single)
     tokens_batched = sum(n for _, n in batched)
     same = sum(s[0] == b[0] for s, b in zip(single, batched))
-    print(f"model {a.model}, {len(prompts)} prompts, max_new_tokens {a.max_new_tokens}, batch {a.batch}")
+    print(f"model {a.model} ({a.dtype}), {len(prompts)} prompts, max_new_tokens {a.max_new_tokens}, batch {a.batch}")
     print(f"one at a time: {tokens_single} tokens in {t_single:.1f} s = {tokens_single / t_single:.1f} tokens/s")
     print(f"batched:       {tokens_batched} tokens in {t_batched:.1f} s = {tokens_batched / t_batched:.1f} tokens/s")
     print(f"speed-up: {(tokens_batched / t_batched) / (tokens_single / t_single):.2f}x; identical greedy outputs: "

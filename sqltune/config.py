@@ -155,11 +155,14 @@ class PredictConfig:
     num_beams: int = arg(1, "beam search width")
     max_samples: int = arg(0, "answer only the first N records (0 = all)")
     backend: str = arg("hf", "hf (transformers) or vllm (GPU, when installed)")
+    dtype: str = arg("auto", "weights for generation: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16")
     seed: int = arg(42, "random seed for sampling")
     overwrite: bool = arg(False, "start again even if `out` holds predictions of another run")
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, not {self.backend!r}")
+        _check(self.dtype in ("auto", "float32", "bfloat16"),
+               f"--dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
         _check(self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
         _check(self.batch_size > 0, "--batch_size must be > 0")
         _check(self.max_new_tokens > 0, "--max_new_tokens must be > 0")

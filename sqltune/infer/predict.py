@@ -94,8 +94,10 @@ class HFGenerator:
         path = resolve(cfg.model_name_or_path)
         self.tokenizer = load_tokenizer(path)
         self.template = get_template(cfg.template, self.tokenizer)
-        model = load_model(path, None, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                           device_map="auto" if torch.cuda.is_available() else None)
+        gpu = torch.cuda.is_available()
+        dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
+                 "bfloat16": torch.bfloat16}[cfg.dtype]
+        model = load_model(path, None, dtype=dtype, device_map="auto" if gpu else None)
         if cfg.adapter:
             model = attach_adapter(model, check_adapter(cfg.adapter))
         self.model = model.eval()
