@@ -88,9 +88,11 @@ def read_trace(run_dir: Path) -> list[dict]:
 def summarize(run_dir: Path) -> dict:
     spans = read_trace(run_dir)
     run_span = next((s for s in reversed(spans) if s["stage"] == "run"), None)
-    status = run_span["status"] if run_span else ("failed" if any(s["status"] != "ok" for s in spans) else
-                                                  ("ok" if spans else "empty"))
-    if run_span is None and spans and not any(s["stage"] == "run" for s in spans) and run_dir.name != "commands":
+    if run_span is not None:
+        status = run_span["status"]
+    elif run_dir.name == "commands":  # stage commands run on their own have no run span
+        status = "failed" if any(s["status"] == "failed" for s in spans) else "ok"
+    else:
         status = "running or stopped"
     ex = None
     for s in spans:
