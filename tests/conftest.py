@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,27 @@ def tiny_model(prepared_demo, tmp_path_factory) -> Path:
         r = json.loads(line)
         corpus += [r["instruction"], r["input"], r["output"]]
     return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", corpus)
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of training."""
+
+
+@contextmanager
+def training_killed_after_save(step: int):
+    """Within the block, `sqltune train` dies right after it has written checkpoint-<step>."""
+    from transformers import TrainerCallback
+
+    import sqltune.train.sft as sft
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Killed()
+
+    original = sft._callbacks
+    sft._callbacks = lambda *a: original(*a) + [Kill()]
+    try:
+        yield
+    finally:
+        sft._callbacks = original

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import training_killed_after_save
 from sqltune.cli import main
 from sqltune.infer import predict as predict_mod
 
@@ -120,24 +121,10 @@ def test_shipped_configs_are_valid(tmp_path):
             stage_config(plan, stage, tmp_path, **filled)
 
 
-def test_run_interrupted_in_training_resumes_the_checkpoint(run_config, tmp_path, monkeypatch, capsys):
-    from transformers import TrainerCallback
-
-    import sqltune.train.sft as sft
-
-    class Killed(Exception):
-        pass
-
-    class Kill(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            if state.global_step == 1:
-                raise Killed()
-
+def test_run_interrupted_in_training_resumes_the_checkpoint(run_config, tmp_path):
     runs = tmp_path / "runs"
-    original = sft._callbacks
-    monkeypatch.setattr(sft, "_callbacks", lambda *a: original(*a) + [Kill()])
-    assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 1
-    monkeypatch.setattr(sft, "_callbacks", original)
+    with training_killed_after_save(1):
+        assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 1
     (run,) = list(runs.iterdir())
     assert (run / "adapter" / "checkpoint-1").is_dir()
     assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import Killed, training_killed_after_save
 from sqltune.cli import main
 from sqltune.config import TrainConfig
 from sqltune.models import load_model, load_tokenizer
@@ -137,27 +138,11 @@ class StopAfterSave:
         self.step = step
 
 
-def test_resume_gives_the_same_final_loss(tiny_model, prepared_demo, tmp_path, monkeypatch):
-    from transformers import TrainerCallback
-
-    import sqltune.train.sft as sft
-
+def test_resume_gives_the_same_final_loss(tiny_model, prepared_demo, tmp_path):
     kw = dict(max_steps=6, save_steps=3, per_device_train_batch_size=2, lora_dropout=0.1, save_total_limit=5)
     full = train(config(tiny_model, prepared_demo, tmp_path / "full", **kw))
-
-    class Killed(Exception):
-        pass
-
-    class Kill(TrainerCallback):
-        def on_save(self, args, state, control, **k):
-            if state.global_step == 3:
-                raise Killed()
-
-    original = sft._callbacks
-    monkeypatch.setattr(sft, "_callbacks", lambda *a: original(*a) + [Kill()])
-    with pytest.raises(Killed):
+    with training_killed_after_save(3), pytest.raises(Killed):
         train(config(tiny_model, prepared_demo, tmp_path / "cut", **kw))
-    monkeypatch.setattr(sft, "_callbacks", original)
     assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "checkpoint-6").exists()
     resumed = train(config(tiny_model, prepared_demo, tmp_path / "cut", resume=True, **kw))
     assert resumed["steps"] == 6
