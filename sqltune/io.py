@@ -1,13 +1,14 @@
-"""Atomic file writing and line-oriented readers shared by every stage.
+"""File handling shared by every stage: atomic writes, single-write appends, readers, read-only SQLite.
 
 Outputs are written to a temporary file beside the target and renamed into place, so a crash never
-leaves a half-written file behind.
+leaves a half-written file behind; line logs are appended with one write call, so lines never interleave.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +33,26 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def append_once(path: str | Path, text: str, sync: bool = False) -> None:
+    """Append `text` with a single write call (whole lines land together); create the file if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, text.encode())
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def connect_read_only(db_path: str | Path) -> sqlite3.Connection:
+    """Open a SQLite file so that nothing can change it (URI mode=ro); undecodable text bytes are dropped."""
+    uri = Path(db_path).resolve().as_uri() + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    conn.text_factory = lambda b: b.decode(errors="ignore")
+    return conn
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqltune.errors import SqltuneError
+from sqltune.io import append_once
 
 TRACE_FILE = "trace.jsonl"
 ENV_TRACE = "SQLTUNE_TRACE"  # set by `sqltune run` so stage spans land in its run folder
@@ -28,13 +29,7 @@ def runs_dir() -> Path:
 
 def append_span(path: Path, span: dict) -> None:
     """One JSON object per line, written with a single append so concurrent writers do not interleave."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(span, default=str) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    append_once(path, json.dumps(span, default=str) + "\n")
 
 
 def _iso(t: float) -> str:

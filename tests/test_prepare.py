@@ -175,7 +175,7 @@ def test_real_spider_counts_and_first_record(tmp_path):
 
 
 def test_databases_are_opened_read_only(demo_db, tmp_path):
-    from sqltune.data.schema import connect_read_only
+    from sqltune.io import connect_read_only
 
     conn = connect_read_only(demo_db / "shop" / "shop.sqlite")
     with pytest.raises(sqlite3.OperationalError):

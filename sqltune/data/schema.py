@@ -10,10 +10,10 @@ from the end before cutting text.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from sqltune.errors import SqltuneError
+from sqltune.io import connect_read_only
 
 
 def check_tables_entry(entry: dict, tables_file: Path | str) -> None:
@@ -70,14 +70,6 @@ def schema_in_words(entry: dict) -> list[str]:
 
 def _quote(name: str) -> str:
     return f'"{name}"' if not name.replace("_", "").isalnum() else name
-
-
-def connect_read_only(db_path: Path | str) -> sqlite3.Connection:
-    """Open a SQLite file so that nothing can change it (URI mode=ro)."""
-    uri = Path(db_path).resolve().as_uri() + "?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    conn.text_factory = lambda b: b.decode(errors="ignore")
-    return conn
 
 
 def schema_as_ddl(entry: dict, db_path: Path | None, sample_rows: int = 0) -> list[str]:

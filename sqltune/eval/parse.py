@@ -17,10 +17,10 @@ an unknown table or column makes the whole query unparseable.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 from sqltune.eval.tokens import tokenize
+from sqltune.io import connect_read_only
 
 CLAUSE_KEYWORDS = ("select", "from", "where", "group", "order", "limit", "intersect", "union", "except")
 JOIN_KEYWORDS = ("join", "on", "as")
@@ -55,8 +55,8 @@ class Schema:
             self.ids[table] = f"__{table}__"
 
     @classmethod
-    def from_sqlite(cls, path: Path | str, connect=None) -> "Schema":
-        conn = connect(path) if connect else sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    def from_sqlite(cls, path: Path | str) -> "Schema":
+        conn = connect_read_only(path)
         try:
             names = [row[0].lower() for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
             tables = {name: [str(c[1]).lower() for c in conn.execute(f'PRAGMA table_info("{name}")')]

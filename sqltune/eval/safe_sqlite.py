@@ -15,6 +15,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from sqltune.io import connect_read_only
+
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
             getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
 _DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
@@ -37,8 +39,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
     path = Path(path)
     if not path.is_file():
         raise QueryError(f"database file not found: {path}")
-    conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
-    conn.text_factory = lambda b: b.decode(errors="ignore")  # as the official: undecodable bytes are dropped
+    conn = connect_read_only(path)  # as the official, undecodable text bytes are dropped
     conn.set_authorizer(_authorize)
     return conn
 

@@ -9,7 +9,6 @@ run restarts where it stopped: the finished lines are kept (checked by count aga
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sqltune.config import PredictConfig, to_dict
 from sqltune.data.registry import lookup
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
-from sqltune.io import read_jsonl, write_json
+from sqltune.io import append_once, read_jsonl, write_json
 
 
 def side_files(out: Path) -> tuple[Path, Path]:
@@ -73,12 +72,7 @@ def resume_point(out: Path, meta: dict, overwrite: bool) -> int:
 
 def _append(path: Path, lines: list[str]) -> None:
     """One write call per batch, so a crash leaves whole lines (a torn tail is repaired on resume)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
-        os.write(fd, "".join(line + "\n" for line in lines).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_once(path, "".join(line + "\n" for line in lines), sync=True)
 
 
 class HFGenerator:
