@@ -68,9 +68,10 @@ def parse_flags(argv: list[str]) -> tuple[list[str], dict]:
     return positional, options
 
 
-def call(target: str, cfg):
-    module, func = target.split(":")
-    return getattr(import_module(module), func)(cfg)
+def stage_function(command: str):
+    """The function behind a stage command (imported only when needed, so `--help` stays fast)."""
+    module, func = STAGES[command][2].split(":")
+    return getattr(import_module(module), func)
 
 
 def print_figures(command: str, figures) -> None:
@@ -82,7 +83,7 @@ def print_figures(command: str, figures) -> None:
 
 
 def run_stage(command: str, argv: list[str]) -> int:
-    summary, cls, target, section = STAGES[command]
+    summary, cls, _, section = STAGES[command]
     positional, options = parse_flags(argv)
     if options.pop("help", None) or "-h" in positional:
         print(f"usage: sqltune {command} [config.yaml] [--option value ...]\n\n{summary}\n\noptions:")
@@ -94,7 +95,7 @@ def run_stage(command: str, argv: list[str]) -> int:
     from sqltune.trace import command_span
 
     with command_span(command, cfg) as span:
-        figures = call(target, cfg)
+        figures = stage_function(command)(cfg)
         span.update(figures if isinstance(figures, dict) else {})
     if command != "evaluate":
         print_figures(command, figures)

@@ -117,17 +117,14 @@ def run_step(run: Path, label: str, func, cfg, force: bool) -> dict:
 
 
 def execute(plan: RunPlan, run: Path, force: bool) -> dict:
-    from importlib import import_module
-
-    def stage_fn(target: str):
-        module, func = target.split(":")
-        return getattr(import_module(module), func)
+    from sqltune.cli import stage_function
 
     run.mkdir(parents=True, exist_ok=True)
     data_dir = run / "data"
     results: dict = {}
     name = plan.sections["prepare"].get("name") or plan.sections["prepare"].get("source") or "spider"
-    train_set, dev_set = f"{name}_train", f"{name}_dev"
+    train_set = f"{name}_train"
+    dev_set = plan.sections["predict"].get("dataset", f"{name}_dev")  # what predict answers and evaluate scores
 
     prep = stage_config(plan, "prepare", run, out=str(data_dir))
     train_cfg = stage_config(plan, "train", run, dataset=plan.sections["train"].get("dataset", train_set),
@@ -135,13 +132,13 @@ def execute(plan: RunPlan, run: Path, force: bool) -> dict:
                              overwrite_output_dir=True) if "train" in plan.stages else None
     configs = {"prepare": prep, "train": train_cfg}
     if "prepare" in plan.stages:
-        results["prepare"] = run_step(run, "prepare", stage_fn("sqltune.data.prepare:prepare"), prep, force)
+        results["prepare"] = run_step(run, "prepare", stage_function("prepare"), prep, force)
     if train_cfg is not None:
         resume = (run / "adapter").is_dir() and any((run / "adapter").glob("checkpoint-*")) and not force and \
             not (run / ".done" / "train.json").is_file()
         if resume:
             train_cfg = dataclasses.replace(train_cfg, resume=True, overwrite_output_dir=False)
-        results["train"] = run_step(run, "train", stage_fn("sqltune.train.sft:train"), train_cfg, force)
+        results["train"] = run_step(run, "train", stage_function("train"), train_cfg, force)
     base_model = plan.shared.get("model_name_or_path") or plan.sections["train"].get("model_name_or_path") or \
         plan.sections["predict"].get("model_name_or_path", "")
     tuned_model, tuned_adapter = base_model, ""
@@ -149,7 +146,7 @@ def execute(plan: RunPlan, run: Path, force: bool) -> dict:
         merge_cfg = stage_config(plan, "merge", run, model_name_or_path=base_model, adapter=str(run / "adapter"),
                                  out=str(run / "merged"), overwrite_output_dir=True)
         configs["merge"] = merge_cfg
-        results["merge"] = run_step(run, "merge", stage_fn("sqltune.infer.merge:merge"), merge_cfg, force)
+        results["merge"] = run_step(run, "merge", stage_function("merge"), merge_cfg, force)
         tuned_model = str(run / "merged")
     elif "train" in plan.stages:
         tuned_adapter = str(run / "adapter")
@@ -163,20 +160,20 @@ def execute(plan: RunPlan, run: Path, force: bool) -> dict:
         pred_file = run / "predictions" / f"{label}.sql"
         if "predict" in plan.stages:
             cfg = stage_config(plan, "predict", run, model_name_or_path=model, adapter=adapter,
-                               dataset=plan.sections["predict"].get("dataset", dev_set), dataset_dir=str(data_dir),
+                               dataset=dev_set, dataset_dir=str(data_dir),
                                out=str(pred_file))
             configs[f"predict_{label}"] = cfg
-            results[f"predict_{label}"] = run_step(run, f"predict_{label}", stage_fn("sqltune.infer.predict:predict"),
+            results[f"predict_{label}"] = run_step(run, f"predict_{label}", stage_function("predict"),
                                                    cfg, force)
         if "evaluate" in plan.stages:
-            entry = lookup(data_dir, plan.sections["predict"].get("dataset", dev_set))
+            entry = lookup(data_dir, dev_set)
             cfg = stage_config(plan, "evaluate", run, pred=str(pred_file), gold=entry["gold"],
                                db_dir=plan.sections["evaluate"].get("db_dir", entry["db_dir"]),
                                tables=plan.sections["evaluate"].get("tables", entry["tables"]),
                                questions=entry["file_name"], report=str(run / "eval" / label), quiet=True)
             configs[f"evaluate_{label}"] = cfg
             results[f"evaluate_{label}"] = run_step(run, f"evaluate_{label}",
-                                                    stage_fn("sqltune.eval.evaluate:evaluate"), cfg, force)
+                                                    stage_function("evaluate"), cfg, force)
     resolved = {k: dataclasses.asdict(v) for k, v in configs.items() if v is not None}
     (run / "config.yaml").write_text(yaml.safe_dump({"name": plan.name, "stages": plan.stages,
                                                      "compare_base": plan.compare_base, **resolved}, sort_keys=False))
