@@ -70,7 +70,6 @@ def sample_split(data: Path, source: str, name: str, indices: list[int], with_go
         gold = Path(entry["gold"]).read_text().splitlines()
         (data / f"{name}_gold.sql").write_text("".join(gold[i] + "\n" for i in indices))
         new["gold"] = data / f"{name}_gold.sql"
-    new["tables"], new["db_dir"] = Path(entry["tables"]), Path(entry["db_dir"])
     register(data, name, new)
 
 

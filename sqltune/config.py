@@ -231,12 +231,6 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return float(value)
         if tp is str:
             return str(value)
-        if typing.get_origin(tp) is list:
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            return list(value)
-        if typing.get_origin(tp) is dict:
-            return dict(value)
     except (TypeError, ValueError):
         pass
     else:

@@ -38,21 +38,34 @@ class Pair:
 
 
 # ------------------------------------------------------------------------------------------- reading
+def db_file(db_dir: str, db_id: str) -> Path:
+    return Path(db_dir) / db_id / f"{db_id}.sqlite"
+
+
+def split_blocks(lines: list[str]) -> list[list[tuple[int, str]]]:
+    """Non-blank (line number, line) runs; blank lines separate interactions (several in a row count once)."""
+    blocks: list[list[tuple[int, str]]] = [[]]
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            blocks[-1].append((lineno, line))
+        elif blocks[-1]:
+            blocks.append([])
+    return [b for b in blocks if b]
+
+
 def read_gold(path: str) -> tuple[list[list[tuple[str, str]]], bool]:
     """Interactions of (SQL, db_id); True when the file has several interactions (blank-line separated)."""
     if not path or not Path(path).is_file():
         raise SqltuneError(f"gold file not found: {path or '(none given; use --gold)'}")
-    blocks: list[list[tuple[str, str]]] = [[]]
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            if blocks[-1]:
-                blocks.append([])
-            continue
-        parts = line.strip().split("\t")
-        if len(parts) != 2 or not parts[1].strip():
-            raise SqltuneError(f"{path} line {lineno}: expected `SQL<TAB>db_id`, got {line.strip()[:80]!r}")
-        blocks[-1].append((parts[0], parts[1].strip()))
-    blocks = [b for b in blocks if b]
+    blocks = []
+    for block in split_blocks(Path(path).read_text(encoding="utf-8").splitlines()):
+        pairs = []
+        for lineno, line in block:
+            parts = line.strip().split("\t")
+            if len(parts) != 2 or not parts[1].strip():
+                raise SqltuneError(f"{path} line {lineno}: expected `SQL<TAB>db_id`, got {line.strip()[:80]!r}")
+            pairs.append((parts[0], parts[1].strip()))
+        blocks.append(pairs)
     if not blocks:
         raise SqltuneError(f"gold file {path} is empty")
     return blocks, len(blocks) > 1
@@ -75,14 +88,7 @@ def read_pairs(cfg: EvalConfig) -> tuple[list[Pair], bool]:
     lines = Path(cfg.pred).read_text(encoding="utf-8", errors="replace").splitlines()
     n_gold = sum(len(b) for b in blocks)
     if multi_turn:
-        pred_blocks: list[list[str]] = [[]]
-        for line in lines:
-            if not line.strip():
-                if pred_blocks[-1]:
-                    pred_blocks.append([])
-            else:
-                pred_blocks[-1].append(line)
-        pred_blocks = [b for b in pred_blocks if b]
+        pred_blocks = [[line for _, line in block] for block in split_blocks(lines)]
         if len(pred_blocks) != len(blocks):
             raise SqltuneError(f"{cfg.pred} has {len(pred_blocks)} interactions (blank-line separated) but "
                                f"{cfg.gold} has {len(blocks)}")
@@ -153,7 +159,7 @@ def _schema(db_id: str, db_path: Path) -> Schema:
 def score_pair(pair: Pair) -> dict:
     """Hardness, EX and EM of one prediction; errors are recorded, never raised."""
     cfg: EvalConfig = _STATE["cfg"]
-    db_path = Path(cfg.db_dir) / pair.db_id / f"{pair.db_id}.sqlite"
+    db_path = db_file(cfg.db_dir, pair.db_id)
     out = {"index": pair.index, "interaction": pair.interaction, "turn": pair.turn, "db_id": pair.db_id,
            "question": pair.question, "gold": pair.gold, "pred": pair.pred, "hardness": None, "ex": None,
            "em": None, "error": None, "gold_error": None, "partial": None, "difficulty": pair.difficulty}
@@ -265,7 +271,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.etype in ("all", "match") and not cfg.tables and not cfg.bird:
         raise SqltuneError("--tables (tables.json) is needed for exact match; or use --etype exec")
     kmaps, tables = load_tables(cfg.tables)
-    missing = sorted({p.db_id for p in pairs if not (Path(cfg.db_dir) / p.db_id / f"{p.db_id}.sqlite").is_file()
+    missing = sorted({p.db_id for p in pairs if not db_file(cfg.db_dir, p.db_id).is_file()
                       and (cfg.etype != "match" or p.db_id not in tables)})  # matching needs only the schema
     skipped = 0
     if missing:

@@ -59,7 +59,7 @@ def write_report(folder: Path, cfg, figures: dict, results: list[dict], table: s
          "pred": r["pred"], "ex": r["ex"], "em": r["em"], "error": r["error"] or r["gold_error"]}
         for r in results))
     kinds = Counter(k for k in (failure_kind(r) for r in results) if k)
-    lines = [f"# Evaluation report", "", f"- predictions: `{cfg.pred}`", f"- gold: `{cfg.gold}`",
+    lines = ["# Evaluation report", "", f"- predictions: `{cfg.pred}`", f"- gold: `{cfg.gold}`",
              f"- databases: `{cfg.db_dir}`", f"- flags: etype={cfg.etype}, plug_value={cfg.plug_value}, "
              f"keep_distinct={cfg.keep_distinct}", f"- questions scored: {figures.get('count')}"
              + (f" ({figures['skipped_missing_db']} left out: database absent)" if figures.get("skipped_missing_db")

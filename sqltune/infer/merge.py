@@ -56,8 +56,8 @@ def merge(cfg: MergeConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
         raise SqltuneError(f"{out} exists and is not empty (pass --overwrite_output_dir to replace it)")
-    saved_dtype = json.loads((base / "config.json").read_text()).get("dtype") or \
-        json.loads((base / "config.json").read_text()).get("torch_dtype") or "float32"
+    base_config = json.loads((base / "config.json").read_text())
+    saved_dtype = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
     model = attach_adapter(load_model(base, None, dtype=torch.float32), adapter)
     merged = model.merge_and_unload()
     merged = merged.to(getattr(torch, saved_dtype, torch.float32))
