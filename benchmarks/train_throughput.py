@@ -27,7 +27,7 @@ def arm(kind: str, a) -> dict:
 
     from sqltune.config import PrepareConfig, TrainConfig
     from sqltune.data.prepare import prepare
-    from sqltune.models import load_model, load_tokenizer, resolve
+    from sqltune.loading import load_model, load_tokenizer, resolve
     from sqltune.templates import get_template
     from sqltune.train.data import Collator, load_records, tokenize_records
     from sqltune.train.setup import setup_trainable

@@ -47,6 +47,11 @@ def append_once(path: str | Path, text: str, sync: bool = False) -> None:
         os.close(fd)
 
 
+def database_path(db_dir: str | Path, db_id: str) -> Path:
+    """Where a Spider-layout database lives: `<db_dir>/<db_id>/<db_id>.sqlite` (every stage uses this rule)."""
+    return Path(db_dir) / db_id / f"{db_id}.sqlite"
+
+
 def connect_read_only(db_path: str | Path) -> sqlite3.Connection:
     """Open a SQLite file so that nothing can change it (URI mode=ro); undecodable text bytes are dropped."""
     uri = Path(db_path).resolve().as_uri() + "?mode=ro"

@@ -62,7 +62,7 @@ def tiny_model(prepared_demo, tmp_path_factory) -> Path:
     """A random Llama (hidden 64, 2 layers) with a BPE tokenizer trained on the demo records."""
     import json
 
-    from sqltune.models import build_tiny_llama
+    from sqltune.testing import build_tiny_llama
 
     corpus = []
     for line in open(prepared_demo / "demo_train.jsonl"):

@@ -132,7 +132,7 @@ def test_sql_extraction(raw, sql):
 
 
 def test_bad_inputs_are_one_line(tiny_model, prepared_demo, adapters, tmp_path, capsys):
-    from sqltune.models import build_tiny_llama
+    from sqltune.testing import build_tiny_llama
 
     other = build_tiny_llama(tmp_path / "other", ["select a from b"] * 20, hidden=32)
     cases = [

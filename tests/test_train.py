@@ -16,7 +16,7 @@ import torch
 from conftest import Killed, training_killed_after_save
 from sqltune.cli import main
 from sqltune.config import TrainConfig
-from sqltune.models import load_model, load_tokenizer
+from sqltune.loading import load_model, load_tokenizer
 from sqltune.templates import encode_example, get_template
 from sqltune.train.setup import guard_4bit_for_training, missing_gradients, setup_trainable
 from sqltune.train.sft import train

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqltune.io import database_path
+
 
 @dataclass
 class Example:
@@ -25,7 +27,7 @@ class SourceData:
     splits: dict[str, list[Example]]
 
     def db_path(self, db_id: str) -> Path:
-        return self.db_dir / db_id / f"{db_id}.sqlite"
+        return database_path(self.db_dir, db_id)
 
 
 def fold_sql(sql: str) -> str:

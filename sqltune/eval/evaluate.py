@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sqltune.config import EvalConfig
 from sqltune.errors import SqltuneError
+from sqltune.io import database_path
 from sqltune.eval.exact_match import exact_match, foreign_key_map, normalise
 from sqltune.eval.execution import Executor
 from sqltune.eval.hardness import hardness
@@ -38,10 +39,6 @@ class Pair:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def db_file(db_dir: str, db_id: str) -> Path:
-    return Path(db_dir) / db_id / f"{db_id}.sqlite"
-
-
 def split_blocks(lines: list[str]) -> list[list[tuple[int, str]]]:
     """Non-blank (line number, line) runs; blank lines separate interactions (several in a row count once)."""
     blocks: list[list[tuple[int, str]]] = [[]]
@@ -159,7 +156,7 @@ def _schema(db_id: str, db_path: Path) -> Schema:
 def score_pair(pair: Pair) -> dict:
     """Hardness, EX and EM of one prediction; errors are recorded, never raised."""
     cfg: EvalConfig = _STATE["cfg"]
-    db_path = db_file(cfg.db_dir, pair.db_id)
+    db_path = database_path(cfg.db_dir, pair.db_id)
     out = {"index": pair.index, "interaction": pair.interaction, "turn": pair.turn, "db_id": pair.db_id,
            "question": pair.question, "gold": pair.gold, "pred": pair.pred, "hardness": None, "ex": None,
            "em": None, "error": None, "gold_error": None, "partial": None, "difficulty": pair.difficulty}
@@ -255,12 +252,10 @@ def load_tables(path: str) -> tuple[dict, dict]:
     """(db_id -> foreign-key map, db_id -> tables.json entry)."""
     if not path:
         return {}, {}
-    from sqltune.io import read_json
+    from sqltune.data.sources.common import read_tables
 
-    entries = read_json(path)
-    if not isinstance(entries, list):
-        raise SqltuneError(f"{path} must hold a list of database schemas")
-    return {e["db_id"]: foreign_key_map(e) for e in entries}, {e["db_id"]: e for e in entries}
+    tables = read_tables(Path(path))
+    return {db_id: foreign_key_map(e) for db_id, e in tables.items()}, tables
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -271,7 +266,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.etype in ("all", "match") and not cfg.tables and not cfg.bird:
         raise SqltuneError("--tables (tables.json) is needed for exact match; or use --etype exec")
     kmaps, tables = load_tables(cfg.tables)
-    missing = sorted({p.db_id for p in pairs if not db_file(cfg.db_dir, p.db_id).is_file()
+    missing = sorted({p.db_id for p in pairs if not database_path(cfg.db_dir, p.db_id).is_file()
                       and (cfg.etype != "match" or p.db_id not in tables)})  # matching needs only the schema
     skipped = 0
     if missing:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import re
 
+from sqltune.sqltext import fold
+
 _FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)(?:```|$)", re.S)
 _START = re.compile(r"\b(SELECT|WITH)\b", re.I)
 _PROSE = re.compile(r"^\s*(this|the|here|explanation|note|it|which|in this|above|output|result)\b[^;]*", re.I)
-
-
-def fold(text: str) -> str:
-    return " ".join(text.split())
 
 
 def extract_sql(text: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqltune.config import MergeConfig
 from sqltune.errors import SqltuneError
-from sqltune.models import load_model, load_tokenizer, resolve
+from sqltune.loading import load_model, load_tokenizer, resolve
 
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
                        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")

@@ -82,7 +82,7 @@ class HFGenerator:
         import torch
 
         from sqltune.infer.merge import attach_adapter, check_adapter
-        from sqltune.models import load_model, load_tokenizer, resolve
+        from sqltune.loading import load_model, load_tokenizer, resolve
         from sqltune.templates import get_template, stop_token_ids
 
         path = resolve(cfg.model_name_or_path)
@@ -140,7 +140,7 @@ class VLLMGenerator:
             raise SqltuneError("--backend vllm needs vLLM (GPU only): pip install 'sqltune[gpu]'") from None
         if not torch.cuda.is_available():
             raise SqltuneError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
-        from sqltune.models import load_tokenizer, resolve
+        from sqltune.loading import load_tokenizer, resolve
         from sqltune.templates import get_template, stop_token_ids
 
         path = resolve(cfg.model_name_or_path)

