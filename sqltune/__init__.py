@@ -1,7 +1,64 @@
 """sqltune: turn an open causal LLM into a Text-to-SQL model.
 
-Stages (each one function taking one typed config): prepare -> train -> merge -> predict -> evaluate,
-and `run`, which chains them from one YAML file.
+Stages (each one function taking one typed config, or keyword arguments with the config's field names, and
+returning its figures): prepare -> train -> merge -> predict -> evaluate, and `run`, which chains them from one
+YAML recipe.
+
+    from sqltune import prepare, train, predict, evaluate
+    prepare(source="demo", out="data")
+    train(model_name_or_path="smollm2-135m-instruct", dataset="demo_train", dataset_dir="data", output_dir="out")
 """
 
+from __future__ import annotations
+
+import dataclasses
+
+from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, TrainConfig, build
+
 __version__ = "0.1.0"
+__all__ = ["prepare", "train", "merge", "predict", "evaluate", "run", "PrepareConfig", "TrainConfig",
+           "MergeConfig", "PredictConfig", "EvalConfig"]
+
+
+def _call(name: str, cfg, options: dict) -> dict:
+    from sqltune.stages import STAGES
+
+    stage = STAGES[name]
+    if cfg is None:
+        cfg = build(stage.config, options, where=f"sqltune.{name}()")
+    elif options:
+        cfg = build(stage.config, {**dataclasses.asdict(cfg), **options}, where=f"sqltune.{name}()")
+    return stage.run(cfg)
+
+
+def prepare(cfg: PrepareConfig | None = None, **options) -> dict:
+    """Spider/BIRD/SParC/CoSQL folder -> supervised records, gold files and registry entries."""
+    return _call("prepare", cfg, options)
+
+
+def train(cfg: TrainConfig | None = None, **options) -> dict:
+    """Fine-tune (LoRA, QLoRA, freeze, full) on prepared records; returns the training figures."""
+    return _call("train", cfg, options)
+
+
+def merge(cfg: MergeConfig | None = None, **options) -> dict:
+    """Fold a LoRA adapter into a plain model folder."""
+    return _call("merge", cfg, options)
+
+
+def predict(cfg: PredictConfig | None = None, **options) -> dict:
+    """One SQL per prepared record, batched and resumable."""
+    return _call("predict", cfg, options)
+
+
+def evaluate(cfg: EvalConfig | None = None, **options) -> dict:
+    """Execution and exact-match accuracy of a prediction file against a gold file."""
+    return _call("evaluate", cfg, options)
+
+
+def run(recipe: str, force: bool = False, new: bool = False, run_dir: str | None = None,
+        runs_dir: str | None = None) -> dict:
+    """Every stage of a YAML recipe in one run folder (continuing an unfinished run); each stage's figures."""
+    from sqltune.pipeline import run_recipe
+
+    return run_recipe(recipe, force=force, new=new, run_dir=run_dir, root=runs_dir)

@@ -11,36 +11,32 @@ from __future__ import annotations
 import os
 import sys
 import time
-from importlib import import_module
 
 from sqltune import __version__
-from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, TrainConfig, help_lines, load
+from sqltune.config import help_lines, load, to_yaml
 from sqltune.errors import SqltuneError
+from sqltune.stages import STAGES
 
-# command -> (one-line summary, config class, "module:function", YAML section)
-STAGES = {
-    "prepare": ("turn a Spider/BIRD/SParC/CoSQL folder into supervised records", PrepareConfig,
-                "sqltune.data.prepare:prepare", "prepare"),
-    "train": ("fine-tune a model (LoRA, QLoRA, freeze, full) on prepared records", TrainConfig,
-              "sqltune.train.sft:train", "train"),
-    "merge": ("fold a LoRA adapter into a plain model folder", MergeConfig, "sqltune.infer.merge:merge", "merge"),
-    "predict": ("write one SQL per prepared record, batched and resumable", PredictConfig,
-                "sqltune.infer.predict:predict", "predict"),
-    "evaluate": ("Spider execution and exact-match accuracy per hardness", EvalConfig,
-                 "sqltune.eval.evaluate:evaluate", "evaluate"),
-}
 OTHER = {
-    "run": "run prepare -> train -> merge -> predict -> evaluate from one YAML file",
+    "run": "run prepare -> train -> merge -> predict -> evaluate from one YAML recipe",
     "trace": "list runs and show each stage's timing and figures",
     "models": "list and fetch the catalog of real models (no model hub needed)",
     "demo-data": "generate the embedded Spider-layout demo dataset",
+}
+USAGE = {
+    "run": "usage: sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config]",
+    "trace": "usage: sqltune trace list [--runs_dir runs] [--json]\n       sqltune trace show RUN [--runs_dir runs] "
+             "[--json]",
+    "models": "usage: sqltune models list\n       sqltune models fetch NAME   (install, verify, convert once; "
+              "prints the model folder)",
+    "demo-data": "usage: sqltune demo-data --out DIR [--seed 0] [--train 400] [--dev 100]",
 }
 
 
 def usage() -> str:
     lines = [f"sqltune {__version__}: turn an open causal LLM into a Text-to-SQL model", "",
              "usage: sqltune <command> [config.yaml] [--option value ...]", "", "stages:"]
-    lines += [f"  {name:<10} {spec[0]}" for name, spec in STAGES.items()]
+    lines += [f"  {name:<10} {stage.summary}" for name, stage in STAGES.items()]
     lines += ["", "other commands:"] + [f"  {name:<10} {text}" for name, text in OTHER.items()]
     lines += ["", "`sqltune <command> --help` lists a command's options."]
     return "\n".join(lines)
@@ -68,12 +64,6 @@ def parse_flags(argv: list[str]) -> tuple[list[str], dict]:
     return positional, options
 
 
-def stage_function(command: str):
-    """The function behind a stage command (imported only when needed, so `--help` stays fast)."""
-    module, func = STAGES[command][2].split(":")
-    return getattr(import_module(module), func)
-
-
 def print_figures(command: str, figures) -> None:
     if not isinstance(figures, dict):
         return
@@ -82,24 +72,121 @@ def print_figures(command: str, figures) -> None:
         print(f"{command}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
 
+def _flag(options: dict, key: str) -> bool:
+    return str(options.pop(key, "false")).lower() in ("1", "true", "yes", "on")
+
+
+def _no_other_options(command: str, options: dict, known: list[str]) -> None:
+    if options:
+        raise SqltuneError(f"unknown option --{sorted(options)[0]} for `sqltune {command}` (known: "
+                           f"{', '.join('--' + k for k in known) or 'none'})")
+
+
 def run_stage(command: str, argv: list[str]) -> int:
-    summary, cls, _, section = STAGES[command]
+    stage = STAGES[command]
     positional, options = parse_flags(argv)
     if options.pop("help", None) or "-h" in positional:
-        print(f"usage: sqltune {command} [config.yaml] [--option value ...]\n\n{summary}\n\noptions:")
-        print("\n".join(help_lines(cls)))
+        print(f"usage: sqltune {command} [config.yaml] [--option value ...] [--print_config]\n\n{stage.summary}"
+              "\n\nA config file may be a flat stage config or a run recipe (its shared keys and its "
+              f"`{command}` section are read).\n\noptions:")
+        print("\n".join(help_lines(stage.config)))
         return 0
     if len(positional) > 1:
         raise SqltuneError(f"expected at most one config file, got {' '.join(positional)}")
-    cfg = load(cls, positional[0] if positional else None, options, section=section)
+    show = _flag(options, "print_config")
+    cfg = load(stage.config, positional[0] if positional else None, options, section=command)
+    if show:
+        print(to_yaml(cfg), end="")
+        return 0
     from sqltune.trace import command_span
 
     with command_span(command, cfg) as span:
-        figures = stage_function(command)(cfg)
+        figures = stage.run(cfg)
         span.update(figures if isinstance(figures, dict) else {})
     if command != "evaluate":
         print_figures(command, figures)
     return 0
+
+
+def run_command(argv: list[str]) -> int:
+    from sqltune.pipeline import run_recipe
+
+    positional, options = parse_flags(argv)
+    if not positional or options.pop("help", None):
+        from sqltune import pipeline
+
+        print(pipeline.__doc__.strip())
+        return 0 if not positional else 2
+    if len(positional) != 1:
+        raise SqltuneError(f"expected one recipe file, got {' '.join(positional)}")
+    force, new = _flag(options, "force"), _flag(options, "new")
+    run_dir, root = options.pop("run_dir", None), options.pop("runs_dir", None)
+    _no_other_options("run", options, ["force", "new", "run_dir", "runs_dir"])
+    run_recipe(positional[0], force=force, new=new, run_dir=run_dir, root=root)
+    return 0
+
+
+def trace_command(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from sqltune.trace import print_run, print_runs, runs_dir
+
+    positional, options = parse_flags(argv)
+    if not positional or options.pop("help", None) or positional[0] not in ("list", "show"):
+        print(USAGE["trace"])
+        return 0 if not positional else 2
+    root = Path(options.pop("runs_dir", None) or runs_dir())
+    as_json = _flag(options, "json")
+    _no_other_options("trace", options, ["runs_dir", "json"])
+    if positional[0] == "list":
+        print_runs(root, as_json)
+        return 0
+    if len(positional) != 2:
+        raise SqltuneError("usage: sqltune trace show RUN [--json]")
+    print_run(root, positional[1], as_json)
+    return 0
+
+
+def models_command(argv: list[str]) -> int:
+    from sqltune import catalog
+
+    positional, options = parse_flags(argv)
+    if not positional or options.pop("help", None) or positional[0] not in ("list", "fetch"):
+        print(USAGE["models"])
+        return 0 if not positional else 2
+    _no_other_options("models", options, [])
+    if positional[0] == "list":
+        print("\n".join(catalog.describe()))
+        return 0
+    if len(positional) != 2:
+        raise SqltuneError("usage: sqltune models fetch NAME")
+    print(catalog.fetch(positional[1]))
+    return 0
+
+
+def demo_data_command(argv: list[str]) -> int:
+    from sqltune.data.demo import generate
+
+    _, options = parse_flags(argv)
+    if options.pop("help", None) or "out" not in options:
+        print(USAGE["demo-data"])
+        return 0 if not options else 2
+    out = options.pop("out")
+    numbers = {}
+    for key, default in (("seed", 0), ("train", 400), ("dev", 100)):
+        text = options.pop(key, default)
+        try:
+            numbers[key] = int(text)
+        except ValueError:
+            raise SqltuneError(f"--{key} takes a whole number, not {text!r}") from None
+    _no_other_options("demo-data", options, ["out", "seed", "train", "dev"])
+    counts = generate(out, numbers["seed"], numbers["train"], numbers["dev"])
+    print(f"demo-data: wrote {counts['databases']} databases, {counts['train']} train and {counts['dev']} dev "
+          f"questions to {out}")
+    return 0
+
+
+COMMANDS = {"run": run_command, "trace": trace_command, "models": models_command, "demo-data": demo_data_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,18 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in STAGES:
             return run_stage(command, rest)
-        if command == "run":
-            from sqltune.pipeline import main as run_main
-            return run_main(rest)
-        if command == "trace":
-            from sqltune.trace import main as trace_main
-            return trace_main(rest)
-        if command == "models":
-            from sqltune.models import main as models_main
-            return models_main(rest)
-        if command == "demo-data":
-            from sqltune.data.demo import main as demo_main
-            return demo_main(rest)
+        if command in COMMANDS:
+            return COMMANDS[command](rest)
         raise SqltuneError(f"unknown command {command!r}; `sqltune --help` lists the commands")
     except SqltuneError as exc:
         print(f"sqltune {command}: error: {exc}", file=sys.stderr)

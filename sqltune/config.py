@@ -128,13 +128,13 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------- merge
 @dataclass
 class MergeConfig:
-    model_name_or_path: str = arg("", "base model folder or catalog name (loaded in full precision)")
+    model_name_or_path: str = arg("", "base model folder or catalog name (default: the base named in the adapter's "
+                                      "adapter_config.json)")
     adapter: str = arg("", "LoRA adapter folder written by `sqltune train`")
     out: str = arg("output/merged", "folder for the merged plain model")
     overwrite_output_dir: bool = arg(False, "replace an existing out folder")
 
     def __post_init__(self):
-        _check(bool(self.model_name_or_path), "--model_name_or_path is required")
         _check(bool(self.adapter), "--adapter is required")
 
 
@@ -270,16 +270,58 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+STAGE_SECTIONS = ("prepare", "train", "merge", "predict", "evaluate")
+RUN_KEYS = {"name", "stages", "compare_base", "runs_dir"}  # a run recipe's own keys, never a stage's
+
+
+def is_recipe(data: dict) -> bool:
+    """A run recipe has at least one stage section (`train: {...}`); a stage config file is flat."""
+    return any(key in data for key in STAGE_SECTIONS)
+
+
+def recipe_values(data: dict, section: str, cls, where: str = "recipe") -> dict:
+    """A stage's values from a run recipe: the shared top-level keys it knows, then its own section on top."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in data.items() if k in names and k not in RUN_KEYS and k not in STAGE_SECTIONS}
+    own = data.get(section)
+    if own is None:
+        own = {}
+    if not isinstance(own, dict):
+        raise SqltuneError(f"{where}: the `{section}` section must be a mapping of option names to values, "
+                           f"not {type(own).__name__}")
+    values.update(own)
+    return values
+
+
+def _recipe_paths(data: dict, section: str) -> dict:
+    """Where a stage run on its own finds what the recipe's earlier stages wrote when each ran on its own too:
+    train reads `<prepare name>_train`, predict `<prepare name>_dev`, from prepare's `out` folder."""
+    prep = data.get("prepare") if isinstance(data.get("prepare"), dict) else {}
+    name = prep.get("name") or prep.get("source") or "spider"
+    folder = {"dataset_dir": prep["out"]} if prep.get("out") else {}
+    if section == "train":
+        return {"dataset": f"{name}_train", **folder}
+    if section == "predict":
+        return {"dataset": f"{name}_dev", **folder}
+    return {}
+
+
 def load(cls, yaml_path: str | None = None, overrides: dict | None = None, section: str | None = None):
-    """YAML values (optionally one section of the file), then command-line overrides on top."""
+    """YAML values, then command-line overrides on top. Given a run recipe, a stage takes the recipe's shared keys
+    and its own section, exactly as `sqltune run` does."""
     values: dict = {}
     if yaml_path:
         data = load_yaml(yaml_path)
-        if section and isinstance(data.get(section), dict):
-            data = data[section]
+        if section and is_recipe(data):
+            data = {**_recipe_paths(data, section), **recipe_values(data, section, cls, where=str(yaml_path))}
         values.update(data)
     values.update(overrides or {})
     return build(cls, values, where=str(yaml_path or "the command line"))
+
+
+def to_yaml(cfg) -> str:
+    """The resolved config as YAML (what `--print_config` prints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def to_dict(cfg) -> dict:

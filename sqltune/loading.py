@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 from sqltune.errors import SqltuneError
+
+# Known third-party noise, silenced once for every stage that loads a model: peft imports bitsandbytes whenever it is
+# installed, whose CPU backend then warns about an optional kernel package on every run (even for plain LoRA).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def quiet_progress_in_logs() -> None:
+    """In a log file (stderr not a terminal) carriage-return progress bars show only their first frame: turn off
+    transformers' loading bars there; stages print their own progress lines."""
+    import sys
+
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def resolve(model_name_or_path: str) -> Path:
@@ -27,6 +45,7 @@ def resolve(model_name_or_path: str) -> Path:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    quiet_progress_in_logs()
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token

@@ -12,6 +12,8 @@ Paths between stages are filled in by the run (prepared data, adapter, merged mo
 live in the run folder). A stage whose outputs exist for the same settings is skipped (`--force` reruns it), so
 `sqltune run` on the same file continues the latest unfinished run where it stopped (`--new` starts afresh,
 `--run_dir DIR` picks a folder). Every stage writes a trace span (see `sqltune trace`).
+
+    sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR]
 """
 
 from __future__ import annotations
@@ -25,15 +27,11 @@ from pathlib import Path
 
 import yaml
 
-from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, TrainConfig, build, load_yaml
+from sqltune.config import RUN_KEYS, build, load_yaml, recipe_values
 from sqltune.errors import SqltuneError
 from sqltune.io import write_json
+from sqltune.stages import ORDER, STAGES
 from sqltune.trace import ENV_TRACE, TRACE_FILE, append_span, read_trace, runs_dir, span
-
-ORDER = ("prepare", "train", "merge", "predict", "evaluate")
-RUN_KEYS = {"name", "stages", "compare_base", "runs_dir"}
-CLASSES = {"prepare": PrepareConfig, "train": TrainConfig, "merge": MergeConfig, "predict": PredictConfig,
-           "evaluate": EvalConfig}
 
 
 @dataclasses.dataclass
@@ -54,10 +52,12 @@ def read_plan(path: str) -> RunPlan:
     unknown = [s for s in stages if s not in ORDER]
     if unknown:
         raise SqltuneError(f"{path}: unknown stage {unknown[0]!r} in `stages` (known: {', '.join(ORDER)})")
+    for s in ORDER:
+        recipe_values(data, s, STAGES[s].config, where=path)  # a section that is not a mapping: one line
     sections = {s: dict(data.get(s) or {}) for s in ORDER}
     shared = {k: v for k, v in data.items() if k not in RUN_KEYS and k not in ORDER}
     for key in shared:
-        if not any(key in {f.name for f in dataclasses.fields(cls)} for cls in CLASSES.values()):
+        if not any(key in {f.name for f in dataclasses.fields(st.config)} for st in STAGES.values()):
             raise SqltuneError(f"{path}: unknown run-level key {key!r}")
     return RunPlan(name, [s for s in ORDER if s in stages], bool(data.get("compare_base", False)), sections, shared)
 
@@ -78,10 +78,8 @@ def pick_run_dir(plan: RunPlan, root: Path, run_dir: str | None, new: bool) -> P
 
 def stage_config(plan: RunPlan, stage: str, run: Path, **filled):
     """The stage's config: run-level keys, then the YAML section, then the paths the run fills in."""
-    cls = CLASSES[stage]
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in plan.shared.items() if k in names}
-    values.update(plan.sections[stage])
+    cls = STAGES[stage].config
+    values = recipe_values({**plan.shared, stage: plan.sections[stage]}, stage, cls)
     values.update(filled)
     return build(cls, values, where=f"the `{stage}` section")
 
@@ -117,8 +115,6 @@ def run_step(run: Path, label: str, func, cfg, force: bool) -> dict:
 
 
 def execute(plan: RunPlan, run: Path, force: bool) -> dict:
-    from sqltune.cli import stage_function
-
     run.mkdir(parents=True, exist_ok=True)
     data_dir = run / "data"
     results: dict = {}
@@ -132,13 +128,13 @@ def execute(plan: RunPlan, run: Path, force: bool) -> dict:
                              overwrite_output_dir=True) if "train" in plan.stages else None
     configs = {"prepare": prep, "train": train_cfg}
     if "prepare" in plan.stages:
-        results["prepare"] = run_step(run, "prepare", stage_function("prepare"), prep, force)
+        results["prepare"] = run_step(run, "prepare", STAGES["prepare"].run, prep, force)
     if train_cfg is not None:
         resume = (run / "adapter").is_dir() and any((run / "adapter").glob("checkpoint-*")) and not force and \
             not (run / ".done" / "train.json").is_file()
         if resume:
             train_cfg = dataclasses.replace(train_cfg, resume=True, overwrite_output_dir=False)
-        results["train"] = run_step(run, "train", stage_function("train"), train_cfg, force)
+        results["train"] = run_step(run, "train", STAGES["train"].run, train_cfg, force)
     base_model = plan.shared.get("model_name_or_path") or plan.sections["train"].get("model_name_or_path") or \
         plan.sections["predict"].get("model_name_or_path", "")
     tuned_model, tuned_adapter = base_model, ""
@@ -146,7 +142,7 @@ def execute(plan: RunPlan, run: Path, force: bool) -> dict:
         merge_cfg = stage_config(plan, "merge", run, model_name_or_path=base_model, adapter=str(run / "adapter"),
                                  out=str(run / "merged"), overwrite_output_dir=True)
         configs["merge"] = merge_cfg
-        results["merge"] = run_step(run, "merge", stage_function("merge"), merge_cfg, force)
+        results["merge"] = run_step(run, "merge", STAGES["merge"].run, merge_cfg, force)
         tuned_model = str(run / "merged")
     elif "train" in plan.stages:
         tuned_adapter = str(run / "adapter")
@@ -163,7 +159,7 @@ def execute(plan: RunPlan, run: Path, force: bool) -> dict:
                                dataset=dev_set, dataset_dir=str(data_dir),
                                out=str(pred_file))
             configs[f"predict_{label}"] = cfg
-            results[f"predict_{label}"] = run_step(run, f"predict_{label}", stage_function("predict"),
+            results[f"predict_{label}"] = run_step(run, f"predict_{label}", STAGES["predict"].run,
                                                    cfg, force)
         if "evaluate" in plan.stages:
             entry = lookup(data_dir, dev_set)
@@ -173,7 +169,7 @@ def execute(plan: RunPlan, run: Path, force: bool) -> dict:
                                questions=entry["file_name"], report=str(run / "eval" / label), quiet=True)
             configs[f"evaluate_{label}"] = cfg
             results[f"evaluate_{label}"] = run_step(run, f"evaluate_{label}",
-                                                    stage_function("evaluate"), cfg, force)
+                                                    STAGES["evaluate"].run, cfg, force)
     resolved = {k: dataclasses.asdict(v) for k, v in configs.items() if v is not None}
     (run / "config.yaml").write_text(yaml.safe_dump({"name": plan.name, "stages": plan.stages,
                                                      "compare_base": plan.compare_base, **resolved}, sort_keys=False))
@@ -192,26 +188,17 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    from sqltune.cli import parse_flags
-
-    positional, options = parse_flags(argv)
-    if not positional or options.get("help"):
-        print(__doc__.strip())
-        return 0 if options.get("help") else 2
-    plan = read_plan(positional[0])
-    flag = lambda key: str(options.get(key, "false")).lower() in ("1", "true", "yes")  # noqa: E731
-    unknown = set(options) - {"force", "new", "run_dir", "runs_dir", "help"}
-    if unknown:
-        raise SqltuneError(f"unknown option --{sorted(unknown)[0]} for `sqltune run` (known: --force, --new, "
-                           "--run_dir, --runs_dir)")
-    root = Path(options.get("runs_dir") or runs_dir())
-    run = pick_run_dir(plan, root, options.get("run_dir"), flag("new"))
+def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str | None = None,
+               root: str | None = None) -> dict:
+    """Run (or continue) the recipe at `path`; prints progress and the EX table, returns each stage's figures."""
+    plan = read_plan(path)
+    root_dir = Path(root or runs_dir())
+    run = pick_run_dir(plan, root_dir, run_dir, new)
     print(f"run folder: {run}")
     os.environ[ENV_TRACE] = str(run / TRACE_FILE)
     try:
         with span(run / TRACE_FILE, run.name, "run") as figures:
-            results = execute(plan, run, flag("force"))
+            results = execute(plan, run, force)
             for key, fig in results.items():
                 if key.startswith("evaluate_") and fig.get("ex") is not None:
                     figures[f"ex_{key.split('_', 1)[1]}"] = fig["ex"]
@@ -220,5 +207,5 @@ def main(argv: list[str]) -> int:
     table = summary_table(results)
     if table:
         print("\nexecution accuracy on the dev split (evaluation reports in " f"{run / 'eval'}):\n" + table)
-    print(f"\ntrace: sqltune trace show {run.name} --runs_dir {root}")
-    return 0
+    print(f"\ntrace: sqltune trace show {run.name} --runs_dir {root_dir}")
+    return results

@@ -1,4 +1,4 @@
-"""Run traces (the `dbgpt trace` of the reference): every command appends JSON-lines spans to its run folder.
+"""Run traces: every command appends JSON-lines spans to its run folder.
 
 A span is `{"run_id", "stage", "start", "end", "duration_s", "status", "figures", "error"}`. `sqltune run` writes
 into `runs/<name>-<timestamp>/trace.jsonl`; a stage run on its own writes into `runs/commands/trace.jsonl`.
@@ -125,37 +125,27 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
-def main(argv: list[str]) -> int:
-    from sqltune.cli import parse_flags
+def print_runs(root: Path, as_json: bool = False) -> None:
+    runs = list_runs(root)
+    if as_json:
+        print(json.dumps(runs, indent=2))
+    elif not runs:
+        print(f"no runs under {root}")
+    else:
+        print(f"{'run':<40} {'date':<20} {'status':<18} {'duration_s':>10} {'EX':>7}")
+        for r in runs:
+            print(f"{r['name']:<40} {r['date']:<20} {r['status']:<18} {r['duration_s']:>10} {_fmt(r['ex']):>7}")
 
-    positional, options = parse_flags(argv)
-    if not positional or options.get("help") or positional[0] not in ("list", "show"):
-        print(__doc__.strip())
-        return 0 if options.get("help") or not positional else 2
-    root = Path(options.get("runs_dir", runs_dir()))
-    as_json = str(options.get("json", "false")).lower() in ("true", "1", "yes")
-    if positional[0] == "list":
-        runs = list_runs(root)
-        if as_json:
-            print(json.dumps(runs, indent=2))
-        elif not runs:
-            print(f"no runs under {root}")
-        else:
-            print(f"{'run':<40} {'date':<20} {'status':<18} {'duration_s':>10} {'EX':>7}")
-            for r in runs:
-                print(f"{r['name']:<40} {r['date']:<20} {r['status']:<18} {r['duration_s']:>10} {_fmt(r['ex']):>7}")
-        return 0
-    if len(positional) < 2:
-        raise SqltuneError("usage: sqltune trace show RUN [--json]")
-    run_dir = find_run(root, positional[1])
+
+def print_run(root: Path, name: str, as_json: bool = False) -> None:
+    run_dir = find_run(root, name)
     spans = read_trace(run_dir)
     if as_json:
         print(json.dumps({"run": run_dir.name, "spans": spans}, indent=2))
-        return 0
+        return
     print(f"run {run_dir.name} ({run_dir})")
     print(f"{'stage':<22} {'status':<12} {'duration_s':>10}  figures")
     for s in spans:
         figs = ", ".join(f"{k}={_fmt(v)}" for k, v in s["figures"].items())
         err = f"  error: {s['error']}" if s.get("error") else ""
         print(f"{s['stage']:<22} {s['status']:<12} {s['duration_s']:>10.1f}  {figs}{err}")
-    return 0

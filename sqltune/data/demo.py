@@ -298,21 +298,3 @@ def generate(out: str | Path, seed: int = 0, train: int = 400, dev: int = 100) -
             json.dump(rows, handle, indent=1)
     return {"databases": len(entries), "train": len(train_rows), "dev": len(dev_rows)}
 
-
-def main(argv: list[str]) -> int:
-    from sqltune.cli import parse_flags
-
-    _, options = parse_flags(argv)
-    if options.get("help"):
-        print(__doc__.strip())
-        return 0
-    if "out" not in options:
-        raise SqltuneError("usage: sqltune demo-data --out DIR [--seed 0] [--train 400] [--dev 100]")
-    try:
-        counts = generate(options["out"], int(options.get("seed", 0)), int(options.get("train", 400)),
-                          int(options.get("dev", 100)))
-    except ValueError as exc:
-        raise SqltuneError(f"--seed, --train and --dev take integers ({exc})") from None
-    print(f"demo-data: wrote {counts['databases']} databases, {counts['train']} train and {counts['dev']} dev "
-          f"questions to {options['out']}")
-    return 0

@@ -48,11 +48,21 @@ def attach_adapter(model, adapter: Path):
         raise SqltuneError(f"adapter {adapter} does not fit this base model: {detail}") from None
 
 
+def adapter_base(adapter: Path) -> str:
+    """The base model an adapter was trained on, as peft recorded it in adapter_config.json."""
+    from sqltune.io import read_json
+
+    base = read_json(adapter / "adapter_config.json").get("base_model_name_or_path") or ""
+    if not base:
+        raise SqltuneError(f"{adapter}/adapter_config.json names no base model: pass --model_name_or_path")
+    return base
+
+
 def merge(cfg: MergeConfig) -> dict:
     import torch
 
-    base = resolve(cfg.model_name_or_path)
     adapter = check_adapter(cfg.adapter)
+    base = resolve(cfg.model_name_or_path or adapter_base(adapter))
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
         raise SqltuneError(f"{out} exists and is not empty (pass --overwrite_output_dir to replace it)")
