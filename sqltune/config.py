@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- prepare
-SCHEMA_STYLES = ("words", "ddl", "ddl+rows")
+SCHEMA_STYLES = ("words", "ddl", "ddl+rows", "mschema")
 SOURCES = ("spider", "bird", "sparc", "cosql", "demo")
 
 
@@ -45,10 +46,13 @@ class PrepareConfig:
     out: str = arg("data/prepared", "folder to write <name>_train.jsonl, <name>_dev.jsonl, gold files and dataset_info.json")
     name: str = arg("", "dataset name prefix in the registry (default: the source name)")
     schema_style: str = arg("words", f"how the schema is stated in the prompt: {', '.join(SCHEMA_STYLES)}")
-    sample_rows: int = arg(3, "rows per table shown with schema_style ddl+rows")
+    sample_rows: int = arg(3, "rows per table shown with schema_style ddl+rows; example values per column with mschema")
     max_prompt_tokens: int = arg(0, "cap on the instruction length in tokens (0 = no cap); cut schemas are counted")
     tokenizer: str = arg("", "tokenizer folder used to count tokens for max_prompt_tokens (default: whitespace words)")
     splits: str = arg("train,dev", "comma list of splits to prepare")
+    history: str = arg("questions", "SParC/CoSQL non-train splits: `questions` puts the earlier questions in the "
+                                    "input (no gold SQL in the prompt); `gold` gives earlier turns with their gold SQL "
+                                    "as history (DB-GPT-Hub's way). Train always uses gold")
 
     def __post_init__(self):
         _check(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}, not {self.source!r}")
@@ -57,6 +61,9 @@ class PrepareConfig:
         _check(self.sample_rows >= 0, "--sample_rows must be >= 0")
         _check(self.max_prompt_tokens >= 0, "--max_prompt_tokens must be >= 0")
         self.name = self.name or self.source
+        _check(all(c.isascii() and (c.isalnum() or c in "_-.") for c in self.name) and not self.name.startswith("."),
+               f"--name must be a plain name (letters, digits, _, -, and . not first), not {self.name!r}")
+        _check(self.history in ("questions", "gold"), f"--history must be questions or gold, not {self.history!r}")
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -208,6 +215,8 @@ def _unwrap_optional(tp):
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """A YAML or command-line value as the field's type. Never a silent change of meaning: a bool is not a number,
+    1.5 is not an int, "false" is false, inf and nan are refused, a list is not a string."""
     tp, optional = _unwrap_optional(tp)
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))):
         return None
@@ -224,19 +233,32 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return False
             raise ValueError
         if tp is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool):
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            if isinstance(value, int):
+                return value
+            number = float(value) if isinstance(value, (float, str)) else None
+            if number is None or not math.isfinite(number) or not number.is_integer():
+                raise ValueError
+            return int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else int(number)
         if tp is float:
-            return float(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise SqltuneError(f"--{name} must be a finite number, not {value!r}")
+            return number
         if tp is str:
+            if isinstance(value, (list, dict, bool)):
+                raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value
-    type_name = getattr(tp, "__name__", str(tp))
-    raise SqltuneError(f"--{name} expects {type_name}, got {value!r}")
+    type_name = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a single text value"}
+    expected = type_name.get(getattr(tp, "__name__", ""), getattr(tp, "__name__", str(tp)))
+    raise SqltuneError(f"--{name} expects {expected}, got {value!r}")
 
 
 def build(cls, values: dict | None = None, where: str = "config"):

@@ -65,25 +65,6 @@ def test_token_budget_cuts_schema_and_counts(demo_dir, tmp_path):
         assert r["input"].startswith("###Input:")  # the question is never cut
 
 
-def test_multiturn_history(tmp_path, demo_dir):
-    data = tmp_path / "sparc"
-    data.mkdir()
-    shutil.copy(demo_dir / "tables.json", data / "tables.json")
-    shutil.copytree(demo_dir / "database", data / "database")
-    dialog = [{"database_id": "shop", "interaction": [
-        {"utterance": "Show all customers.", "query": "SELECT name FROM customer"},
-        {"utterance": "Only those in Aster.", "query": "SELECT name FROM customer WHERE city = 'Aster'"}]},
-        {"database_id": "school", "interaction": [{"utterance": "How many teachers?", "query": "SELECT count(*) FROM teacher"}]}]
-    (data / "dev.json").write_text(json.dumps(dialog))
-    prepare(PrepareConfig(source="sparc", data_dir=str(data), out=str(tmp_path / "out"), splits="dev"))
-    rows = records(tmp_path / "out" / "sparc_dev.jsonl")
-    assert rows[0]["history"] == [] and rows[1]["history"] == [["###Input:\nShow all customers.\n\n###Response:",
-                                                                  "SELECT name FROM customer"]]
-    gold = (tmp_path / "out" / "sparc_dev_gold.sql").read_text()
-    assert gold == ("SELECT name FROM customer\tshop\nSELECT name FROM customer WHERE city = 'Aster'\tshop\n\n"
-                    "SELECT count(*) FROM teacher\tschool\n")
-
-
 def test_bird_evidence_in_prompt(tmp_path, demo_dir):
     data = tmp_path / "bird"
     (data / "dev_databases").mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""What every source yields: questions with gold SQL, and the schemas of their databases."""
+"""What every source yields: per split, questions with gold SQL, the schemas of their databases and where the
+databases live (BIRD keeps train and dev databases in different folders, so each split has its own)."""
 
 from __future__ import annotations
 
@@ -12,24 +13,26 @@ from sqltune.io import database_path
 class Example:
     db_id: str
     question: str
-    query: str
+    query: str  # the source's SQL text, byte for byte (never folded: a TAB inside a literal is part of the query)
     history: list[tuple[str, str]] = field(default_factory=list)  # earlier (question, SQL) turns
     evidence: str = ""  # BIRD's external knowledge hint
     difficulty: str = ""  # BIRD's simple / moderate / challenging
-    interaction: int = -1  # multi-turn: index of the interaction (gold files separate them by blank lines)
+    interaction: int = -1  # multi-turn: index of the interaction in the source file (-1: single-turn)
+    turn: int = 0  # multi-turn: index of the turn within its interaction
 
 
 @dataclass
-class SourceData:
+class Split:
+    examples: list[Example]
     tables: dict[str, dict]  # db_id -> tables.json entry
-    db_dir: Path  # <db_dir>/<db_id>/<db_id>.sqlite
     tables_file: Path
-    splits: dict[str, list[Example]]
+    db_dir: Path  # <db_dir>/<db_id>/<db_id>.sqlite
 
     def db_path(self, db_id: str) -> Path:
         return database_path(self.db_dir, db_id)
 
 
-def fold_sql(sql: str) -> str:
-    """One line per query: tabs and newlines become spaces (gold and prediction files are line-based)."""
-    return " ".join(sql.replace("\t", " ").split()) if ("\n" in sql or "\t" in sql or "\r" in sql) else sql.strip()
+@dataclass
+class SourceData:
+    splits: dict[str, Split]
+    missing_splits: list[str] = field(default_factory=list)  # asked for but absent (e.g. SParC shipped dev only)

@@ -1,20 +1,29 @@
-"""The prepare stage: a dataset in a known layout -> supervised JSONL records, gold files and a registry entry."""
+"""The prepare stage: a dataset in a known layout -> supervised JSONL records, gold files and a registry entry.
+
+Everything is built in memory first and written only when every split is ready: the files are staged beside the
+output, renamed into place together, and the registry is updated once, so a failure never leaves a mix of a new and
+an old preparation behind.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
 from sqltune.config import PrepareConfig
-from sqltune.data.examples import Example, SourceData
-from sqltune.data.prompts import fit_schema, make_record
-from sqltune.data.registry import register
+from sqltune.data.examples import Example, Split
+from sqltune.data.prompts import fit_schema, make_record, make_turn_record
+from sqltune.data.registry import read_registry, register_many
 from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
 from sqltune.errors import SqltuneError
-from sqltune.io import atomic_write, write_jsonl
 
 
 def token_counter(tokenizer_path: str) -> Callable[[str], int]:
@@ -29,69 +38,121 @@ def token_counter(tokenizer_path: str) -> Callable[[str], int]:
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _schema_cache(data: SourceData, cfg: PrepareConfig) -> Callable[[str], list[str]]:
-    cache: dict[str, list[str]] = {}
+def _schema_cache(cfg: PrepareConfig) -> Callable[[Split, str], list[str]]:
+    """Schema blocks per (split's tables and databases, db_id): BIRD's splits have different databases."""
+    cache: dict[tuple[str, str], list[str]] = {}
 
-    def get(db_id: str) -> list[str]:
-        if db_id not in cache:
-            if db_id not in data.tables:
-                raise SqltuneError(f"database {db_id!r} is used by a question but has no schema in {data.tables_file}")
-            path = data.db_path(db_id)
-            cache[db_id] = render_schema(data.tables[db_id], cfg.schema_style, path if path.is_file() else None,
-                                         cfg.sample_rows)
-        return cache[db_id]
+    def get(split: Split, db_id: str) -> list[str]:
+        path = split.db_path(db_id)
+        key = (str(split.tables_file), str(path))
+        if key not in cache:
+            if db_id not in split.tables:
+                raise SqltuneError(f"database {db_id!r} is used by a question but has no schema in {split.tables_file}")
+            cache[key] = render_schema(split.tables[db_id], cfg.schema_style, path if path.is_file() else None,
+                                       cfg.sample_rows)
+        return cache[key]
 
     return get
 
 
-def write_gold(path: Path, examples: list[Example]) -> None:
-    """`SQL<TAB>db_id` per line; a blank line between interactions for multi-turn sources."""
-    with atomic_write(path) as handle:
-        previous = None
-        for ex in examples:
-            if previous is not None and ex.interaction != previous:
-                handle.write("\n")
-            handle.write(f"{ex.query}\t{ex.db_id}\n")
-            previous = ex.interaction
+def gold_line(sql: str) -> str:
+    """The gold file's one-line form of a query: line breaks become single spaces and the ends are stripped.
+    TABs are kept: the evaluator splits a gold line on its last TAB, so a TAB inside a literal reads back unchanged."""
+    return sql.replace("\r\n", " ").replace("\n", " ").replace("\r", " ").strip()
+
+
+def gold_text(examples: list[Example]) -> str:
+    """`SQL<TAB>db_id` per line, in record order; a blank line between interactions for multi-turn sources."""
+    lines, previous = [], None
+    for ex in examples:
+        if previous is not None and ex.interaction != previous:
+            lines.append("")
+        lines.append(f"{gold_line(ex.query)}\t{ex.db_id}")
+        previous = ex.interaction
+    return "".join(line + "\n" for line in lines)
+
+
+def _write_all(out: Path, files: dict[str, str]) -> None:
+    """Write every file into a staging folder inside `out`, then rename them into place together."""
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    try:
+        for name, text in files.items():
+            with open(stage / name, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for name in files:
+            os.replace(stage / name, out / name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def say(text: str) -> None:
+    print(f"prepare: {text}", file=sys.stderr, flush=True)
 
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Read the source, write `<name>_<split>.jsonl` (+ gold for non-train splits), register them; return figures."""
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
+    if not splits:
+        raise SqltuneError("--splits names no split (e.g. train,dev)")
     out = Path(cfg.out)
     data_dir = cfg.data_dir or (str(out / "demo_source") if cfg.source == "demo" else "")
     data = load_source(cfg.source, data_dir, splits)
-    out.mkdir(parents=True, exist_ok=True)
-    schema_of = _schema_cache(data, cfg)
+    if out.resolve() == Path(data_dir).resolve() or Path(data_dir).resolve() in out.resolve().parents:
+        raise SqltuneError(f"--out {out} is inside the source folder {data_dir}: write prepared data elsewhere")
+    read_registry(out)  # a broken registry is reported before anything is written
+    schema_of = _schema_cache(cfg)
     count = token_counter(cfg.tokenizer) if cfg.max_prompt_tokens else None
     figures: dict = {"source": cfg.source, "schema_style": cfg.schema_style}
-    missing_dbs = sorted({ex.db_id for exs in data.splits.values() for ex in exs if not data.db_path(ex.db_id).is_file()})
-    for split, examples in data.splits.items():
+    if data.missing_splits:
+        missing = ", ".join(data.missing_splits)
+        say(f"no {missing} split in {data_dir}: prepared {', '.join(data.splits)} only")
+        figures["missing_splits"] = missing
+    files: dict[str, str] = {}
+    entries: dict[str, dict] = {}
+    missing_dbs: set[str] = set()
+    bar_off = not sys.stderr.isatty()  # a log would show a frozen 0 %; one line per split is said instead
+    for split, part in data.splits.items():
         name = f"{cfg.name}_{split}"
+        multi_turn = any(ex.interaction >= 0 for ex in part.examples)
+        history = "gold" if split == "train" else cfg.history
         records, cut = [], 0
-        for ex in tqdm(examples, desc=f"prepare {name}", unit="q", leave=False, mininterval=1.0):
-            blocks = schema_of(ex.db_id)
+        no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
+        for ex in tqdm(part.examples, desc=f"prepare {name}", unit="q", leave=False, mininterval=1.0, disable=bar_off):
+            blocks = schema_of(part, ex.db_id)
             if count is not None:
                 blocks, was_cut = fit_schema(blocks, cfg.max_prompt_tokens, count)
                 cut += was_cut
-            records.append(make_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.evidence))
-        file_name = out / f"{name}.jsonl"
-        write_jsonl(file_name, records)
-        entry: dict = {"file_name": file_name, "source": cfg.source, "split": split, "records": len(records),
-                       "schema_style": cfg.schema_style, "tables": data.tables_file.resolve(),
-                       "db_dir": data.db_dir.resolve()}
+            if ex.interaction >= 0:
+                records.append(make_turn_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.interaction,
+                                                ex.turn, history))
+            else:
+                records.append(make_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.evidence))
+        files[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        entry: dict = {"file_name": out / f"{name}.jsonl", "source": cfg.source, "split": split,
+                       "records": len(records), "schema_style": cfg.schema_style,
+                       "tables": part.tables_file.resolve(), "db_dir": part.db_dir.resolve()}
+        if multi_turn:
+            entry["history"] = history
         if split != "train":
-            gold = out / f"{name}_gold.sql"
-            write_gold(gold, examples)
-            entry["gold"] = gold
-            if any(ex.difficulty for ex in examples):
-                diff = out / f"{name}_difficulty.txt"
-                with atomic_write(diff) as handle:
-                    handle.writelines(f"{ex.difficulty}\n" for ex in examples)
-                entry["difficulty"] = diff
-        register(out, name, entry)
+            files[f"{name}_gold.sql"] = gold_text(part.examples)
+            entry["gold"] = out / f"{name}_gold.sql"
+            if any(ex.difficulty for ex in part.examples):
+                files[f"{name}_difficulty.txt"] = "".join(f"{ex.difficulty}\n" for ex in part.examples)
+                entry["difficulty"] = out / f"{name}_difficulty.txt"
+        entries[name] = entry
+        without_db = sum(ex.db_id in no_db for ex in part.examples)
+        missing_dbs |= no_db
         figures[f"{split}_records"] = len(records)
+        figures[f"{split}_records_without_database"] = without_db
         if count is not None:
             figures[f"{split}_prompts_cut"] = cut
-    figures["missing_databases"] = missing_dbs
+        say(f"{name}: {len(records)} records ({cfg.schema_style}"
+            + (f", history {history}" if multi_turn else "")
+            + (f"; {without_db} whose database is missing from {part.db_dir}" if without_db else "") + ")")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_all(out, files)
+    register_many(out, entries)
+    figures["missing_databases"] = sorted(missing_dbs)
     return figures

@@ -1,28 +1,35 @@
 """The one place where supervised records are worded. Training and prediction both read records built here.
 
 A record is `{"db_id", "instruction", "input", "output", "history"}` (the DB-GPT-Hub / LLaMA-Factory layout):
-`instruction` holds a fixed SQL-terminal instruction and the schema, `input` the question, `output` the SQL.
+`instruction` holds the reference's SQL-terminal instruction and the schema, `input` the question, `output` the SQL.
+The wording is DB-GPT-Hub's (INSTRUCTION_PROMPT and INPUT_PROMPT in its configs/config.py), character for
+character, including `me.Below` and the lone `"` line, so its released adapters see the prompts they were trained on.
+Multi-turn records also carry `interaction`, `turn` and the bare `question` (see make_turn_record).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 INSTRUCTION = (
     "I want you to act as a SQL terminal in front of an example database, you need only to return the sql "
-    "command to me. Below is an instruction that describes a task, Write a response that appropriately "
-    "completes the request.\n##Instruction:\n"
+    "command to me.Below is an instruction that describes a task, Write a response that appropriately "
+    "completes the request.\n\"\n##Instruction:\n"
 )
 INPUT_FORMAT = "###Input:\n{question}\n\n###Response:"
 EVIDENCE_FORMAT = "\n##Evidence:\n{evidence}\n"
+HISTORY_MODES = ("questions", "gold")
 
 
 def make_input(question: str) -> str:
-    return INPUT_FORMAT.format(question=question.strip())
+    """The question as the reference frames it; the text is kept as given (the reference does not strip it)."""
+    return INPUT_FORMAT.format(question=question)
 
 
 def question_of(record: dict) -> str:
-    """The question back out of a record's `input` (for reports)."""
+    """The question back out of a record (for reports): its `question` field, else parsed from `input`."""
+    if isinstance(record.get("question"), str):
+        return record["question"]
     text = record.get("input", "")
     if text.startswith("###Input:\n") and text.endswith("\n\n###Response:"):
         return text[len("###Input:\n"):-len("\n\n###Response:")]
@@ -30,7 +37,8 @@ def question_of(record: dict) -> str:
 
 
 def make_instruction(schema_blocks: list[str], evidence: str = "") -> str:
-    text = INSTRUCTION + "\n".join(schema_blocks) + "\n"
+    """The reference's INSTRUCTION_PROMPT.format(schema): each block carries its own separator."""
+    text = INSTRUCTION + "".join(schema_blocks) + "\n"
     if evidence:
         text += EVIDENCE_FORMAT.format(evidence=evidence.strip())
     return text
@@ -57,6 +65,7 @@ def fit_schema(blocks: list[str], budget: int, count: Callable[[str], int]) -> t
 
 def make_record(db_id: str, schema_blocks: list[str], question: str, sql: str,
                 history: list[tuple[str, str]] | None = None, evidence: str = "") -> dict:
+    """One record in the reference's layout; `output` is the source SQL exactly as given."""
     return {
         "db_id": db_id,
         "instruction": make_instruction(schema_blocks, evidence),
@@ -64,3 +73,18 @@ def make_record(db_id: str, schema_blocks: list[str], question: str, sql: str,
         "output": sql,
         "history": [[make_input(q), a] for q, a in (history or [])],
     }
+
+
+def make_turn_record(db_id: str, schema_blocks: list[str], question: str, sql: str, history: list[tuple[str, str]],
+                     interaction: int, turn: int, mode: str) -> dict:
+    """A SParC/CoSQL turn. `gold`: the earlier turns as [input, gold SQL] pairs (the reference's way, teacher
+    forcing; training uses it). `questions`: no history, and the earlier questions then the current one go into
+    `input`, one per line, so no gold SQL of an earlier turn is ever in the prompt."""
+    if mode == "gold":
+        record = make_record(db_id, schema_blocks, question, sql, history)
+    elif mode == "questions":
+        record = make_record(db_id, schema_blocks, "\n".join([q for q, _ in history] + [question]), sql)
+    else:
+        raise ValueError(f"unknown history mode {mode!r}")
+    record.update(interaction=interaction, turn=turn, question=question)
+    return record

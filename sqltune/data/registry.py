@@ -24,11 +24,25 @@ def _rel(path: Path, root: Path) -> str:
 
 def register(root: str | Path, name: str, entry: dict) -> None:
     """Add or replace `name` in `<root>/dataset_info.json` (other entries are kept)."""
+    register_many(root, {name: entry})
+
+
+def register_many(root: str | Path, entries: dict[str, dict]) -> None:
+    """Add or replace several entries in one write, so a registry never mixes an old and a new preparation."""
     root = Path(root)
-    path = root / REGISTRY
+    data = read_registry(root)
+    for name, entry in entries.items():
+        data[name] = {k: (_rel(v, root) if isinstance(v, Path) else v) for k, v in entry.items()}
+    write_json(root / REGISTRY, data)
+
+
+def read_registry(root: str | Path) -> dict:
+    """The registry's entries ({} when there is none yet); anything but a JSON object is one line."""
+    path = Path(root) / REGISTRY
     data = read_json(path) if path.is_file() else {}
-    data[name] = {k: (_rel(v, root) if isinstance(v, Path) else v) for k, v in entry.items()}
-    write_json(path, data)
+    if not isinstance(data, dict):
+        raise SqltuneError(f"{path} must hold a JSON object (dataset name -> entry)")
+    return data
 
 
 def lookup(root: str | Path, name: str) -> dict:

@@ -1,4 +1,4 @@
-"""Helpers the readers share: finding files and reading tables.json with clear errors."""
+"""Helpers the readers share: finding files, reading tables.json and checking examples, with one-line errors."""
 
 from __future__ import annotations
 
@@ -25,22 +25,43 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def read_tables(path: Path) -> dict[str, dict]:
-    entries = read_json(require_file(path, "tables file"))
+    """The one tables.json reader (prepare and evaluation): db_id -> entry, every entry checked."""
+    entries = read_json(require_file(Path(path), "tables file"))
     if not isinstance(entries, list):
         raise SqltuneError(f"{path} must hold a list of database schemas")
     tables = {}
-    for entry in entries:
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise SqltuneError(f"{path}: entry {i} is not a database schema (a JSON object)")
+        if not isinstance(entry.get("db_id"), str) or not entry["db_id"]:
+            raise SqltuneError(f"{path}: entry {i} has no 'db_id' (the database name)")
         check_tables_entry(entry, path)
         tables[entry["db_id"]] = entry
     return tables
 
 
 def read_list(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    """The examples of one file; each must be an object whose `keys` hold text."""
     rows = read_json(path)
     if not isinstance(rows, list):
         raise SqltuneError(f"{path} must hold a list of examples")
     for i, row in enumerate(rows):
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise SqltuneError(f"{path}: example {i} has no {missing[0]!r} field")
+        if not isinstance(row, dict):
+            raise SqltuneError(f"{path}: example {i} is not a JSON object")
+        for key in keys:
+            text_field(row, key, path, f"example {i}")
     return rows
+
+
+def text_field(row: dict, key: str, path: Path, where: str, optional: bool = False) -> str:
+    """`row[key]` as text; a missing key or a value that is not text (123, null) is one line naming file and record."""
+    if key not in row:
+        if optional:
+            return ""
+        raise SqltuneError(f"{path}: {where} has no {key!r} field")
+    value = row[key]
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SqltuneError(f"{path}: {where} field {key!r} must be text, not {value!r}"[:300])
+    return value

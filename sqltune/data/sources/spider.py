@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqltune.data.examples import Example, SourceData, fold_sql
+from sqltune.data.examples import Example, SourceData, Split
 from sqltune.data.sources.common import read_list, read_tables, require_dir, require_file
 
 TRAIN_FILES = ("train_spider.json", "train_others.json")
@@ -10,8 +10,9 @@ TRAIN_FILES = ("train_spider.json", "train_others.json")
 
 def load(data_dir: str, splits: list[str]) -> SourceData:
     root = require_dir(data_dir)
-    tables = read_tables(root / "tables.json")
-    out: dict[str, list[Example]] = {}
+    tables_file = root / "tables.json"
+    tables = read_tables(tables_file)
+    out: dict[str, Split] = {}
     for split in splits:
         if split == "train":
             files = [root / name for name in TRAIN_FILES if (root / name).is_file()]
@@ -24,6 +25,6 @@ def load(data_dir: str, splits: list[str]) -> SourceData:
         examples = []
         for path in files:
             for row in read_list(path, ("db_id", "question", "query")):
-                examples.append(Example(db_id=row["db_id"], question=row["question"], query=fold_sql(row["query"])))
-        out[split] = examples
-    return SourceData(tables=tables, db_dir=root / "database", tables_file=root / "tables.json", splits=out)
+                examples.append(Example(db_id=row["db_id"], question=row["question"], query=row["query"]))
+        out[split] = Split(examples, tables, tables_file, root / "database")
+    return SourceData(out)
