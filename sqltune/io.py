@@ -75,14 +75,23 @@ def write_json(path: str | Path, obj: Any) -> None:
         handle.write("\n")
 
 
+def _decode(data: bytes, path: Path, line_offset: int = 0) -> str:
+    """UTF-8 text (a leading BOM dropped); other bytes are a one-line error naming the file, line and byte."""
+    try:
+        return data.decode("utf-8-sig" if line_offset <= 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = line_offset or data[:exc.start].count(b"\n") + 1
+        raise SqltuneError(f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line} cannot be "
+                           "decoded (save the file as UTF-8)") from None
+
+
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file is a one-line error naming the file and line."""
+    """Read a JSON file; a missing, non-UTF-8 or malformed file is a one-line error naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise SqltuneError(f"file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+        return json.loads(_decode(path.read_bytes(), path))
     except json.JSONDecodeError as exc:
         raise SqltuneError(f"malformed JSON in {path} at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
 
@@ -91,8 +100,9 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
     path = Path(path)
     if not path.is_file():
         raise SqltuneError(f"file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:

@@ -7,8 +7,8 @@ import shutil
 import sqlite3
 
 import pytest
-
 from conftest import SHARED, SPIDER, needs_spider
+
 from sqltune.cli import main
 from sqltune.config import PrepareConfig
 from sqltune.data.prepare import prepare
@@ -131,7 +131,7 @@ def test_help_lists_stages(capsys):
 def test_yaml_config_with_override(tmp_path, demo_dir, capsys):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(f"prepare:\n  data_dir: {demo_dir}\n  out: {tmp_path / 'o'}\n  schema_style: ddl\n")
-    code, out, err = run_cli(["prepare", str(cfg), "--splits", "dev"], capsys)
+    code, _, err = run_cli(["prepare", str(cfg), "--splits", "dev"], capsys)
     assert code == 0, err
     assert not (tmp_path / "o" / "spider_train.jsonl").exists()
     assert "CREATE TABLE" in records(tmp_path / "o" / "spider_dev.jsonl")[0]["instruction"]
@@ -162,3 +162,107 @@ def test_databases_are_opened_read_only(demo_db, tmp_path):
     with pytest.raises(sqlite3.OperationalError):
         conn.execute("DELETE FROM customer")
     conn.close()
+
+
+def test_bad_values_in_input_are_one_line(tmp_path, demo_dir, capsys):
+    """Pins: non-UTF-8 bytes, `question: 123`, `query: null` in prepare's input and a tables.json entry without
+    `db_id` ended in an internal error (a traceback); each is now one line naming the file (and the record)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_dir, broken)
+    out = ["--out", str(tmp_path / "o")]
+    good = json.loads((demo_dir / "dev.json").read_text())
+    (broken / "dev.json").write_bytes(json.dumps(good[:2]).encode()[:-2] + b', "caf\xe9"]')
+    code, _, err = run_cli(["prepare", "--data_dir", str(broken), *out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "dev.json is not UTF-8 text: byte 0xe9 at line 1" in err
+    for field, value, shown in (("question", 123, "123"), ("query", None, "None")):
+        rows = json.loads(json.dumps(good))
+        rows[1][field] = value
+        (broken / "dev.json").write_text(json.dumps(rows))
+        code, _, err = run_cli(["prepare", "--data_dir", str(broken), *out], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"dev.json: example 1 field {field!r} must be text, not {shown}" in err
+    (broken / "dev.json").write_text(json.dumps(good))
+    tables = json.loads((demo_dir / "tables.json").read_text())
+    del tables[1]["db_id"]
+    (broken / "tables.json").write_text(json.dumps(tables))
+    code, _, err = run_cli(["prepare", "--data_dir", str(broken), *out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "tables.json: entry 1 has no 'db_id'" in err
+    assert not (tmp_path / "o" / "dataset_info.json").exists()
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "x\\y", "名前", "a b"])
+def test_names_with_path_parts_are_refused(tmp_path, demo_dir, capsys, name):
+    """Pins: `prepare --name ../../x` wrote `../../x_train.jsonl` outside the output folder."""
+    code, _, err = run_cli(["prepare", "--data_dir", str(demo_dir), "--out", str(tmp_path / "o" / "p"),
+                            "--name", name], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--name must be a plain name" in err
+    assert not any(tmp_path.rglob("*.jsonl"))
+
+
+def test_plain_names_are_kept(tmp_path, demo_dir):
+    prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path), name="spider-v1.0_x", splits="dev"))
+    assert lookup(tmp_path, "spider-v1.0_x_dev")["records"] == 30
+
+
+def test_failed_prepare_leaves_the_registry_as_it_was(tmp_path, demo_dir):
+    """Pins: a prepare that failed on dev had already rewritten train (in ddl) and its registry entry, leaving a
+    registry that mixed a ddl train with a words dev."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    out = tmp_path / "out"
+    prepare(PrepareConfig(data_dir=str(data), out=str(out)))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    dev = json.loads((data / "dev.json").read_text())
+    (data / "dev.json").write_text(json.dumps(dev + [{"db_id": "nowhere", "question": "q", "query": "SELECT 1"}]))
+    with pytest.raises(SqltuneError, match="'nowhere'"):
+        prepare(PrepareConfig(data_dir=str(data), out=str(out), schema_style="ddl"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing rewritten, no staging left over
+    assert lookup(out, "spider_train")["schema_style"] == "words"
+
+
+def test_progress_in_a_log_is_one_line_per_split(tmp_path, demo_dir, capsys):
+    """Pins: in a log (stderr not a terminal) prepare's progress bars showed only `0%`; now each split is one line."""
+    code, out, err = run_cli(["prepare", "--data_dir", str(demo_dir), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0
+    assert err.splitlines() == ["prepare: spider_train: 80 records (words)", "prepare: spider_dev: 30 records (words)"]
+    assert "train_records=80" in out
+
+
+def test_mschema_on_a_small_database(tmp_path):
+    """The mschema style: column types from the database, primary key, a few short distinct example values per
+    column (NULLs, long texts and blobs left out), then the foreign keys."""
+    from sqltune.data.schema import render_schema
+
+    db = tmp_path / "zoo.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE keeper (keeper_id INTEGER PRIMARY KEY, name VARCHAR(20), photo BLOB)")
+    conn.execute("CREATE TABLE animal (animal_id INTEGER, kind TEXT, keeper_id INTEGER, notes TEXT, "
+                 "FOREIGN KEY (keeper_id) REFERENCES keeper(keeper_id))")
+    conn.executemany("INSERT INTO keeper VALUES (?, ?, ?)", [(1, "Ada", b"\x00"), (2, "Bo", None), (3, "Cy", None)])
+    conn.executemany("INSERT INTO animal VALUES (?, ?, ?, ?)",
+                     [(7, "lion", 1, "x" * 80), (8, "lion", 2, None), (9, None, 2, None), (10, "yak\nmoo", 3, "ok")])
+    conn.commit()
+    conn.close()
+    entry = {"db_id": "zoo", "table_names_original": ["keeper", "animal"],
+             "column_names_original": [[-1, "*"], [0, "keeper_id"], [0, "name"], [0, "photo"], [1, "animal_id"],
+                                       [1, "kind"], [1, "keeper_id"], [1, "notes"]],
+             "column_types": ["text", "number", "text", "others", "number", "text", "number", "text"],
+             "primary_keys": [1], "foreign_keys": [[6, 1]]}
+    text = "".join(render_schema(entry, "mschema", db, sample_rows=2))
+    assert text == (
+        "【DB_ID】 zoo\n【Schema】\n"
+        "# Table: keeper\n[\n(keeper_id:INTEGER, Primary Key, Examples: [1, 2]),\n(name:VARCHAR(20), Examples: [Ada, "
+        "Bo]),\n(photo:BLOB)\n]\n"
+        "# Table: animal\n[\n(animal_id:INTEGER, Examples: [7, 8]),\n(kind:TEXT, Examples: [lion, yak moo]),\n"
+        "(keeper_id:INTEGER, Examples: [1, 2]),\n(notes:TEXT, Examples: [ok])\n]\n"
+        "【Foreign keys】\nanimal.keeper_id=keeper.keeper_id\n")
+    # without the database: types from tables.json, no examples
+    assert "(keeper_id:NUMBER, Primary Key),\n(name:TEXT)," in "".join(render_schema(entry, "mschema", None, 2))
+
+
+def test_mschema_prepare_end_to_end(tmp_path, demo_dir):
+    prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path), splits="dev", schema_style="mschema"))
+    shop = next(r for r in records(tmp_path / "spider_dev.jsonl") if r["db_id"] == "shop")
+    assert "# Table: customer\n[\n(customer_id:INTEGER, Primary Key, Examples: [" in shop["instruction"]
+    assert "【Foreign keys】\norders.customer_id=customer.customer_id\n" in shop["instruction"]
+    assert lookup(tmp_path, "spider_dev")["schema_style"] == "mschema"
