@@ -266,3 +266,14 @@ def test_mschema_prepare_end_to_end(tmp_path, demo_dir):
     assert "# Table: customer\n[\n(customer_id:INTEGER, Primary Key, Examples: [" in shop["instruction"]
     assert "【Foreign keys】\norders.customer_id=customer.customer_id\n" in shop["instruction"]
     assert lookup(tmp_path, "spider_dev")["schema_style"] == "mschema"
+
+
+def test_out_inside_the_source_folder_is_refused(tmp_path, demo_dir):
+    """Pins: `--out` equal to (or inside) the dataset folder wrote prepared files among the inputs."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for out in (data, data / "prepared"):
+        with pytest.raises(SqltuneError, match="inside the source folder"):
+            prepare(PrepareConfig(data_dir=str(data), out=str(out)))
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
