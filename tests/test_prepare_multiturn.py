@@ -3,6 +3,7 @@ and a gold file whose blocks line up with our records (checked on the real SParC
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -142,3 +143,21 @@ def test_real_dev_sets(tmp_path, capsys, source, count, interactions):
         assert sorted(map(fold, blocks)) == sorted(map(fold, published))  # same interactions, other order
     entry = lookup(out, f"{source}_dev")
     assert entry["history"] == "questions" and entry["db_dir"] == str((SHARED / "spider" / "database").resolve())
+
+
+# sha256 of DB-GPT-Hub's multi-turn records on the real dev sets (its processor at 3ed19c1 with is_multiple_turn),
+# one json.dumps line each, with each record's history cut to the turns before it: the reference appends every
+# turn to one shared list, so its JSON gives every turn the whole interaction, its own answer included.
+REFERENCE_GOLD_HISTORY = {"sparc": "ead2f2c0459545075fb0dce47b76dcad956613df5e35fd07c20d334fad263f51",
+                          "cosql": "33cadda58139ff6f145aff845bb7f7ba9228a11cc7f10ce16743c195fe6651d8"}
+
+
+@needs_multiturn
+@pytest.mark.parametrize("source", ["sparc", "cosql"])
+def test_real_dev_gold_history_equals_the_reference(tmp_path, source):
+    """`--history gold` gives the reference's records (instruction, input, output, history of earlier turns)."""
+    prepare(PrepareConfig(source=source, data_dir=str(SHARED / source), out=str(tmp_path), history="gold"))
+    keys = ("db_id", "instruction", "input", "output", "history")
+    text = "".join(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n"
+                   for r in records(tmp_path / f"{source}_dev.jsonl"))
+    assert hashlib.sha256(text.encode()).hexdigest() == REFERENCE_GOLD_HISTORY[source]
