@@ -1,38 +1,119 @@
-"""Getting one line of SQL out of what a model wrote.
+"""Getting one line of SQL out of what a model wrote, without taking prose for SQL (which would lower the base
+model's figure and so inflate the fine-tuning gain).
 
-Rules, in order: take the first fenced code block if there is one; drop an echoed prompt (everything up to the
-last `###Response:`); start at the first SELECT/WITH keyword when the text has one; stop at the first `;`, at a
-blank line, or at a line of explanation; fold whitespace (newlines included) into single spaces. Text with no SQL
-in it is kept as the model wrote it, folded, so that every record keeps its line.
+Rules, in order:
+1. The text is cut at the template's end marker text when one is given, and at chat end markers left in it
+   (`<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`, ...). An echoed prompt is dropped: only the text after the last
+   `###Response:` is read.
+2. Where the query starts: in the first fenced code block (with or without a language) that holds one, else in the
+   whole text. A query starts with SELECT, or WITH followed by `name AS (`, written in upper or lower case (not
+   capitalised like a sentence's first word), at the start of a line (or of the fenced block, or right after
+   `###Response:`); or in upper case right after a colon or an inline-code backtick (`use this query: SELECT ...`).
+   So `select` inside a sentence never starts a query.
+3. Where it ends, read with sqlparse's SQL lexer, whose string literals and quoted names are single tokens (a `;`
+   or a line break inside a literal never cuts): at the first `;` outside literals and parentheses, at the end of
+   the fenced block or inline code, or at the first line that does not continue the query. A line continues it when
+   parentheses are open, when the line before ended with a comma, an operator or a keyword that needs more (FROM,
+   AND, BY, UNION, ...), or when it starts with a clause keyword (FROM, WHERE, AND, JOIN, ORDER BY, UNION, ...; upper
+   or lower case), a closing parenthesis, a comma or an operator. A blank line does not end a query by itself.
+4. One line: comments are dropped and whitespace outside literals folds to single spaces; inside a string literal
+   everything is kept except line breaks, each of which becomes one space (the prediction file holds one query per
+   line, so this is the only change a literal can undergo).
+Text with no query in it is kept as the model wrote it (after the cuts of rule 1), folded, so every record keeps its
+line.
 """
 
 from __future__ import annotations
 
 import re
 
+from sqlparse import lexer
+from sqlparse import tokens as T
+
 from sqltune.sqltext import fold
 
-_FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)(?:```|$)", re.S)
-_START = re.compile(r"\b(SELECT|WITH)\b", re.I)
-_PROSE = re.compile(r"^\s*(this|the|here|explanation|note|it|which|in this|above|output|result)\b[^;]*", re.I)
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<start_of_turn>", "<|eot_id|>", "<|end_of_text|>",
+               "<|end|>", "<|EOT|>", "</s>", "<eos>")
+_FENCE = re.compile(r"```(?:[ \t]*[\w+#.-]*[ \t]*\n)?(.*?)(?:```|\Z)", re.DOTALL)
+_WITH = r"(?:WITH|with)\b(?=(?i:\s+(?:recursive\s+)?[\w\"`\[\]]+\s*(?:\([^)]*\)\s*)?as\s*\())"
+_START = re.compile(rf"^[ \t]*(?P<line>(?:SELECT|select)\b|{_WITH})"
+                    rf"|(?P<lead>[:`])\**[ \t]*(?P<upper>SELECT\b|{_WITH.replace('|with', '')})", re.MULTILINE)
+# a line starting with one of these words (upper or lower case) continues the query
+_CLAUSE = {"FROM", "WHERE", "AND", "OR", "NOT", "ON", "JOIN", "INNER", "LEFT", "RIGHT", "FULL", "CROSS", "NATURAL",
+           "OUTER", "GROUP", "ORDER", "HAVING", "LIMIT", "OFFSET", "UNION", "INTERSECT", "EXCEPT", "AS", "IN", "LIKE",
+           "GLOB", "BETWEEN", "IS", "WHEN", "THEN", "ELSE", "END", "ASC", "DESC", "USING", "EXISTS", "BY", "COLLATE"}
+# a line ending with one of these words needs the next one
+_OPEN = {"SELECT", "DISTINCT", "FROM", "WHERE", "AND", "OR", "NOT", "ON", "BY", "JOIN", "AS", "IN", "LIKE", "GLOB",
+         "BETWEEN", "UNION", "INTERSECT", "EXCEPT", "ALL", "CASE", "WHEN", "THEN", "ELSE", "HAVING", "IS", "EXISTS",
+         "WITH", "USING", "LIMIT", "OFFSET", "INNER", "LEFT", "RIGHT", "OUTER", "CROSS", "NATURAL", "FULL"}
+_BREAK = re.compile(r"\r\n|\r|\n")
 
 
-def extract_sql(text: str) -> str:
-    fenced = _FENCE.search(text)
-    if fenced and fenced.group(1).strip():
-        text = fenced.group(1)
+def extract_sql(text: str, end: str | None = None) -> str:
+    """One line of SQL from a generation (see the module's rules); `end` is the template's end marker text."""
+    for marker in ((end,) if end else ()) + END_MARKERS:
+        text = text.split(marker, 1)[0]
     if "###Response:" in text:
         text = text.rsplit("###Response:", 1)[1]
+    for block in _FENCE.finditer(text):
+        sql = _statement(block.group(1))
+        if sql:
+            return sql
+    sql = _statement(text)
+    return sql if sql else fold(text)
+
+
+def _statement(text: str) -> str | None:
     start = _START.search(text)
     if start is None:
-        return fold(text)
-    text = text[start.start():]
-    kept = []
-    for line in text.split("\n"):
-        if kept and (not line.strip() or _PROSE.match(line)):
+        return None
+    kw = "line" if start.group("line") else "upper"
+    rest = text[start.start(kw):]
+    if start.group("lead") == "`" and kw == "upper":  # inline code ends at its closing backtick
+        rest = rest.split("`", 1)[0]
+    return _one_line(rest.split("```", 1)[0]) or None
+
+
+def _word(value: str, last: bool = False) -> str:
+    words = value.split()
+    return (words[-1] if last else words[0]).upper() if words else ""
+
+
+def _continues(last: tuple, ttype, value: str) -> bool:
+    """Whether a line starting with token (ttype, value) continues a query whose last token was `last`."""
+    last_type, last_value = last
+    if last_value in (",", "(", ".") or last_type in T.Operator or \
+            (last_type in T.Keyword and _word(last_value, last=True) in _OPEN):
+        return True
+    if value in (")", ",", ".") or (ttype in T.Operator and value.upper() not in ("LIKE", "GLOB")):
+        return True
+    return ttype not in T.String and (value.isupper() or value.islower()) and _word(value) in _CLAUSE
+
+
+def _one_line(sql: str) -> str:
+    """The first statement of `sql` (which starts with its keyword), as one line."""
+    out: list[str] = []
+    last, depth, space, newline, cte = None, 0, False, False, False
+    for ttype, value in lexer.tokenize(sql):
+        if ttype in T.Comment or ttype in T.Whitespace:
+            newline = newline or ttype in T.Comment.Single or bool(_BREAK.search(value))
+            space = True
+            continue
+        if newline and depth == 0 and last is not None and not _continues(last, ttype, value) and \
+                not (cte and _word(value) == "SELECT"):
             break
-        kept.append(line)
-    sql = "\n".join(kept)
-    if ";" in sql:
-        sql = sql[: sql.index(";")]
-    return fold(sql)
+        if value == ";" and depth == 0:
+            break
+        if depth == 0 and space and last and last[1].endswith(".") and value[:1].isupper() and value[1:].islower():
+            out[-1] = out[-1][:-1]  # "... WHERE a = 1. It counts": a sentence ended, with its full stop
+            break
+        if depth == 0:  # a statement opened by WITH goes on to its main SELECT
+            cte = _word(value) == "WITH" if last is None else cte and _word(value) != "SELECT"
+        depth += (value == "(") - (value == ")" and depth > 0)
+        quoted = ttype in T.String or value[:1] in ("`", "[")  # a literal or a quoted name: kept as written
+        value = _BREAK.sub(" ", value) if quoted else fold(value)
+        out.append((" " if space and out else "") + value)
+        last, space, newline = (ttype, value), False, False
+    if out and out[-1].strip() == ".":
+        out.pop()  # "... FROM singer." ends a sentence: the full stop is not SQL
+    return "".join(out).strip()
