@@ -68,7 +68,7 @@ class PrepareConfig:
 
 # --------------------------------------------------------------------------------------------- train
 FINETUNING_TYPES = ("lora", "qlora", "freeze", "full")
-TEMPLATES = ("default", "llama2", "mistral", "chatml", "auto")
+TEMPLATES = ("auto", "default", "chatml", "llama2", "llama3", "mistral", "gemma", "phi3", "deepseek")
 
 
 @dataclass
