@@ -1,0 +1,297 @@
+"""Beyond greedy: sample several SQL candidates per question, run them, and keep the answer most of them agree on.
+
+Execution-guided self-consistency (Query-and-Conquer, arXiv 2503.24364): voting on *results* rather than SQL text,
+because many different queries give the same answer. Two parts, kept apart so the vote needs no model:
+
+- `generate_candidates` (transformers): N samples per prompt in one batched `generate` call, plus the greedy answer;
+  each candidate carries the summed log-probability of its tokens;
+- `vote` / `choose_retry` (pure): run candidates with the evaluator's safe executor (read-only, bounded in time and
+  rows), group equal results the way EX compares them, pick the winner; `retry_on_error` re-samples only when the
+  greedy SQL fails to run.
+
+Log-probabilities are those of the model's own distribution (after the model's default logits processors such as a
+repetition penalty, before temperature and top-p), so greedy and sampled candidates are scored on the same scale;
+the sum runs over the answer's tokens and the token that ended it (a stop token), nothing after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+from sqltune.errors import SqltuneError
+from sqltune.eval.execution import Executor, close_operators, remove_distinct, results_equal
+from sqltune.eval.safe_sqlite import QueryError
+from sqltune.infer.extract import extract_sql
+
+SAMPLING_TEMPERATURE = 0.7  # used when sampling is asked for with --temperature 0 (greedy's setting)
+EXEC_TIMEOUT = 10.0  # seconds per candidate query: a runaway cross join must not hold up N+1 candidates for long
+EXEC_MAX_ROWS = 100_000  # as the evaluator: more rows counts as a failed query
+
+
+def sampling_temperature(temperature: float) -> float:
+    """The temperature to sample with: the user's, or SAMPLING_TEMPERATURE when theirs is 0 (greedy)."""
+    return temperature if temperature > 0 else SAMPLING_TEMPERATURE
+
+
+def make_executor(timeout: float = EXEC_TIMEOUT, max_rows: int = EXEC_MAX_ROWS) -> Executor:
+    """One executor for a whole predict run (it keeps a read-only connection per database); close() at the end."""
+    return Executor(timeout, max_rows)
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+def make_candidate(text: str, logprob: float | None, source: str, new_tokens: int | None = None,
+                   end: str | None = None) -> dict:
+    """One candidate as every backend builds it: the decoded text, its SQL (`end`: the template's end marker text,
+    for extract_sql), its log-probability and where it came from ("greedy" or "sample")."""
+    sql = extract_sql(text, end) if end else extract_sql(text)
+    return {"source": source, "sql": sql, "logprob": logprob, "new_tokens": new_tokens, "text": text}
+
+
+class _ChosenLogprobs:
+    """A logits processor that records log p(chosen token) at each step, holding one step's log-softmax at a time.
+
+    generate(output_scores=True) would keep every step's full-vocabulary scores (8 prompts x 8 samples x 256 steps x
+    152k vocabulary is 10 GB in float32) and gives them after temperature and top-p. Placed before our own
+    temperature/top-p warpers, this sees the model's distribution instead, so greedy and samples compare.
+    """
+
+    def __init__(self):
+        self.pending = None
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        if self.pending is not None:  # input_ids now ends with the token chosen from the pending distribution
+            self.steps.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.pending = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, sequences):
+        """[rows, new tokens] log-probabilities; the last step's token is read from the final sequences."""
+        import torch
+
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, sequences[:, -1:]).squeeze(1))
+            self.pending = None
+        return torch.stack(self.steps, 1) if self.steps else torch.zeros(sequences.shape[0], 0)
+
+
+def _left_pad(prompts: list[list[int]], pad: int):
+    import torch
+
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, longest - len(p):] = 1
+    return ids, mask
+
+
+def _generate(model, tokenizer, prompts, stop_ids, n, temperature, top_p, max_new_tokens, source, end
+              ) -> list[list[dict]]:
+    """n sequences per prompt (greedy when temperature is 0) as candidates, grouped per prompt."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    pad = tokenizer.pad_token_id
+    stop = set(stop_ids)
+    ids, mask = _left_pad(prompts, pad)
+    device = next(model.parameters()).device
+    recorder = _ChosenLogprobs()
+    processors = [recorder]
+    # generate's own sampling warpers are switched off (temperature/top_p/top_k None) and ours run after the
+    # recorder, so it sees the distribution before them
+    kwargs = {"max_new_tokens": max_new_tokens, "num_beams": 1, "eos_token_id": list(stop_ids) or None,
+              "pad_token_id": pad, "temperature": None, "top_p": None, "top_k": None, "logits_processor": processors}
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        kwargs.update(do_sample=True, num_return_sequences=n)
+    else:
+        kwargs.update(do_sample=False)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        logprobs = recorder.finish(out).tolist()
+    new = out[:, ids.shape[1]:].tolist()
+    rows = []
+    for tokens, scores in zip(new, logprobs):
+        cut, last = len(tokens), len(tokens)  # text stops at the first stop (or pad) token, as HFGenerator's does
+        for j, tok in enumerate(tokens):
+            if tok in stop or tok == pad:
+                cut, last = j, j + 1
+                break
+        rows.append(make_candidate(tokenizer.decode(tokens[:cut], skip_special_tokens=True),
+                                   float(sum(scores[:last])), source, new_tokens=cut, end=end))
+    per = n if temperature > 0 else 1
+    return [rows[i * per:(i + 1) * per] for i in range(len(prompts))]
+
+
+def generate_candidates(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], num_samples: int,
+                        temperature: float, top_p: float, include_greedy: bool, max_new_tokens: int,
+                        end: str | None = None) -> list[list[dict]]:
+    """Per prompt: the greedy candidate first (when include_greedy), then `num_samples` samples from one batched
+    call (num_return_sequences). `prompts` are token ids, unpadded (left padding is done here); temperature 0 means
+    SAMPLING_TEMPERATURE; `end` is passed to extract_sql."""
+    if num_samples < 0 or (num_samples == 0 and not include_greedy):
+        raise SqltuneError("generate_candidates needs num_samples > 0 or include_greedy")
+    out = [[] for _ in prompts]
+    if include_greedy:
+        for row, cands in zip(out, _generate(model, tokenizer, prompts, stop_ids, 1, 0.0, 1.0, max_new_tokens,
+                                             "greedy", end)):
+            row += cands
+    if num_samples:
+        for row, cands in zip(out, _generate(model, tokenizer, prompts, stop_ids, num_samples,
+                                             sampling_temperature(temperature), top_p, max_new_tokens, "sample", end)):
+            row += cands
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ execution
+def _ordered(sql: str) -> bool:
+    return "order by" in sql.lower()  # the evaluator's own test for "row order matters"
+
+
+def _canonical(value):
+    """1 and 1.0 are equal to EX (Python ==), so a whole float is written as an int in the signature."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+def signature(rows: list[tuple], ordered: bool) -> str:
+    """A short hash of a result that ignores column order (and row order unless `ordered`): equal results under
+    results_equal always get the same signature (the converse is checked with results_equal itself)."""
+    canon = [sorted(repr(_canonical(v)) for v in row) for row in rows]
+    if not ordered:
+        canon.sort()
+    return hashlib.sha1(repr((ordered, canon)).encode()).hexdigest()[:12]
+
+
+def _execute(candidates: list[dict], db_path: Path, executor: Executor, keep_distinct: bool,
+             seen: dict | None = None) -> list:
+    """Rows or QueryError per candidate, each distinct SQL run once (`seen` caches results for one database); the
+    SQL is normalised as the evaluator does (operators closed up, DISTINCT dropped unless keep_distinct) so a vote
+    groups what EX would score alike."""
+    if not Path(db_path).is_file():
+        raise SqltuneError(f"execution vote needs the question's database, and {db_path} is missing")
+    seen = {} if seen is None else seen
+    results = []
+    for cand in candidates:
+        sql = close_operators(cand["sql"])
+        if not keep_distinct:
+            sql = remove_distinct(sql)
+        if sql not in seen:
+            try:
+                seen[sql] = executor.run(Path(db_path), sql) if sql.strip() else QueryError("empty query")
+            except QueryError as exc:
+                seen[sql] = exc
+        results.append(seen[sql])
+    return results
+
+
+def _record(cand: dict, result, group: int | None) -> dict:
+    rec = {k: cand.get(k) for k in ("source", "sql", "logprob", "new_tokens", "text")}
+    if isinstance(result, QueryError):
+        rec.update(error=str(result), result=None, group=None)
+    else:
+        ordered = _ordered(cand["sql"])
+        rec.update(error=None, group=group, result={"rows": len(result), "cols": len(result[0]) if result else 0,
+                                                   "ordered": ordered, "signature": signature(result, ordered)})
+    return rec
+
+
+def _logprob(cand: dict) -> float:
+    lp = cand.get("logprob")
+    return float("-inf") if lp is None else lp
+
+
+def _fallback(candidates: list[dict]) -> int:
+    """The greedy candidate, or the most probable one when there is no greedy."""
+    for i, cand in enumerate(candidates):
+        if cand.get("source") == "greedy":
+            return i
+    return max(range(len(candidates)), key=lambda i: (_logprob(candidates[i]), -i))
+
+
+def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_distinct: bool = False
+         ) -> tuple[str, dict]:
+    """The SQL to write and a JSON-able record of the vote.
+
+    Candidates that fail to run are dropped. The rest are grouped: two results are the same answer when
+    results_equal holds (any column order; row order only matters between two candidates that both have ORDER BY,
+    and a candidate with ORDER BY never groups with one without: the grouping is an equivalence, independent of
+    candidate order). The largest group wins; among equally large groups, the one with the larger summed
+    log-probability of its members (sizes being equal, this is the larger mean log-probability); then the group
+    whose first member comes first. The winning group's most probable member is written. When every candidate
+    fails, the greedy candidate is written (the most probable one when there is no greedy).
+    """
+    if not candidates:
+        raise SqltuneError("vote needs at least one candidate")
+    results = _execute(candidates, Path(db_path), executor, keep_distinct)
+    groups: list[dict] = []  # {"key", "rows" (representative), "members"}
+    member_of: list[int | None] = []
+    for i, (cand, result) in enumerate(zip(candidates, results)):
+        if isinstance(result, QueryError):
+            member_of.append(None)
+            continue
+        ordered = _ordered(cand["sql"])
+        key = (ordered, signature(result, ordered))
+        for g, group in enumerate(groups):
+            if group["key"] == key and results_equal(group["rows"], result, ordered):
+                group["members"].append(i)
+                member_of.append(g)
+                break
+        else:
+            groups.append({"key": key, "rows": result, "members": [i]})
+            member_of.append(len(groups) - 1)
+    summary = [{"id": g, "size": len(group["members"]), "members": group["members"], "signature": group["key"][1],
+                "logprob_sum": sum(_logprob(candidates[i]) for i in group["members"])}
+               for g, group in enumerate(groups)]
+    if summary:
+        best = max(summary, key=lambda s: (s["size"], s["logprob_sum"], -s["members"][0]))
+        winner, fallback = best["id"], None
+        chosen = max(best["members"], key=lambda i: (_logprob(candidates[i]), -i))
+    else:
+        winner, chosen = None, _fallback(candidates)
+        fallback = "greedy" if candidates[chosen].get("source") == "greedy" else "best_logprob"
+    for s in summary:
+        s["logprob_sum"] = s["logprob_sum"] if math.isfinite(s["logprob_sum"]) else None
+    record = {"method": "execution", "winner": winner, "chosen": chosen, "fallback": fallback, "groups": summary,
+              "candidates": [_record(c, r, g) for c, r, g in zip(candidates, results, member_of)]}
+    return candidates[chosen]["sql"], record
+
+
+# ------------------------------------------------------------------------------------------------ retry
+def choose_retry(greedy: dict, samples: list[dict], db_path: str | Path, executor: Executor,
+                 keep_distinct: bool = False, _seen: dict | None = None) -> tuple[str, dict]:
+    """Execution-guided greedy: the greedy SQL when it runs; otherwise the most probable sample that runs; the
+    greedy SQL again when none does. An empty result counts as running (only errors trigger a retry)."""
+    cands = [greedy] + list(samples)
+    results = _execute(cands, Path(db_path), executor, keep_distinct, _seen)
+    runs = [i for i, r in enumerate(results) if not isinstance(r, QueryError)]
+    chosen = 0 if 0 in runs or not runs else max(runs, key=lambda i: (_logprob(cands[i]), -i))
+    record = {"method": "retry", "chosen": chosen, "retried": len(samples),
+              "fallback": "greedy" if not runs else None,
+              "candidates": [_record(c, r, None) for c, r in zip(cands, results)]}
+    return cands[chosen]["sql"], record
+
+
+def retry_on_error(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], greedy: list[dict],
+                   db_paths: list[str | Path], executor: Executor, k: int, temperature: float, top_p: float,
+                   max_new_tokens: int, keep_distinct: bool = False, end: str | None = None
+                   ) -> list[tuple[str, dict]]:
+    """For each prompt, `choose_retry` on its greedy candidate; the prompts whose greedy SQL fails get k samples,
+    all in one batched generate call."""
+    seen = [{} for _ in greedy]  # the greedy SQL runs once per prompt, not again in choose_retry
+    failing = [i for i, (g, db) in enumerate(zip(greedy, db_paths))
+               if k > 0 and isinstance(_execute([g], Path(db), executor, keep_distinct, seen[i])[0], QueryError)]
+    samples: dict[int, list[dict]] = {}
+    if failing:
+        drawn = generate_candidates(model, tokenizer, [prompts[i] for i in failing], stop_ids, k, temperature, top_p,
+                                    include_greedy=False, max_new_tokens=max_new_tokens, end=end)
+        samples = dict(zip(failing, drawn))
+    return [choose_retry(g, samples.get(i, []), db, executor, keep_distinct, seen[i])
+            for i, (g, db) in enumerate(zip(greedy, db_paths))]

@@ -1,0 +1,262 @@
+"""Execution-guided voting and retry: hand-made candidates against a small database (no model), then candidate
+generation on the tiny model (N samples + greedy, log-probabilities of the model's own distribution)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+
+import pytest
+
+from sqltune.errors import SqltuneError
+from sqltune.infer.vote import choose_retry, make_executor, signature, vote
+from sqltune.io import read_jsonl
+
+
+@pytest.fixture()
+def db(tmp_path):
+    path = tmp_path / "concert" / "concert.sqlite"
+    path.parent.mkdir()
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE singer (id INTEGER PRIMARY KEY, name TEXT, age INTEGER, country TEXT);
+        INSERT INTO singer VALUES (1, 'Ann', 52, 'France'), (2, 'Bo', 29, 'France'), (3, 'Cy', 41, 'Spain'),
+                                  (4, 'Di', 35, 'Peru');
+    """)
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.fixture()
+def executor():
+    ex = make_executor(timeout=5.0, max_rows=1000)
+    yield ex
+    ex.close()
+
+
+def cands(*items, greedy_first=True):
+    """(sql, logprob) pairs as candidates; the first is the greedy one unless greedy_first is False."""
+    return [{"sql": sql, "logprob": lp, "source": "greedy" if i == 0 and greedy_first else "sample", "text": sql}
+            for i, (sql, lp) in enumerate(items)]
+
+
+def test_different_sql_with_the_same_result_group_together(db, executor):
+    sql, rec = vote(cands(("SELECT name FROM singer WHERE age > 40", -3.0),
+                          ("SELECT name FROM singer WHERE NOT age <= 40", -5.0),
+                          ("SELECT name FROM singer", -1.0)), db, executor)
+    assert [g["size"] for g in rec["groups"]] == [2, 1]
+    assert rec["winner"] == 0 and sql == "SELECT name FROM singer WHERE age > 40"
+    members = rec["candidates"]
+    assert members[0]["group"] == members[1]["group"] == 0 and members[2]["group"] == 1
+    assert members[0]["result"]["signature"] == members[1]["result"]["signature"]
+    assert members[0]["result"]["rows"] == 2 and members[0]["result"]["cols"] == 1
+
+
+def test_column_order_does_not_split_a_group(db, executor):
+    _, rec = vote(cands(("SELECT name, age FROM singer", -2.0), ("SELECT age, name FROM singer", -2.5),
+                        ("SELECT name FROM singer", -0.1)), db, executor)
+    assert [g["members"] for g in rec["groups"]] == [[0, 1], [2]]
+
+
+def test_one_and_one_point_zero_are_the_same_answer(db, executor):
+    """EX compares values with ==, so count(*) = 4 and sum(1.0) = 4.0 are one answer."""
+    _, rec = vote(cands(("SELECT count(*) FROM singer", -1.0), ("SELECT sum(1.0) FROM singer", -2.0)), db, executor)
+    assert [g["size"] for g in rec["groups"]] == [2]
+
+
+def test_distinct_is_dropped_as_the_evaluator_does(db, executor):
+    pair = cands(("SELECT country FROM singer", -1.0), ("SELECT DISTINCT country FROM singer", -2.0))
+    assert len(vote(pair, db, executor)[1]["groups"]) == 1
+    assert len(vote(pair, db, executor, keep_distinct=True)[1]["groups"]) == 2
+
+
+def test_row_order_counts_only_between_ordered_candidates(db, executor):
+    _, rec = vote(cands(("SELECT name FROM singer ORDER BY age", -1.0),
+                        ("SELECT name FROM singer ORDER BY age DESC", -1.0),
+                        ("SELECT name FROM singer ORDER BY age ASC", -1.0),
+                        ("SELECT name FROM singer", -1.0)), db, executor)
+    assert [g["members"] for g in rec["groups"]] == [[0, 2], [1], [3]]
+
+
+def test_largest_group_beats_a_more_probable_single(db, executor):
+    sql, rec = vote(cands(("SELECT name FROM singer WHERE country = 'France'", -0.5),
+                          ("SELECT name FROM singer WHERE age < 30", -4.0),
+                          ("SELECT name FROM singer WHERE id = 2", -6.0)), db, executor)
+    assert sql == "SELECT name FROM singer WHERE age < 30"  # the most probable member of the group of two
+    assert rec["chosen"] == 1 and rec["fallback"] is None
+
+
+def test_tie_goes_to_the_larger_summed_log_probability(db, executor):
+    sql, rec = vote(cands(("SELECT name FROM singer WHERE age > 50", -1.0),  # group A: -1 + -9 = -10
+                          ("SELECT name FROM singer WHERE id = 3", -2.0),  # group B: -2 + -3 = -5
+                          ("SELECT name FROM singer WHERE id = 1", -9.0),
+                          ("SELECT name FROM singer WHERE age = 41", -3.0)), db, executor)
+    assert [(g["size"], g["logprob_sum"]) for g in rec["groups"]] == [(2, -10.0), (2, -5.0)]
+    assert rec["winner"] == 1 and sql == "SELECT name FROM singer WHERE id = 3"
+
+
+def test_failing_candidates_are_dropped(db, executor):
+    """Three copies of the same broken query do not outvote one that runs."""
+    sql, rec = vote(cands(("SELECT nme FROM singer", -0.1), ("SELECT nme FROM singer", -0.1),
+                          ("SELECT nme FROM singer", -0.1), ("SELECT name FROM singer", -7.0)), db, executor)
+    assert sql == "SELECT name FROM singer" and len(rec["groups"]) == 1
+    assert all("no such column" in c["error"] and c["group"] is None for c in rec["candidates"][:3])
+
+
+def test_writes_are_refused_and_count_as_failures(db, executor):
+    sql, rec = vote(cands(("SELECT name FROM singer WHERE id = 9", -5.0),
+                          ("DELETE FROM singer", -0.1), ("DROP TABLE singer", -0.1),
+                          ("INSERT INTO singer VALUES (5, 'Ed', 20, 'Chad')", -0.1),
+                          ("CREATE TABLE t (x)", -0.1)), db, executor)
+    assert sql == "SELECT name FROM singer WHERE id = 9"  # an empty result still runs
+    assert all(c["error"] for c in rec["candidates"][1:])
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM singer").fetchone() == (4,)
+
+
+def test_all_fail_writes_the_greedy_candidate(db, executor):
+    sql, rec = vote(cands(("SELECT x FROM nowhere", -9.0), ("SELECT y FROM nowhere", -1.0)), db, executor)
+    assert sql == "SELECT x FROM nowhere" and rec["fallback"] == "greedy" and rec["winner"] is None
+    sql, rec = vote(cands(("SELECT x FROM nowhere", -9.0), ("SELECT y FROM nowhere", -1.0), greedy_first=False),
+                    db, executor)
+    assert sql == "SELECT y FROM nowhere" and rec["fallback"] == "best_logprob"
+
+
+def test_record_is_json_and_complete(db, executor):
+    _, rec = vote(cands(("SELECT name FROM singer", -1.0), ("SELECT nothing", -2.0)), db, executor)
+    back = json.loads(json.dumps(rec))
+    assert back["method"] == "execution" and len(back["candidates"]) == 2
+    ok, bad = back["candidates"]
+    assert ok["sql"] == "SELECT name FROM singer" and ok["logprob"] == -1.0 and ok["error"] is None
+    assert len(ok["result"]["signature"]) == 12 and ok["result"]["rows"] == 4
+    assert bad["result"] is None and bad["error"]
+
+
+def test_missing_database_is_one_clear_error(tmp_path, executor):
+    with pytest.raises(SqltuneError, match="missing"):
+        vote(cands(("SELECT 1", -1.0)), tmp_path / "none" / "none.sqlite", executor)
+
+
+def test_signature_ignores_column_and_row_order_unless_ordered():
+    assert signature([(1, "a"), (2, "b")], False) == signature([("b", 2), ("a", 1)], False)
+    assert signature([(1, "a"), (2, "b")], True) != signature([(2, "b"), (1, "a")], True)
+    assert signature([(4,)], False) == signature([(4.0,)], False)
+
+
+def test_retry_keeps_a_greedy_sql_that_runs(db, executor):
+    sql, rec = choose_retry(cands(("SELECT name FROM singer", -3.0))[0], [], db, executor)
+    assert sql == "SELECT name FROM singer" and rec["chosen"] == 0 and rec["fallback"] is None
+
+
+def test_retry_takes_the_most_probable_sample_that_runs(db, executor):
+    greedy, *samples = cands(("SELECT nme FROM singer", -0.1), ("SELECT age FROM singer", -4.0),
+                             ("SELECT oops", -0.5), ("SELECT name FROM singer", -2.0))
+    sql, rec = choose_retry(greedy, samples, db, executor)
+    assert sql == "SELECT name FROM singer" and rec["chosen"] == 3 and rec["retried"] == 3
+    sql, rec = choose_retry(greedy, samples[1:2], db, executor)
+    assert sql == "SELECT nme FROM singer" and rec["fallback"] == "greedy"
+
+
+# ------------------------------------------------------------------------------------------------ tiny model
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    from sqltune.loading import load_model, load_tokenizer
+    from sqltune.templates import get_template, stop_token_ids
+
+    tok = load_tokenizer(tiny_model)
+    template = get_template("chatml", tok)
+    return load_model(tiny_model).eval(), tok, template, stop_token_ids(tok, template)
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny, prepared_demo):
+    from sqltune.templates import encode_prompt
+
+    _, tok, template, _ = tiny
+    records = list(read_jsonl(prepared_demo / "demo_dev.jsonl"))[:3]
+    return [encode_prompt(tok, template, r, 256)[0] for r in records], records
+
+
+def _greedy_reference(model, tok, prompt, stop, max_new_tokens):
+    """Plain generate()'s greedy tokens for one prompt, cut at the first stop/pad token, and their summed
+    log-probability by a teacher-forced forward pass (the stop token included)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tok.pad_token_id,
+                         temperature=None, top_p=None, top_k=None)[0, len(prompt):].tolist()
+    cut = next((j for j, t in enumerate(out) if t in stop or t == tok.pad_token_id), len(out))
+    kept = out[:min(cut + 1, len(out))]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + kept])).logits[0, len(prompt) - 1:-1]
+    logprob = logits.log_softmax(-1).gather(1, torch.tensor(kept)[:, None]).sum().item()
+    return tok.decode(out[:cut], skip_special_tokens=True), logprob
+
+
+def test_candidates_are_n_samples_plus_greedy(tiny, prompts):
+    import torch
+
+    from sqltune.infer.vote import generate_candidates
+
+    model, tok, _, stop = tiny
+    ids, _ = prompts
+    torch.manual_seed(0)
+    out = generate_candidates(model, tok, ids, stop, num_samples=4, temperature=0.9, top_p=0.95, include_greedy=True,
+                              max_new_tokens=16)
+    assert len(out) == len(ids)
+    for prompt, row in zip(ids, out):
+        assert [c["source"] for c in row] == ["greedy"] + ["sample"] * 4
+        assert all(math.isfinite(c["logprob"]) and c["logprob"] <= 0 for c in row)
+        text, logprob = _greedy_reference(model, tok, prompt, stop, 16)
+        assert row[0]["text"] == text
+        assert row[0]["logprob"] == pytest.approx(logprob, abs=1e-3)
+        assert len({c["text"] for c in row[1:]}) > 1  # a random model at T=0.9 does not repeat itself
+
+
+def test_sample_log_probabilities_are_the_models_not_the_tempered_ones(tiny, prompts):
+    """At a near-zero temperature every sample is the greedy answer; its log-probability must be the greedy one's
+    (the model's distribution), not ~0 as it would be after temperature scaling."""
+    from sqltune.infer.vote import generate_candidates
+
+    model, tok, _, stop = tiny
+    ids, _ = prompts
+    out = generate_candidates(model, tok, ids[:2], stop, num_samples=2, temperature=1e-4, top_p=1.0,
+                              include_greedy=True, max_new_tokens=12)
+    for row in out:
+        assert row[0]["logprob"] < -1.0
+        for sample in row[1:]:
+            assert sample["text"] == row[0]["text"]
+            assert sample["logprob"] == pytest.approx(row[0]["logprob"], abs=1e-3)
+
+
+def test_retry_on_error_samples_once_for_failing_prompts(tiny, prompts, prepared_demo, monkeypatch):
+    """A random model's SQL fails: the failing prompts are re-sampled in one batched call, and when no sample
+    runs either, the greedy SQL is kept."""
+    from sqltune.data.registry import lookup
+    from sqltune.infer import vote as vote_mod
+    from sqltune.io import database_path
+
+    model, tok, _, stop = tiny
+    ids, records = prompts
+    db_dir = lookup(prepared_demo, "demo_dev")["db_dir"]
+    dbs = [database_path(db_dir, r["db_id"]) for r in records]
+    greedy = [row[0] for row in vote_mod.generate_candidates(model, tok, ids, stop, 0, 0.0, 1.0, True, 8)]
+    greedy[1] = dict(greedy[1], sql="SELECT 1")  # this one runs: no retry for it
+    calls = []
+    original = vote_mod._generate
+    monkeypatch.setattr(vote_mod, "_generate", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
+    ex = vote_mod.make_executor()
+    try:
+        chosen = vote_mod.retry_on_error(model, tok, ids, stop, greedy, dbs, ex, k=3, temperature=0.0, top_p=1.0,
+                                         max_new_tokens=8)
+    finally:
+        ex.close()
+    assert calls == [2]  # one call, for the two failing prompts
+    assert chosen[1] == ("SELECT 1", chosen[1][1]) and chosen[1][1]["retried"] == 0
+    for i in (0, 2):
+        sql, rec = chosen[i]
+        assert rec["retried"] == 3 and len(rec["candidates"]) == 4
+        if rec["fallback"] == "greedy":
+            assert sql == greedy[i]["sql"]
