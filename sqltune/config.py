@@ -53,6 +53,8 @@ class PrepareConfig:
     history: str = arg("questions", "SParC/CoSQL non-train splits: `questions` puts the earlier questions in the "
                                     "input (no gold SQL in the prompt); `gold` gives earlier turns with their gold SQL "
                                     "as history (DB-GPT-Hub's way). Train always uses gold")
+    drop_failing_gold: bool = arg(False, "leave out train records whose gold query fails, times out or returns no "
+                                         "rows on its database (run read-only with the evaluator's bounds); counted")
 
     def __post_init__(self):
         _check(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}, not {self.source!r}")

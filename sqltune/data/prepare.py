@@ -24,6 +24,9 @@ from sqltune.data.registry import read_registry, register_many
 from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
 from sqltune.errors import SqltuneError
+from sqltune.eval.safe_sqlite import QueryError, connect, run_query
+
+GOLD_TIMEOUT, GOLD_MAX_ROWS = 30.0, 100_000  # the evaluator's default bounds (evaluate --timeout, --max_rows)
 
 
 def token_counter(tokenizer_path: str) -> Callable[[str], int]:
@@ -70,6 +73,38 @@ def gold_text(examples: list[Example]) -> str:
         lines.append(f"{gold_line(ex.query)}\t{ex.db_id}")
         previous = ex.interaction
     return "".join(line + "\n" for line in lines)
+
+
+def failing_gold(split: Split, disable_bar: bool = True) -> dict[int, str]:
+    """Index -> why (`error`, `no rows`, `no database`) for each example whose gold query cannot teach a model
+    anything checkable: it fails, times out or returns no rows. Run with the evaluator's safe executor (read-only,
+    bounded in time, rows and memory), one connection per database."""
+    conns: dict[Path, object] = {}
+    why: dict[int, str] = {}
+    try:
+        for i, ex in enumerate(tqdm(split.examples, desc="run train gold", unit="q", leave=False, mininterval=1.0,
+                                    disable=disable_bar)):
+            path = split.db_path(ex.db_id)
+            if path not in conns:
+                try:
+                    conns[path] = connect(path)
+                except QueryError:
+                    conns[path] = None
+            if conns[path] is None:
+                why[i] = "no database"
+                continue
+            try:
+                rows = run_query(conns[path], ex.query, GOLD_TIMEOUT, GOLD_MAX_ROWS)
+            except QueryError:
+                why[i] = "error"
+                continue
+            if not rows:
+                why[i] = "no rows"
+    finally:
+        for conn in conns.values():
+            if conn is not None:
+                conn.close()
+    return why
 
 
 def _write_all(out: Path, files: dict[str, str]) -> None:
@@ -119,6 +154,16 @@ def prepare(cfg: PrepareConfig) -> dict:
         history = "gold" if split == "train" else cfg.history
         records, cut = [], 0
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
+        without_db = sum(ex.db_id in no_db for ex in part.examples)
+        dropped = None
+        if cfg.drop_failing_gold and split == "train":
+            why = failing_gold(part, bar_off)
+            dropped = len(why)
+            part = Split([ex for i, ex in enumerate(part.examples) if i not in why], part.tables, part.tables_file,
+                         part.db_dir)
+            kinds = {k: sum(v == k for v in why.values()) for k in ("error", "no rows", "no database")}
+            say(f"{name}: dropped {dropped} records whose gold query fails or returns no rows ("
+                + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         for ex in tqdm(part.examples, desc=f"prepare {name}", unit="q", leave=False, mininterval=1.0, disable=bar_off):
             blocks = schema_of(part, ex.db_id)
             if count is not None:
@@ -135,6 +180,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                        "tables": part.tables_file.resolve(), "db_dir": part.db_dir.resolve()}
         if multi_turn:
             entry["history"] = history
+        if dropped is not None:
+            entry["dropped_failing_gold"] = dropped
+            figures[f"{split}_dropped_failing_gold"] = dropped
         if split != "train":
             files[f"{name}_gold.sql"] = gold_text(part.examples)
             entry["gold"] = out / f"{name}_gold.sql"
@@ -142,7 +190,6 @@ def prepare(cfg: PrepareConfig) -> dict:
                 files[f"{name}_difficulty.txt"] = "".join(f"{ex.difficulty}\n" for ex in part.examples)
                 entry["difficulty"] = out / f"{name}_difficulty.txt"
         entries[name] = entry
-        without_db = sum(ex.db_id in no_db for ex in part.examples)
         missing_dbs |= no_db
         figures[f"{split}_records"] = len(records)
         figures[f"{split}_records_without_database"] = without_db
