@@ -53,8 +53,13 @@ def database_path(db_dir: str | Path, db_id: str) -> Path:
 
 
 def connect_read_only(db_path: str | Path) -> sqlite3.Connection:
-    """Open a SQLite file so that nothing can change it (URI mode=ro); undecodable text bytes are dropped."""
-    uri = Path(db_path).resolve().as_uri() + "?mode=ro"
+    """Open a SQLite file so that nothing can change it and nothing is created beside it; undecodable text bytes
+    are dropped.
+
+    URI `mode=ro&immutable=1`: read-only, and no locks, journal, -wal or -shm files (a plain read-only open of a
+    WAL-mode database creates -wal/-shm). The price: changes still in a -wal file beside it are not read.
+    """
+    uri = Path(db_path).resolve().as_uri() + "?mode=ro&immutable=1"
     conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
     conn.text_factory = lambda b: b.decode(errors="ignore")
     return conn

@@ -5,7 +5,9 @@ Rules:
   unless keep_distinct (token-wise, with sqlparse);
 - results are bags of rows; row order matters only when the gold query has ORDER BY; columns may come in any
   order (a column permutation that makes the bags equal is searched for);
-- every `.sqlite` file in the database's folder must agree (test-suite accuracy); with one file, that is Spider EX;
+- every SQLite database file in the database's folder must agree (test-suite accuracy); with one file, that is
+  Spider EX. Files are picked by content (the SQLite header), not by name: a `-wal`, `-journal` or notes file
+  beside a database is never taken for one;
 - with plug_value, the prediction also passes if any filling of its values with gold values passes.
 
 Unlike the official script, a gold query that fails is reported (not a crash), and every query is bounded.
@@ -87,26 +89,45 @@ def results_equal(gold: list[tuple], pred: list[tuple], order_matters: bool) -> 
     return False
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def is_sqlite_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
 def database_files(db_path: str | Path) -> list[Path]:
-    """Every .sqlite in the folder of `db_path` (test-suite accuracy uses them all)."""
+    """Every SQLite database file in the folder of `db_path` (test-suite accuracy uses them all)."""
     folder = Path(db_path).parent
-    return sorted(folder / name for name in os.listdir(folder) if ".sqlite" in name)
+    return sorted(p for p in (folder / name for name in os.listdir(folder)) if p.is_file() and is_sqlite_file(p))
 
 
 class Executor:
     """Runs queries with a connection per database file and caches gold results per (file, query)."""
 
-    def __init__(self, timeout: float, max_rows: int):
+    def __init__(self, timeout: float, max_rows: int, max_bytes: int = 64 << 20):
         self.timeout = timeout
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self._conns: dict[Path, object] = {}
         self._gold: dict[tuple[Path, str], object] = {}
+        self._files: dict[Path, list[Path]] = {}
 
     def run(self, path: Path, sql: str) -> list[tuple]:
         conn = self._conns.get(path)
         if conn is None:
-            conn = self._conns[path] = connect(path)
-        return run_query(conn, _CUR_YEAR.sub("2020", sql), self.timeout, self.max_rows)
+            conn = self._conns[path] = connect(path, self.max_bytes)
+        return run_query(conn, _CUR_YEAR.sub("2020", sql), self.timeout, self.max_rows, self.max_bytes)
+
+    def files(self, db_path: Path) -> list[Path]:
+        """database_files, listed once per folder."""
+        if db_path not in self._files:
+            self._files[db_path] = database_files(db_path)
+        return self._files[db_path]
 
     def gold_result(self, path: Path, sql: str):
         key = (path, sql)
@@ -129,7 +150,9 @@ class Executor:
         if not keep_distinct:
             pred, gold = remove_distinct(pred), remove_distinct(gold)
         order_matters = "order by" in gold.lower()
-        files = database_files(db_path)
+        files = self.files(db_path)
+        if not files:
+            return 0, f"no SQLite database file beside {db_path}", None
         candidates = [pred]
         if plug_value:
             try:

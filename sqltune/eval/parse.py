@@ -13,6 +13,10 @@ The structure, as the official evaluator defines it:
 Ids are strings such as `__singer.name__`. The parser's quirks are rules too and are kept: only aliases
 introduced by AS are known; a `LIMIT n` is recorded as 1 whatever n is (the official compares presence only);
 an unknown table or column makes the whole query unparseable.
+
+One rule of our own: a query with more than MAX_NESTING nested queries (subqueries and set operations) does not
+parse. The official recurses until Python's stack runs out (RecursionError aborts its whole run); gold queries nest
+a few levels (no Spider, SParC or CoSQL dev gold query fails the bound), so such a prediction can never match anyway.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ COND_OPS = ("and", "or")
 SQL_OPS = ("intersect", "union", "except")
 ORDER_OPS = ("desc", "asc")
 TABLE_UNIT, TABLE_SQL = "table_unit", "sql"
+MAX_NESTING = 30
 
 
 class ParseError(ValueError):
@@ -86,6 +91,7 @@ class _Parser:
         self.toks = toks
         self.schema = schema
         self.aliases = self._aliases()
+        self.depth = 0
 
     def _aliases(self) -> dict[str, str]:
         """Every `x AS y` names y -> x (column aliases too, as the official); table names map to themselves."""
@@ -329,6 +335,13 @@ class _Parser:
         return i
 
     def sql(self, start: int) -> tuple[int, dict]:
+        self.depth += 1
+        need(self.depth <= MAX_NESTING, f"more than {MAX_NESTING} nested queries")
+        i, sql = self._sql(start)
+        self.depth -= 1
+        return i, sql
+
+    def _sql(self, start: int) -> tuple[int, dict]:
         toks, n = self.toks, len(self.toks)
         i, block = self.open_block(start)
         from_end, table_units, conds, default_tables = self.from_(start)
