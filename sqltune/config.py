@@ -184,7 +184,8 @@ class PredictConfig:
 class EvalConfig:
     pred: str = arg("", "prediction file, one SQL per line")
     gold: str = arg("", "gold file, `SQL<TAB>db_id` per line (blank lines separate interactions)")
-    db_dir: str = arg("", "folder with <db_id>/<db_id>.sqlite (every .sqlite there is used: test-suite accuracy)")
+    db_dir: str = arg("", "folder with <db_id>/<db_id>.sqlite (every SQLite file in <db_id>/ is used: test-suite "
+                          "accuracy)")
     tables: str = arg("", "tables.json (foreign keys for exact match; schema of databases that are absent)")
     etype: str = arg("all", "exec, match or all")
     plug_value: bool = arg(False, "plug the gold values into the prediction before executing it")
@@ -192,10 +193,17 @@ class EvalConfig:
     timeout: float = arg(30.0, "seconds each query may run")
     max_rows: int = arg(100_000, "rows a query may return; more counts as a failed query")
     workers: int = arg(0, "parallel processes (0 = number of cores)")
-    skip_missing_db: bool = arg(False, "leave out questions whose database file is absent (else: an error)")
+    skip_missing_db: bool = arg(False, "leave out (and count) questions whose database file is absent or unreadable; "
+                                       "else an absent one is an error and an unreadable one counts wrong in EX")
+    max_samples: int = arg(0, "score only the first N gold questions (0 = all), e.g. for `predict --max_samples N`; "
+                              "multi-turn: the interactions they cover, the last one possibly partial")
+    max_result_mb: float = arg(64.0, "MB of text and blobs a query's result may hold (and any one value); more "
+                                     "counts wrong as `result too large`")
     report: str = arg("", "folder for metrics.json, per_example.jsonl and report.md")
-    questions: str = arg("", "optional prepared JSONL (or dev.json) whose questions go into the report")
-    bird: bool = arg(False, "BIRD execution accuracy: result sets compared as sets")
+    questions: str = arg("", "prepared JSONL (or dev.json) whose questions go into the report (default: the records "
+                             "named in <pred>.meta.json, when they line up with the gold file)")
+    bird: bool = arg(False, "BIRD execution accuracy, as the official BIRD evaluator: result sets compared as sets, "
+                            "a timeout or error counts wrong")
     difficulty: str = arg("", "BIRD: file with one difficulty (simple/moderate/challenging) per gold line")
     quiet: bool = arg(False, "print no table")
 
@@ -204,6 +212,8 @@ class EvalConfig:
         _check(self.timeout > 0, "--timeout must be > 0")
         _check(self.max_rows > 0, "--max_rows must be > 0")
         _check(self.workers >= 0, "--workers must be >= 0")
+        _check(self.max_samples >= 0, f"--max_samples must be >= 0 (0 = all), not {self.max_samples}")
+        _check(self.max_result_mb > 0, "--max_result_mb must be > 0")
 
 
 # --------------------------------------------------------------------------------------------- loading

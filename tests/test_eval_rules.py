@@ -194,3 +194,67 @@ def test_bird_set_execution(demo_dir, tmp_path):
                               db_dir=str(demo_dir / "database"), difficulty=str(tmp_path / "diff.txt"), quiet=True))
     table = out["details"]["bird"]
     assert table["simple"]["exec"] == 1.0 and table["moderate"]["exec"] == 0.0 and table["total"]["exec"] == 0.5
+
+
+def make_bird_db(root) -> None:
+    """A BIRD-layout fixture (dev_databases/<db>/<db>.sqlite) with a column named like BIRD's superhero one."""
+    import sqlite3
+
+    path = root / "dev_databases" / "superhero" / "superhero.sqlite"
+    path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE superhero (id INTEGER PRIMARY KEY, superhero_name TEXT, height_cm INTEGER)")
+    conn.execute("CREATE TABLE hero_attribute (hero_id INTEGER, attribute_id INTEGER, attribute_value INTEGER)")
+    conn.executemany("INSERT INTO superhero VALUES (?, ?, ?)", [(1, "A-Bomb", 203), (2, "Abe Sapien", 191),
+                                                               (3, "Abin Sur", 185), (4, "Batman", 188)])
+    conn.executemany("INSERT INTO hero_attribute VALUES (?, ?, ?)",
+                     [(1, 1, 80), (2, 1, 75), (3, 1, 80), (4, 1, 100), (4, 2, 100)])
+    conn.commit()
+    conn.close()
+
+
+BIRD_CASES = [  # (gold, prediction, difficulty, EX by the official BIRD evaluator)
+    ("SELECT hero_id FROM hero_attribute WHERE attribute_value = 80",
+     "SELECT hero_id FROM hero_attribute WHERE attribute_value = 80", "simple", 1),
+    ("SELECT DISTINCT attribute_value FROM hero_attribute", "SELECT attribute_value FROM hero_attribute",
+     "simple", 1),  # sets: duplicates do not count
+    ("SELECT superhero_name FROM superhero ORDER BY height_cm DESC",
+     "SELECT superhero_name FROM superhero ORDER BY height_cm ASC", "moderate", 1),  # sets: order does not count
+    ("SELECT id, superhero_name FROM superhero", "SELECT superhero_name, id FROM superhero",
+     "moderate", 0),  # rows are compared as tuples: column order counts
+    ("SELECT count(*) FROM superhero", "SELECT count(*) FROM superhero AS a, superhero AS b, superhero AS c, "
+     "superhero AS d, superhero AS e, superhero AS f, superhero AS g, superhero AS h, superhero AS i, superhero AS j, "
+     "superhero AS k, superhero AS l, superhero AS m, superhero AS n, superhero AS o", "challenging", 0),  # timeout
+    ("SELECT id FROM superhero", "SELECT nosuch FROM superhero", "challenging", 0),  # an error
+    ("SELECT missing_column FROM superhero", "SELECT id FROM superhero", "challenging", 0),  # gold fails: wrong
+]
+
+
+def test_bird_follows_the_official_bird_evaluator(tmp_path):
+    """Pins: `pred.replace("value", "1")` (a Spider rule) ran before the BIRD check, so a prediction identical to
+    gold naming `attribute_value` scored 0; BIRD EX is the official BIRD evaluator's: set(pred) == set(gold),
+    a timeout or error counts wrong, figures split simple / moderate / challenging / total."""
+    make_bird_db(tmp_path)
+    (tmp_path / "gold.sql").write_text("".join(f"{g}\tsuperhero\n" for g, _, _, _ in BIRD_CASES))
+    (tmp_path / "pred.sql").write_text("".join(f"{p}\n" for _, p, _, _ in BIRD_CASES))
+    (tmp_path / "diff.txt").write_text("".join(f"{d}\n" for _, _, d, _ in BIRD_CASES))
+    out = evaluate(EvalConfig(pred=str(tmp_path / "pred.sql"), gold=str(tmp_path / "gold.sql"), bird=True,
+                              db_dir=str(tmp_path / "dev_databases"), difficulty=str(tmp_path / "diff.txt"),
+                              timeout=0.5, quiet=True, workers=1, report=str(tmp_path / "r")))
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "per_example.jsonl")]
+    assert [r["ex"] for r in rows] == [ex for _, _, _, ex in BIRD_CASES], [r["error"] for r in rows]
+    assert "timed out" in rows[4]["error"] and "no such column" in rows[5]["error"]
+    assert "gold query failed" in rows[6]["error"]
+    table = out["details"]["bird"]
+    assert table["simple"] == {"count": 2, "exec": 1.0} and table["moderate"] == {"count": 2, "exec": 0.5}
+    assert table["challenging"] == {"count": 3, "exec": 0.0}
+    assert table["total"]["count"] == 7 and out["ex"] == pytest.approx(3 / 7)
+
+
+def test_value_placeholder_rule_is_spider_only(demo_dir, tmp_path):
+    """The official Spider script turns `value` into 1 in predictions (kept for Spider)."""
+    (tmp_path / "gold.sql").write_text("SELECT name FROM customer WHERE age > 1\tshop\n")
+    (tmp_path / "pred.sql").write_text("SELECT name FROM customer WHERE age > value\n")
+    out = evaluate(EvalConfig(pred=str(tmp_path / "pred.sql"), gold=str(tmp_path / "gold.sql"), quiet=True,
+                              db_dir=str(demo_dir / "database"), tables=str(demo_dir / "tables.json")))
+    assert out["ex"] == 1.0

@@ -25,7 +25,10 @@ def error_kind(message: str) -> str:
 
 
 def failure_kind(r: dict) -> str | None:
-    """A short label for why an example was wrong (None when it was right on every measure taken)."""
+    """A short label for why an example was wrong, by its first failure: EX, then EM (None when it was right on
+    every measure taken, or was not scored). So each wrong answer has exactly one label."""
+    if r.get("left_out"):
+        return None
     if r.get("gold_error"):
         return "gold query failed"
     if r["error"] == "empty prediction":
@@ -37,6 +40,14 @@ def failure_kind(r: dict) -> str | None:
                 return "execution: timed out"
             if err.startswith("more than"):
                 return "execution: too many rows"
+            if err.startswith("result too large"):
+                return "execution: result too large"
+            if err.startswith("write refused"):
+                return "write refused: databases are read-only"
+            if err.startswith("refused:"):
+                return err.split(" (")[0]
+            if err.startswith("database unreadable"):
+                return "database unreadable"
             return "execution error: " + error_kind(err)
         return "wrong result"
     if r.get("em") == 0:
@@ -50,20 +61,52 @@ def failure_kind(r: dict) -> str | None:
     return None
 
 
+def _failure_lines(results: list[dict], etype: str) -> list[str]:
+    """The failure table: each question once, under its first failure; gold failures apart (not the model's)."""
+    kinds = {r["index"]: failure_kind(r) for r in results}
+    wrong = [r for r in results if kinds[r["index"]] and not r.get("gold_error")]
+    n_ex = sum(1 for r in wrong if r.get("ex") == 0)
+    parts = [f"{n_ex} wrong in EX"] if etype != "match" else []
+    if etype != "exec":
+        parts.append(f"{len(wrong) - n_ex} right in EX but not exact match" if etype == "all"
+                     else f"{len(wrong)} not exact match")
+    lines = [f"Each question is counted once, under its first failure (EX, then EM): {', '.join(parts)}; "
+             f"{len(wrong)} in all."]
+    n_gold = sum(1 for r in results if r.get("gold_error"))
+    if n_gold:
+        lines.append(f"Gold queries that failed or did not parse (not the prediction's fault): {n_gold}.")
+    counts = Counter(kinds[r["index"]] for r in wrong)
+    return lines + ["", "| kind | count |", "|---|---|"] + [f"| {k} | {n} |" for k, n in counts.most_common()]
+
+
 def write_report(folder: Path, cfg, figures: dict, results: list[dict], table: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "metrics.json", {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                                          **figures})
     write_jsonl(folder / "per_example.jsonl", (
-        {"db_id": r["db_id"], "hardness": r["hardness"], "question": r["question"], "gold": r["gold"],
-         "pred": r["pred"], "ex": r["ex"], "em": r["em"], "error": r["error"] or r["gold_error"]}
+        {"index": r["index"], "interaction": r["interaction"], "turn": r["turn"], "db_id": r["db_id"],
+         "hardness": r["hardness"], "question": r["question"], "gold": r["gold"], "pred": r["pred"], "ex": r["ex"],
+         "em": r["em"], "error": r["error"] or r["gold_error"] or r.get("left_out"), "failure": failure_kind(r)}
         for r in results))
-    kinds = Counter(k for k in (failure_kind(r) for r in results) if k)
+    accounted = f"- questions: {figures.get('count')} scored"
+    if figures.get("total") and figures.get("considered", figures["total"]) < figures["total"]:
+        accounted += f" of the first {figures['considered']} (--max_samples) of {figures['total']} in the gold file"
+    if figures.get("skipped_missing_db"):
+        accounted += (f"; {figures['skipped_missing_db']} left out: database absent or unreadable "
+                      f"({', '.join(figures.get('left_out_db', []))})")
+    if figures.get("gold_unparsed"):
+        accounted += f"; {figures['gold_unparsed']} not scored: gold query does not parse"
     lines = ["# Evaluation report", "", f"- predictions: `{cfg.pred}`", f"- gold: `{cfg.gold}`",
              f"- databases: `{cfg.db_dir}`", f"- flags: etype={cfg.etype}, plug_value={cfg.plug_value}, "
-             f"keep_distinct={cfg.keep_distinct}", f"- questions scored: {figures.get('count')}"
-             + (f" ({figures['skipped_missing_db']} left out: database absent)" if figures.get("skipped_missing_db")
-                else ""), ""]
+             f"keep_distinct={cfg.keep_distinct}", accounted]
+    if figures.get("history"):
+        lines.append(f"- history: {figures['history']} (the prompts' history mode, from the prediction's meta file)")
+    if figures.get("unreadable_db"):
+        lines.append(f"- unusable database files: {', '.join(figures['unreadable_db'])} (their questions "
+                     + ("are left out)" if cfg.skip_missing_db else "count wrong in EX)"))
+    if figures.get("prefix_note"):
+        lines.append(f"- {figures['prefix_note'].removeprefix('note: ')}")
+    lines.append("")
     if "scores" in figures:
         s = figures["scores"]
         levels = ["easy", "medium", "hard", "extra", "all"]
@@ -73,8 +116,17 @@ def write_report(folder: Path, cfg, figures: dict, results: list[dict], table: s
             lines.append("| EX | " + " | ".join(f"{s[lv]['exec']:.3f}" for lv in levels) + " |")
         if figures["etype"] != "exec":
             lines.append("| EM | " + " | ".join(f"{s[lv]['exact']:.3f}" for lv in levels) + " |")
-    lines += ["", "## Most common failure kinds", "", "| kind | count |", "|---|---|"]
-    lines += [f"| {kind} | {n} |" for kind, n in kinds.most_common(20)]
+    if "question_match" in figures:
+        lines.append("")
+        for key, name, unit in (("question_match", "question match (turn level)", "questions"),
+                                ("interaction_match", "interaction match (every turn right)", "interactions")):
+            m = figures[key]
+            cells = ", ".join(f"{k.upper()} {m[k]:.3f}" for k in ("ex", "em") if m[k] is not None)
+            lines.append(f"- {name}: {cells} over {m['count']} {unit}")
+    lines += ["", "## Most common failure kinds", ""] + _failure_lines(results, cfg.etype)
     lines += ["", "## Full table", "", "```", table, "```", ""]
+    if "scores" in figures and figures["etype"] != "exec":
+        lines += ["Partial matching: F1 is 1.000 where accuracy and recall are both 0.000 (no question at that level "
+                  "has the component): the official script's convention, kept so the figures compare.", ""]
     with atomic_write(folder / "report.md") as handle:
         handle.write("\n".join(lines))
