@@ -24,7 +24,8 @@ OTHER = {
     "demo-data": "generate the embedded Spider-layout demo dataset",
 }
 USAGE = {
-    "run": "usage: sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config]",
+    "run": "usage: sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config] "
+           "[--train.max_steps N ...]",
     "trace": "usage: sqltune trace list [--runs_dir runs] [--json]\n       sqltune trace show RUN [--runs_dir runs] "
              "[--json]",
     "models": "usage: sqltune models list\n       sqltune models fetch NAME   (install, verify, convert once; "
@@ -73,7 +74,9 @@ def print_figures(command: str, figures) -> None:
 
 
 def _flag(options: dict, key: str) -> bool:
-    return str(options.pop(key, "false")).lower() in ("1", "true", "yes", "on")
+    from sqltune.config import _coerce
+
+    return _coerce(key, options.pop(key, "false"), bool)
 
 
 def _no_other_options(command: str, options: dict, known: list[str]) -> None:
@@ -119,10 +122,10 @@ def run_command(argv: list[str]) -> int:
         return 0 if not positional else 2
     if len(positional) != 1:
         raise SqltuneError(f"expected one recipe file, got {' '.join(positional)}")
-    force, new = _flag(options, "force"), _flag(options, "new")
+    force, new, show = _flag(options, "force"), _flag(options, "new"), _flag(options, "print_config")
     run_dir, root = options.pop("run_dir", None), options.pop("runs_dir", None)
-    _no_other_options("run", options, ["force", "new", "run_dir", "runs_dir"])
-    run_recipe(positional[0], force=force, new=new, run_dir=run_dir, root=root)
+    # what is left overrides the recipe: --train.max_steps 2 (one section), --model_name_or_path X (run level)
+    run_recipe(positional[0], force=force, new=new, run_dir=run_dir, root=root, overrides=options, print_config=show)
     return 0
 
 

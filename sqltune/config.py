@@ -129,6 +129,8 @@ class TrainConfig:
         _check(self.per_device_train_batch_size > 0, "--per_device_train_batch_size must be > 0")
         _check(self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be > 0")
         _check(self.learning_rate > 0, "--learning_rate must be > 0")
+        _check(self.max_steps == -1 or self.max_steps > 0,
+               f"--max_steps must be > 0, or -1 to train for --num_train_epochs (not {self.max_steps})")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or --num_train_epochs above 0")
         _check(self.save_steps > 0 and self.logging_steps > 0, "--save_steps and --logging_steps must be > 0")
         _check(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
@@ -277,16 +279,22 @@ def build(cls, values: dict | None = None, where: str = "config"):
     """Make a `cls` from a plain dict, checking names and types; unknown keys are an error with a hint."""
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
-        norm = key.replace("-", "_")
-        if norm not in names:
-            close = difflib.get_close_matches(norm, names, n=1)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            raise SqltuneError(f"unknown option {key!r} in {where}{hint}")
+        norm = field_name(cls, key, where)
         kwargs[norm] = _coerce(norm, value, hints[norm])
     return cls(**kwargs)
+
+
+def field_name(cls, key: Any, where: str) -> str:
+    """`key` as one of `cls`'s field names (dashes read as underscores); an unknown name is an error with a hint."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    norm = key.replace("-", "_") if isinstance(key, str) else key
+    if norm not in names:
+        close = difflib.get_close_matches(norm, names, n=1) if isinstance(norm, str) else []
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise SqltuneError(f"unknown option {key!r} in {where}{hint}")
+    return norm
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -294,13 +302,17 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise SqltuneError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise SqltuneError(f"{path} is not UTF-8 text (byte {exc.start}): is it really a YAML file?") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise SqltuneError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise SqltuneError(f"{path} must hold a mapping of option names to values")
+        raise SqltuneError(f"{path} must hold a mapping of option names to values, not {type(data).__name__}")
     return data
 
 

@@ -2,36 +2,47 @@
 
 The YAML has one section per stage (the same fields as the stage's own command) and a few run-level keys:
 
-    name: demo                      # run folders are runs/<name>-<timestamp>/
+    name: demo                      # run folders are runs/<name>-<YYYYmmdd-HHMMSS>/
     stages: [prepare, train, merge, predict, evaluate]    # any subset, in this order
     compare_base: true              # also predict and evaluate with the base model, and print both EX
     model_name_or_path: ...         # run-level keys fill any stage field of the same name
     prepare: {...}  train: {...}  merge: {...}  predict: {...}  evaluate: {...}
 
 Paths between stages are filled in by the run (prepared data, adapter, merged model, predictions, reports all
-live in the run folder). A stage whose outputs exist for the same settings is skipped (`--force` reruns it), so
-`sqltune run` on the same file continues the latest unfinished run where it stopped (`--new` starts afresh,
-`--run_dir DIR` picks a folder). Every stage writes a trace span (see `sqltune trace`).
+live in the run folder). A stage's identity is its own settings (paths resolved, execution-only switches such as
+resume/overwrite left out) plus the identities of everything it reads: prepared data -> adapter -> merged model ->
+predictions -> evaluation. A stage whose identity is unchanged is skipped; any change reruns it and everything
+downstream (`--force` reruns all). So `sqltune run` on the same file continues the latest unfinished run of that
+recipe where it stopped (`--new` starts afresh, `--run_dir DIR` picks a folder). Every stage writes a trace span
+(see `sqltune trace`).
 
-    sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR]
+    sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config]
+                            [--SECTION.OPTION VALUE ...] [--OPTION VALUE ...]
+
+`--train.max_steps 2` sets one stage's option; `--model_name_or_path X` sets a run-level key, which wins over the
+same key in every section. `--print_config` prints every stage's resolved config (YAML) and exits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
 
-from sqltune.config import RUN_KEYS, build, load_yaml, recipe_values
+from sqltune.config import RUN_KEYS, _coerce, build, field_name, load_yaml, recipe_values
 from sqltune.errors import SqltuneError
-from sqltune.io import write_json
+from sqltune.io import atomic_write, write_json
 from sqltune.stages import ORDER, STAGES
 from sqltune.trace import ENV_TRACE, TRACE_FILE, append_span, read_trace, runs_dir, span
+
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a run name never walks out of the runs folder
 
 
 @dataclasses.dataclass
@@ -41,32 +52,83 @@ class RunPlan:
     compare_base: bool
     sections: dict[str, dict]
     shared: dict
+    runs_dir: str | None = None
 
 
-def read_plan(path: str) -> RunPlan:
-    data = load_yaml(path)
-    name = str(data.get("name") or Path(path).stem)
-    stages = data.get("stages") or list(ORDER)
-    if isinstance(stages, str):
-        stages = [s.strip() for s in stages.split(",")]
-    unknown = [s for s in stages if s not in ORDER]
+def apply_overrides(data: dict, overrides: dict) -> dict:
+    """Command-line values on top of the recipe: `train.max_steps` sets one section's option; a plain key is
+    run-level and replaces that key in every section that sets it too (the command line beats the file)."""
+    data = dict(data)
+    for key, value in overrides.items():
+        section, dot, option = key.partition(".")
+        if dot:
+            if section not in ORDER:
+                raise SqltuneError(f"unknown stage {section!r} in --{key} (stages: {', '.join(ORDER)})")
+            own = data.get(section)
+            own = {} if own is None else own
+            if not isinstance(own, dict):
+                raise SqltuneError(f"the `{section}` section must be a mapping of option names to values, "
+                                   f"not {type(own).__name__}")
+            data[section] = {**own, option: value}
+        else:
+            data[key] = value
+            if key not in RUN_KEYS:
+                for s in ORDER:
+                    if isinstance(data.get(s), dict) and key in data[s]:
+                        data[s] = {**data[s], key: value}
+    return data
+
+
+def _stages(value, path: str) -> list[str]:
+    if value is None:
+        return list(ORDER)
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",") if s.strip()]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise SqltuneError(f"{path}: `stages` must be a list of stage names ({', '.join(ORDER)}), not {value!r}")
+    if not value:
+        raise SqltuneError(f"{path}: `stages` must name at least one stage ({', '.join(ORDER)}); "
+                           "leave it out to run them all")
+    unknown = [s for s in value if s not in ORDER]
     if unknown:
         raise SqltuneError(f"{path}: unknown stage {unknown[0]!r} in `stages` (known: {', '.join(ORDER)})")
+    return [s for s in ORDER if s in value]
+
+
+def read_plan(path: str, overrides: dict | None = None) -> RunPlan:
+    data = apply_overrides(load_yaml(path), overrides or {})
+    if data.get("name") is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(path).stem).lstrip(".") or "run"
+    else:
+        name = str(data["name"])
+        if isinstance(data["name"], (dict, list)) or not PLAIN_NAME.fullmatch(name):
+            raise SqltuneError(f"{path}: `name` must be a plain name (letters, digits, _, -, and . not first), "
+                               f"not {data['name']!r}")
+    stages = _stages(data.get("stages"), path)
+    compare_base = _coerce("compare_base", data.get("compare_base", False), bool)
     for s in ORDER:
-        recipe_values(data, s, STAGES[s].config, where=path)  # a section that is not a mapping: one line
+        for key in recipe_values(data, s, STAGES[s].config, where=path):  # a section that is not a mapping: one line
+            field_name(STAGES[s].config, key, where=f"the `{s}` section of {path}")
     sections = {s: dict(data.get(s) or {}) for s in ORDER}
     shared = {k: v for k, v in data.items() if k not in RUN_KEYS and k not in ORDER}
+    known = {f.name for st in STAGES.values() for f in dataclasses.fields(st.config)}
     for key in shared:
-        if not any(key in {f.name for f in dataclasses.fields(st.config)} for st in STAGES.values()):
-            raise SqltuneError(f"{path}: unknown run-level key {key!r}")
-    return RunPlan(name, [s for s in ORDER if s in stages], bool(data.get("compare_base", False)), sections, shared)
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known | RUN_KEYS | set(ORDER)), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SqltuneError(f"{path}: unknown run-level key {key!r}{hint}")
+    root = data.get("runs_dir")
+    return RunPlan(name, stages, compare_base, sections, shared, str(root) if root else None)
 
 
 def pick_run_dir(plan: RunPlan, root: Path, run_dir: str | None, new: bool) -> Path:
+    """An absolute folder: the one asked for, the latest unfinished run of this very recipe name, or a new one."""
     if run_dir:
-        return Path(run_dir)
+        return Path(run_dir).expanduser().resolve()
+    root = root.expanduser().resolve()
     if not new and root.is_dir():
-        mine = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith(plan.name + "-"))
+        pattern = re.compile(re.escape(plan.name) + r"-\d{8}-\d{6}")  # `p` never continues a run of `p-big`
+        mine = sorted(d for d in root.iterdir() if d.is_dir() and pattern.fullmatch(d.name))
         if mine:
             spans = read_trace(mine[-1])
             finished = any(s["stage"] == "run" and s["status"] == "ok" for s in spans)
@@ -85,95 +147,143 @@ def stage_config(plan: RunPlan, stage: str, run: Path, **filled):
 
 
 # how a stage is carried out, not what it makes: a resumed stage is the same stage
-_EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet"}
+_EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet", "workers"}
+_PATHS = {"data_dir", "out", "dataset_dir", "output_dir", "deepspeed", "adapter", "pred", "gold", "db_dir", "tables",
+          "report", "questions", "difficulty"}
+_MAYBE_PATHS = {"model_name_or_path", "tokenizer"}  # a folder, or a catalog / hub name
 
 
-def _fingerprint(cfg) -> str:
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_ONLY}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _settled(key: str, value):
+    """A path as the one absolute spelling of its folder, so `runs/x` and `/abs/runs/x` are the same setting."""
+    if isinstance(value, str) and value and (key in _PATHS or (key in _MAYBE_PATHS and
+                                                               Path(value).expanduser().exists())):
+        return os.path.realpath(os.path.expanduser(value))
+    return value
 
 
-def run_step(run: Path, label: str, func, cfg, force: bool) -> dict:
-    """Run one stage unless its marker says it already finished with the same settings."""
-    marker = run / ".done" / f"{label}.json"
-    fingerprint = _fingerprint(cfg)
-    if not force and marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("fingerprint") == fingerprint:
-            print(f"[{label}] done already with these settings: skipped (--force reruns it)")
-            append_span(run / TRACE_FILE, {"run_id": run.name, "stage": label, "start": None, "end": None,
-                                           "duration_s": 0.0, "status": "skipped", "figures": done["figures"],
-                                           "error": None})
-            return done["figures"]
-    print(f"[{label}] running")
+def identity(cfg, reads: list[str] = ()) -> str:
+    """A stage's own settings plus the identities of what it reads (upstream stages)."""
+    settings = {k: _settled(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_ONLY}
+    blob = json.dumps({"settings": settings, "reads": list(reads)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _marker(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def recorded_identity(run: Path, label: str) -> str:
+    """The identity of what a stage left in the run folder when this run does not run it (`stages` subset)."""
+    return _marker(run / ".done" / f"{label}.json").get("identity") or f"{label}:not-recorded"
+
+
+def run_step(run: Path, label: str, cfg, reads: list[str], force: bool, continuing: dict | None = None,
+             fresh: dict | None = None) -> tuple[dict, str]:
+    """Run one stage unless it finished already with the same identity; returns its figures and identity.
+
+    An attempt of the same identity that did not finish is continued (`continuing` changes the config, e.g.
+    resume=True); any other attempt starts afresh (`fresh`, e.g. overwrite=True: old outputs are of another run)."""
+    done_path, started_path = run / ".done" / f"{label}.json", run / ".done" / f"{label}.started.json"
+    ident = identity(cfg, reads)
+    done = _marker(done_path)
+    if not force and done.get("identity") == ident:
+        print(f"[{label}] done already with these settings and inputs: skipped (--force reruns it)")
+        append_span(run / TRACE_FILE, {"run_id": run.name, "stage": label, "start": None, "end": None,
+                                       "duration_s": 0.0, "status": "skipped", "figures": done.get("figures", {}),
+                                       "error": None})
+        return done.get("figures", {}), ident
+    again = not force and _marker(started_path).get("identity") == ident
+    cfg = dataclasses.replace(cfg, **((continuing if again else fresh) or {}))
+    if done_path.exists():
+        done_path.unlink()  # the outputs are about to change: the old marker no longer describes them
+    write_json(started_path, {"identity": ident})
+    print(f"[{label}] {'continuing' if again else 'running'}")
     with span(run / TRACE_FILE, run.name, label) as figures:
-        result = func(cfg) or {}
+        result = STAGES[label.split("_")[0]].run(cfg) or {}
         figures.update({k: v for k, v in result.items() if not isinstance(v, (dict, list))})
     keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
-    write_json(marker, {"fingerprint": fingerprint, "figures": keep})
-    return keep
+    write_json(done_path, {"identity": ident, "figures": keep})
+    return keep, ident
 
 
-def execute(plan: RunPlan, run: Path, force: bool) -> dict:
-    run.mkdir(parents=True, exist_ok=True)
+def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[dict, dict]:
+    """Every planned stage in order; returns (figures, resolved configs). `dry` only resolves the configs."""
+    from sqltune.data.registry import lookup
+
     data_dir = run / "data"
     results: dict = {}
+    configs: dict = {}
+    ids: dict = {}
+
+    def step(label: str, cfg, reads: list[str], continuing: dict | None = None, fresh: dict | None = None):
+        configs[label] = cfg
+        if not dry:
+            results[label], ids[label] = run_step(run, label, cfg, reads, force, continuing, fresh)
+
+    def ident(label: str) -> str:
+        return ids[label] if label in ids else recorded_identity(run, label)
+
+    if not dry:
+        run.mkdir(parents=True, exist_ok=True)
     name = plan.sections["prepare"].get("name") or plan.sections["prepare"].get("source") or "spider"
-    train_set = f"{name}_train"
     dev_set = plan.sections["predict"].get("dataset", f"{name}_dev")  # what predict answers and evaluate scores
 
-    prep = stage_config(plan, "prepare", run, out=str(data_dir))
-    train_cfg = stage_config(plan, "train", run, dataset=plan.sections["train"].get("dataset", train_set),
-                             dataset_dir=str(data_dir), output_dir=str(run / "adapter"),
-                             overwrite_output_dir=True) if "train" in plan.stages else None
-    configs = {"prepare": prep, "train": train_cfg}
     if "prepare" in plan.stages:
-        results["prepare"] = run_step(run, "prepare", STAGES["prepare"].run, prep, force)
-    if train_cfg is not None:
-        resume = (run / "adapter").is_dir() and any((run / "adapter").glob("checkpoint-*")) and not force and \
-            not (run / ".done" / "train.json").is_file()
-        if resume:
-            train_cfg = dataclasses.replace(train_cfg, resume=True, overwrite_output_dir=False)
-        results["train"] = run_step(run, "train", STAGES["train"].run, train_cfg, force)
+        step("prepare", stage_config(plan, "prepare", run, out=str(data_dir)), [])
+    if "train" in plan.stages:
+        adapter = run / "adapter"
+        cfg = stage_config(plan, "train", run, dataset=plan.sections["train"].get("dataset", f"{name}_train"),
+                           dataset_dir=str(data_dir), output_dir=str(adapter), overwrite_output_dir=True)
+        checkpoints = adapter.is_dir() and any(adapter.glob("checkpoint-*"))
+        step("train", cfg, [ident("prepare")],
+             continuing={"resume": True, "overwrite_output_dir": False} if checkpoints else None)
     base_model = plan.shared.get("model_name_or_path") or plan.sections["train"].get("model_name_or_path") or \
         plan.sections["predict"].get("model_name_or_path", "")
-    tuned_model, tuned_adapter = base_model, ""
+    tuned_model, tuned_adapter, tuned_from = base_model, "", "train"
     if "merge" in plan.stages:
-        merge_cfg = stage_config(plan, "merge", run, model_name_or_path=base_model, adapter=str(run / "adapter"),
-                                 out=str(run / "merged"), overwrite_output_dir=True)
-        configs["merge"] = merge_cfg
-        results["merge"] = run_step(run, "merge", STAGES["merge"].run, merge_cfg, force)
-        tuned_model = str(run / "merged")
-    elif "train" in plan.stages:
+        step("merge", stage_config(plan, "merge", run, model_name_or_path=base_model, adapter=str(run / "adapter"),
+                                   out=str(run / "merged"), overwrite_output_dir=True), [ident("train")])
+        tuned_model, tuned_from = str(run / "merged"), "merge"
+    else:
         tuned_adapter = str(run / "adapter")
     variants = [("finetuned", tuned_model, tuned_adapter)] if {"train", "merge"} & set(plan.stages) else \
         [("base", base_model, "")]
     if plan.compare_base and variants[0][0] == "finetuned":
         variants.insert(0, ("base", base_model, ""))
-    from sqltune.data.registry import lookup
 
     for label, model, adapter in variants:
         pred_file = run / "predictions" / f"{label}.sql"
+        model_reads = [ident("prepare")] + ([ident(tuned_from)] if label == "finetuned" else [])
         if "predict" in plan.stages:
             cfg = stage_config(plan, "predict", run, model_name_or_path=model, adapter=adapter,
-                               dataset=dev_set, dataset_dir=str(data_dir),
-                               out=str(pred_file))
-            configs[f"predict_{label}"] = cfg
-            results[f"predict_{label}"] = run_step(run, f"predict_{label}", STAGES["predict"].run,
-                                                   cfg, force)
+                               dataset=dev_set, dataset_dir=str(data_dir), out=str(pred_file))
+            step(f"predict_{label}", cfg, model_reads, fresh={"overwrite": True})
         if "evaluate" in plan.stages:
-            entry = lookup(data_dir, dev_set)
+            try:
+                entry = lookup(data_dir, dev_set)
+            except SqltuneError:
+                if not dry:
+                    raise
+                entry = {k: f"<{dev_set} {k}, from prepare>" for k in ("gold", "db_dir", "tables", "file_name")}
             cfg = stage_config(plan, "evaluate", run, pred=str(pred_file), gold=entry["gold"],
                                db_dir=plan.sections["evaluate"].get("db_dir", entry["db_dir"]),
                                tables=plan.sections["evaluate"].get("tables", entry["tables"]),
                                questions=entry["file_name"], report=str(run / "eval" / label), quiet=True)
-            configs[f"evaluate_{label}"] = cfg
-            results[f"evaluate_{label}"] = run_step(run, f"evaluate_{label}",
-                                                    STAGES["evaluate"].run, cfg, force)
-    resolved = {k: dataclasses.asdict(v) for k, v in configs.items() if v is not None}
-    (run / "config.yaml").write_text(yaml.safe_dump({"name": plan.name, "stages": plan.stages,
-                                                     "compare_base": plan.compare_base, **resolved}, sort_keys=False))
-    return results
+            step(f"evaluate_{label}", cfg, [ident("prepare"), ident(f"predict_{label}")])
+    if not dry:
+        with atomic_write(run / "config.yaml") as handle:
+            handle.write(resolved_yaml(plan, run, configs))
+    return results, configs
+
+
+def resolved_yaml(plan: RunPlan, run: Path, configs: dict) -> str:
+    resolved = {k: dataclasses.asdict(v) for k, v in configs.items()}
+    return yaml.safe_dump({"name": plan.name, "run_dir": str(run), "stages": plan.stages,
+                           "compare_base": plan.compare_base, **resolved}, sort_keys=False)
 
 
 def summary_table(results: dict) -> str:
@@ -189,16 +299,21 @@ def summary_table(results: dict) -> str:
 
 
 def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str | None = None,
-               root: str | None = None) -> dict:
-    """Run (or continue) the recipe at `path`; prints progress and the EX table, returns each stage's figures."""
-    plan = read_plan(path)
-    root_dir = Path(root or runs_dir())
+               root: str | None = None, overrides: dict | None = None, print_config: bool = False) -> dict:
+    """Run (or continue) the recipe at `path`; prints progress and the EX table, returns each stage's figures.
+    With `print_config`, print every stage's resolved config as YAML and change nothing."""
+    plan = read_plan(path, overrides)
+    root_dir = Path(root or plan.runs_dir or runs_dir())
     run = pick_run_dir(plan, root_dir, run_dir, new)
+    if print_config:
+        _, configs = execute(plan, run, force, dry=True)
+        print(resolved_yaml(plan, run, configs), end="")
+        return {}
     print(f"run folder: {run}")
     os.environ[ENV_TRACE] = str(run / TRACE_FILE)
     try:
         with span(run / TRACE_FILE, run.name, "run") as figures:
-            results = execute(plan, run, force)
+            results, _ = execute(plan, run, force)
             for key, fig in results.items():
                 if key.startswith("evaluate_") and fig.get("ex") is not None:
                     figures[f"ex_{key.split('_', 1)[1]}"] = fig["ex"]
@@ -207,5 +322,5 @@ def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str |
     table = summary_table(results)
     if table:
         print("\nexecution accuracy on the dev split (evaluation reports in " f"{run / 'eval'}):\n" + table)
-    print(f"\ntrace: sqltune trace show {run.name} --runs_dir {root_dir}")
+    print(f"\ntrace: sqltune trace show {run.name} --runs_dir {run.parent}")
     return results
