@@ -178,7 +178,8 @@ def test_unreadable_databases_are_named_once_and_counted(db_copy, demo_dir, tmp_
     assert out["count"] == 4 and out["ex"] == 0.0 and out["em"] == 1.0
     assert all(r["ex"] == 0 and "database unreadable" in r["error"] for r in rows)
     assert out["details"]["unreadable_db"] == ["concert_hall", "school", "shop"]
-    # quiet=True prints nothing; the CLI names each database once
+    for name in ("shop", "school", "concert_hall"):  # named once, even with quiet=True (quiet drops the table)
+        assert sum(f"database {name} " in line for line in err.splitlines()) == 1, err
     assert main(["evaluate", "--gold", str(tmp_path / "gold.sql"), "--pred", str(tmp_path / "pred.sql"),
                  "--db_dir", str(db_copy), "--tables", str(demo_dir / "tables.json"), "--workers", "1"]) == 0
     err = capsys.readouterr().err

@@ -494,8 +494,8 @@ def evaluate(cfg: EvalConfig) -> dict:
                    gold_failed=sum(1 for r in scored if r["gold_error"]))
     if not cfg.quiet:
         print(table)
-        for line in _warnings(results, unreadable, notices, left_out, note, cfg.skip_missing_db):
-            print(line, file=sys.stderr)
+    for line in _warnings(results, unreadable, notices, note, cfg.skip_missing_db, cfg.quiet):
+        print(line, file=sys.stderr)
     if cfg.report:
         from sqltune.eval.report import write_report
 
@@ -507,15 +507,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     return out
 
 
-def _warnings(results: list[dict], unreadable: dict, notices: list[str], left_out: set, note: str,
-              skip: bool) -> list[str]:
-    """Each unreadable database once, each failing gold query, and the notes on what was left out."""
+def _warnings(results: list[dict], unreadable: dict, notices: list[str], note: str, skip: bool,
+              quiet: bool) -> list[str]:
+    """Each unusable database once (even when quiet), then each failing gold query and what was left out."""
     counts: dict[str, int] = {}
     for r in results:
         counts[r["db_id"]] = counts.get(r["db_id"], 0) + 1
     lines = [f"warning: database {db} is unusable ({why}): its {counts.get(db, 0)} questions "
              + ("are left out" if skip else "count wrong in EX") for db, why in sorted(unreadable.items())]
     lines += notices
+    if quiet:
+        return lines
     lines += [f"warning: question {r['index'] + 1} ({r['db_id']}): {r['gold_error']}" for r in results
               if r["gold_error"]]
     n_absent = sum(1 for r in results if r.get("left_out") and r["db_id"] not in unreadable)
