@@ -66,8 +66,8 @@ def nested(depth: int, where: bool = False) -> str:
 def test_deeply_nested_predictions_count_wrong(demo_dir, tmp_path, plug_value):
     """Pins: a prediction with 150-400 nested `(SELECT * FROM` aborted the whole run with RecursionError (in the
     exact-match normalisation); now it counts wrong with its error recorded, and the other lines are scored."""
-    preds = [nested(d) for d in (150, 250, 400)] + [nested(d, where=True) for d in (150, 400)] + ["SELECT name FROM "
-                                                                                                  "customer"]
+    preds = [nested(d) for d in (150, 250, 400)] + [nested(d, where=True) for d in (150, 400)]
+    preds.append("SELECT name FROM customer")
     golds = ["SELECT name FROM customer\tshop"] * len(preds)
     out, rows = run_eval(tmp_path, golds, preds, demo_dir / "database", demo_dir / "tables.json",
                          plug_value=plug_value)
@@ -77,7 +77,7 @@ def test_deeply_nested_predictions_count_wrong(demo_dir, tmp_path, plug_value):
 
 
 def test_deeply_nested_gold_is_reported_not_a_crash(demo_dir, tmp_path, capsys):
-    """Pins: the same RecursionError from a nested gold query (hardness and parsing); it is reported, the run goes on."""
+    """Pins: the same RecursionError from a nested gold query (parsing, hardness); now reported, the run goes on."""
     golds = [nested(300) + "\tshop", "SELECT name FROM customer\tshop"]
     out, rows = run_eval(tmp_path, golds, [nested(300), "SELECT name FROM customer"], demo_dir / "database",
                          demo_dir / "tables.json")
