@@ -1,18 +1,23 @@
-"""Spider dev, base vs LoRA-fine-tuned, with one command (issue: proof on the real benchmark).
+"""Spider dev with one command: base greedy, LoRA-tuned greedy and tuned vote@N (base vote@N with --base_vote).
 
     python benchmarks/spider_dev.py [--spider ../shared/spider] [--model qwen2.5-coder-0.5b-instruct]
-                                    [--dev_sample 300] [--train_examples 720] [--train_minutes 60] [--out DIR]
+                                    [--dev_sample 300] [--train_examples 720] [--train_minutes 60] [--num_samples 8]
+                                    [--schema_style <recipe's>] [--lora_target all] [--bf16] [--base_vote] [--out DIR]
 
-1. prepare Spider with the default prompt (schema in words);
-2. pick a fixed, seeded sample of dev questions whose database exists (the same for both models) and a seeded
+1. prepare Spider with the recipe's prompt (configs/spider_qwen05.yaml: its schema style, and train records whose
+   gold query fails or returns no rows left out, as its `drop_failing_gold` says);
+2. pick a fixed, seeded sample of dev questions whose database exists (the same for every arm) and a seeded
    sample of train records;
-3. zero-shot: predict with the base model (greedy, batched), evaluate (EX, EM per hardness, and --plug_value);
-4. LoRA fine-tune on the train sample within the time budget, merge, predict, evaluate the same way;
-5. write results.json and section.md (both tables side by side, the command, the questions used, wall time per
-   stage, training and generation tokens/s, peak memory per stage) into --out.
+3. base model: greedy prediction (batched), evaluate (EX, EM per hardness, and --plug_value); with --base_vote also
+   vote@N (N sampled candidates plus the greedy one, executed, the largest group of equal results wins);
+4. LoRA fine-tune on the train sample within the time budget, merge, then the tuned model greedy and vote@N, each
+   evaluated the same way;
+5. write results.json, section.md (EX/EM per hardness per arm, per-arm wall time, examples/s and peak memory, the
+   command, wall time per stage) and ex_by_hardness.png (EX per hardness per arm) into --out.
 
-Each stage runs as its own `sqltune` process so its wall time and peak memory (VmHWM) are its own.
-With `--dev_sample 0` every dev question whose database exists is used.
+Each stage runs as its own `sqltune` process so its wall time and peak memory (VmHWM) are its own; an arm's wall
+time and examples/s are its predict stage's (model loading included). With `--dev_sample 0` every dev question whose
+database exists is used; `--num_samples 0` runs the greedy arms only.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "spider_qwen05.yaml"
+LEVELS = ("easy", "medium", "hard", "extra", "all")
+
+
+def recipe_prepare() -> dict:
+    """The recipe's prepare section: the benchmark measures the prompt the recipe trains with."""
+    import yaml
+
+    return (yaml.safe_load(RECIPE.read_text()) or {}).get("prepare") or {}
 
 
 def run_stage(label: str, args: list[str], log: dict, env: dict) -> dict:
@@ -64,7 +78,7 @@ def sample_split(data: Path, source: str, name: str, indices: list[int], with_go
     entry = lookup(data, source)
     rows = Path(entry["file_name"]).read_text().splitlines()
     (data / f"{name}.jsonl").write_text("".join(rows[i] + "\n" for i in indices))
-    new = {k: v for k, v in entry.items() if k not in ("file_name", "gold")}
+    new = {k: v for k, v in entry.items() if k not in ("file_name", "gold", "dropped_failing_gold")}
     new.update(file_name=data / f"{name}.jsonl", records=len(indices))
     if with_gold:
         gold = Path(entry["gold"]).read_text().splitlines()
@@ -75,36 +89,79 @@ def sample_split(data: Path, source: str, name: str, indices: list[int], with_go
 
 def table(metrics: dict) -> dict:
     s = metrics["scores"]
-    return {lv: {"count": s[lv]["count"], "ex": s[lv]["exec"], "em": s[lv]["exact"]}
-            for lv in ("easy", "medium", "hard", "extra", "all")}
+    return {lv: {"count": s[lv]["count"], "ex": s[lv]["exec"], "em": s[lv]["exact"]} for lv in LEVELS}
+
+
+def vote_figures(raw: list[dict]) -> dict:
+    """How the vote went: questions where no candidate ran (greedy written) and answers that differ from greedy."""
+    all_failed = differs = 0
+    for r in raw:
+        v = r.get("vote") or {}
+        all_failed += v.get("fallback") is not None
+        greedy = next((c["sql"] for c in v.get("candidates", []) if c.get("source") == "greedy"), None)
+        differs += greedy is not None and r["sql"] != greedy
+    return {"all_failed": all_failed, "differs_from_greedy": differs}
+
+
+def vote_fields_missing() -> list[str]:
+    """Predict's voting options (issue #16, section 1) that this checkout's PredictConfig does not have yet."""
+    from dataclasses import fields
+
+    from sqltune.config import PredictConfig
+
+    have = {f.name for f in fields(PredictConfig)}
+    return [name for name in ("num_samples", "vote") if name not in have]
 
 
 def main(argv: list[str] | None = None) -> int:
+    recipe = recipe_prepare()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spider", default=str(ROOT.parent / "shared" / "spider"))
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--template", default="chatml")
+    p.add_argument("--schema_style", default=recipe.get("schema_style", "words"),
+                   help="prompt's schema style (default: the recipe's)")
+    p.add_argument("--drop_failing_gold", action=argparse.BooleanOptionalAction,
+                   default=bool(recipe.get("drop_failing_gold", False)),
+                   help="leave out train records whose gold fails or returns no rows (default: as the recipe)")
     p.add_argument("--dev_sample", type=int, default=300)
     p.add_argument("--train_examples", type=int, default=720)
     p.add_argument("--train_minutes", type=float, default=60.0)
     p.add_argument("--max_source_length", type=int, default=512)
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call, greedy arms")
+    p.add_argument("--num_samples", type=int, default=8, help="sampled candidates of the vote arms (0: no vote arm)")
+    p.add_argument("--vote_batch_size", type=int, default=2,
+                   help="prompts per generate call in the vote arms (each holds num_samples sequences)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the vote arms")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus threshold of the vote arms")
+    p.add_argument("--base_vote", action="store_true", help="also run the base model with vote@N")
+    p.add_argument("--predict_dtype", default="auto", help="predict --dtype: auto, float32 or bfloat16")
     p.add_argument("--lora_rank", type=int, default=16)
+    p.add_argument("--lora_target", default="all", help="comma list of module names, or all (every linear layer)")
     p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--train_batch_size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="train in bf16 (GPU)")
+    p.add_argument("--bf16", action="store_true", help="train in bf16 (AMX on a recent x86 CPU, or a GPU)")
     p.add_argument("--out", default=str(ROOT / "runs" / "spider_dev_bench"))
     a = p.parse_args(argv)
+    if a.num_samples == 1 or a.num_samples < 0:
+        raise SystemExit("spider_dev: --num_samples must be 0 (no vote arm) or at least 2")
+    if a.num_samples and (missing := vote_fields_missing()):
+        raise SystemExit(f"spider_dev: predict has no {', '.join('--' + m for m in missing)} yet (issue #16, "
+                         "section 1); run with --num_samples 0 for the greedy arms only")
     out = Path(a.out)
     data = out / "data"
     env = {**os.environ, "SQLTUNE_RUNS_DIR": str(out / "runs")}
     log: dict = {}
     started = time.time()
 
-    run_stage("prepare", ["prepare", "--source", "spider", "--data_dir", a.spider, "--out", str(data)], log, env)
+    run_stage("prepare", ["prepare", "--source", "spider", "--data_dir", a.spider, "--out", str(data),
+                          "--schema_style", a.schema_style]
+              + (["--drop_failing_gold"] if a.drop_failing_gold else []), log, env)
+    registry = json.loads((data / "dataset_info.json").read_text())
     dev_rows = [json.loads(line) for line in open(data / "spider_dev.jsonl")]
-    db_dir = Path(json.loads((data / "dataset_info.json").read_text())["spider_dev"]["db_dir"])
+    db_dir = Path(registry["spider_dev"]["db_dir"])
     if not db_dir.is_absolute():
         db_dir = data / db_dir
     eligible = [i for i, r in enumerate(dev_rows) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]
@@ -117,66 +174,126 @@ def main(argv: list[str] | None = None) -> int:
     (out / "dev_questions.txt").write_text("".join(f"{i}\n" for i in dev_idx))
 
     common = ["--dataset_dir", str(data), "--template", a.template, "--max_source_length", str(a.max_source_length)]
-    predict = ["--dataset", "spider_devsample", "--max_new_tokens", str(a.max_new_tokens), "--batch_size",
-               str(a.batch_size)] + common
+    predict = ["--dataset", "spider_devsample", "--max_new_tokens", str(a.max_new_tokens), "--dtype",
+               a.predict_dtype] + common
+    greedy = ["--batch_size", str(a.batch_size)]
+    voting = ["--batch_size", str(a.vote_batch_size), "--num_samples", str(a.num_samples), "--vote", "execution",
+              "--temperature", str(a.temperature), "--top_p", str(a.top_p), "--seed", str(a.seed)]
     evaluate = ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir), "--tables",
                 str(Path(a.spider) / "tables.json"), "--questions", str(data / "spider_devsample.jsonl")]
+    n = a.num_samples
+    arms = [("base", "base greedy", "base", greedy)]
+    if n and a.base_vote:
+        arms.append((f"base_vote{n}", f"base vote@{n}", "base", voting))
+    arms.append(("finetuned", "tuned greedy", "tuned", greedy))
+    if n:
+        arms.append((f"finetuned_vote{n}", f"tuned vote@{n}", "tuned", voting))
+    models = {"base": a.model}
     results: dict = {}
-    for label, model in (("base", a.model), ("finetuned", None)):
-        if model is None:
+    for label, name, which, how in arms:
+        if which not in models:
             run_stage("train", ["train", "--model_name_or_path", a.model, "--dataset", "spider_trainsample",
                                 "--output_dir", str(out / "adapter"), "--overwrite_output_dir",
                                 "--finetuning_type", "lora", "--lora_rank", str(a.lora_rank), "--lora_alpha",
-                                str(2 * a.lora_rank), "--lora_target", "all", "--learning_rate",
-                                str(a.learning_rate), "--per_device_train_batch_size", "4",
+                                str(2 * a.lora_rank), "--lora_target", a.lora_target, "--learning_rate",
+                                str(a.learning_rate), "--per_device_train_batch_size", str(a.train_batch_size),
                                 "--num_train_epochs", "1", "--max_target_length", "128", "--warmup_ratio", "0.03",
                                 "--max_train_minutes", str(a.train_minutes), "--logging_steps", "5",
                                 "--save_steps", "50", "--plot_loss", "--seed", str(a.seed)]
                       + (["--bf16"] if a.bf16 else []) + common, log, env)
             run_stage("merge", ["merge", "--model_name_or_path", a.model, "--adapter", str(out / "adapter"),
                                 "--out", str(out / "merged"), "--overwrite_output_dir"], log, env)
-            model = str(out / "merged")
+            models["tuned"] = str(out / "merged")
         pred = out / f"{label}.sql"
-        run_stage(f"predict_{label}", ["predict", "--model_name_or_path", model, "--out", str(pred), "--overwrite"]
-                  + predict, log, env)
+        stage = run_stage(f"predict_{label}", ["predict", "--model_name_or_path", models[which], "--out", str(pred),
+                                               "--overwrite"] + predict + how, log, env)
         run_stage(f"evaluate_{label}", ["evaluate", "--pred", str(pred), "--report", str(out / f"eval_{label}"),
                                         "--quiet"] + evaluate, log, env)
         run_stage(f"evaluate_{label}_plug", ["evaluate", "--pred", str(pred), "--plug_value", "--quiet", "--report",
                                              str(out / f"eval_{label}_plug")] + evaluate, log, env)
         raw = [json.loads(line) for line in open(out / f"{label}.sql.raw.jsonl")]
-        results[label] = {
+        r = results[label] = {
+            "name": name, "model": which, "decoding": f"vote@{n}" if how is voting else "greedy",
             "table": table(json.loads((out / f"eval_{label}" / "metrics.json").read_text())),
             "plug_value_ex": json.loads((out / f"eval_{label}_plug" / "metrics.json").read_text())["ex"],
-            "new_tokens": sum(r["new_tokens"] for r in raw), "prompts_cut": sum(r["prompt_cut"] for r in raw)}
-        results[label]["generation_tokens_per_s"] = round(results[label]["new_tokens"] / log[f"predict_{label}"]["wall_s"], 1)
+            "new_tokens": sum(x["new_tokens"] for x in raw), "prompts_cut": sum(x["prompt_cut"] for x in raw),
+            "wall_s": stage["wall_s"], "peak_rss_mb": stage["peak_rss_mb"],
+            "examples_per_s": round(len(dev_idx) / max(stage["wall_s"], 1e-9), 3)}
+        r["generation_tokens_per_s"] = round(r["new_tokens"] / max(stage["wall_s"], 1e-9), 1)
+        if how is voting:
+            r["vote"] = vote_figures(raw)
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
     summary = {"command": "python benchmarks/spider_dev.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "model": a.model, "dev_questions": len(dev_idx), "train_examples": len(train_idx),
-               "train": train_figures, "stages": log, "results": results,
+               "model": a.model, "schema_style": a.schema_style,
+               "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
+               "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
+               "temperature": a.temperature, "top_p": a.top_p, "bf16": a.bf16, "lora_target": a.lora_target,
+               "arms": [label for label, *_ in arms], "train": train_figures, "stages": log, "results": results,
                "total_wall_min": round((time.time() - started) / 60, 1)}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(summary, out / "ex_by_hardness.png")
     (out / "section.md").write_text(render(summary))
     print(render(summary))
     return 0
 
 
+def plot(s: dict, path: Path) -> None:
+    """Grouped bars: EX per hardness level, one bar per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = s["arms"]
+    width = 0.8 / len(arms)
+    counts = s["results"][arms[0]]["table"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for k, arm in enumerate(arms):
+        r = s["results"][arm]
+        xs = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(LEVELS))]
+        bars = ax.bar(xs, [r["table"][lv]["ex"] for lv in LEVELS], width, label=r["name"])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(LEVELS)), [f"{lv}\n({counts[lv]['count']})" for lv in LEVELS])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("execution accuracy (EX)")
+    ax.set_title(f"Spider dev, {s['dev_questions']} questions: {s['model']}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def render(s: dict) -> str:
-    b, f = s["results"]["base"], s["results"]["finetuned"]
-    levels = ("easy", "medium", "hard", "extra", "all")
-    lines = [f"Model `{s['model']}`; {s['dev_questions']} dev questions (seeded sample, databases present); "
-             f"LoRA on {s['train']['records']} train records, {s['train']['steps']} steps "
-             f"({s['train']['train_runtime_s'] / 60:.1f} min, {s['train']['tokens_per_s']} training tokens/s).", "",
-             "| level | count | base EX | base EM | fine-tuned EX | fine-tuned EM |", "|---|---|---|---|---|---|"]
-    for lv in levels:
-        lines.append(f"| {lv} | {b['table'][lv]['count']} | {b['table'][lv]['ex']:.3f} | {b['table'][lv]['em']:.3f} | "
-                     f"{f['table'][lv]['ex']:.3f} | {f['table'][lv]['em']:.3f} |")
-    lines += ["", f"With `--plug_value`: base EX {b['plug_value_ex']:.3f}, fine-tuned EX {f['plug_value_ex']:.3f}.",
-              f"Prompts cut to max_source_length: base {b['prompts_cut']}, fine-tuned {f['prompts_cut']}.", "",
-              "| stage | wall s | peak RSS MB |", "|---|---|---|"]
+    arms = [s["results"][a] for a in s["arms"]]
+    first = arms[0]["table"]
+    t = s["train"]
+    dropped = s.get("train_dropped_failing_gold")
+    lines = [f"Model `{s['model']}`, schema style `{s['schema_style']}`; {s['dev_questions']} dev questions (seeded "
+             f"sample, databases present); LoRA ({s['lora_target']}{', bf16' if s['bf16'] else ''}) on "
+             f"{t['records']} train records, {t['steps']} steps ({t['train_runtime_s'] / 60:.1f} min, "
+             f"{t['tokens_per_s']} training tokens/s)"
+             + (f"; {dropped} train records with failing or empty gold left out before sampling" if dropped else "")
+             + ".", "",
+             "| level | count | " + " | ".join(f"{r['name']} EX | {r['name']} EM" for r in arms) + " |",
+             "|---|---|" + "---|---|" * len(arms)]
+    for lv in LEVELS:
+        lines.append(f"| {lv} | {first[lv]['count']} | "
+                     + " | ".join(f"{r['table'][lv]['ex']:.3f} | {r['table'][lv]['em']:.3f}" for r in arms) + " |")
+    lines += ["", "![EX per hardness per arm](ex_by_hardness.png)", "",
+              "| arm | wall s | examples/s | peak RSS MB | new tokens | tokens/s | prompts cut | EX with --plug_value |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['wall_s']} | {r['examples_per_s']} | {r['peak_rss_mb']} | {r['new_tokens']} | "
+              f"{r['generation_tokens_per_s']} | {r['prompts_cut']} | {r['plug_value_ex']:.3f} |" for r in arms]
+    lines += ["", "Arm wall time is its predict stage (model loading included); new tokens count every candidate."]
+    for r in arms:
+        if "vote" in r:
+            lines.append(f"{r['name']} (temperature {s['temperature']}, top_p {s['top_p']}, greedy included): "
+                         f"{r['vote']['differs_from_greedy']} answers differ from the greedy candidate; "
+                         f"{r['vote']['all_failed']} questions had no candidate that ran (greedy written).")
+    lines += ["", "| stage | wall s | peak RSS MB |", "|---|---|---|"]
     lines += [f"| {k} | {v['wall_s']} | {v['peak_rss_mb']} |" for k, v in s["stages"].items()]
-    lines += ["", f"Generation: base {b['new_tokens']} tokens at {b['generation_tokens_per_s']} tokens/s; fine-tuned "
-              f"{f['new_tokens']} tokens at {f['generation_tokens_per_s']} tokens/s (stage wall time, load included).",
-              f"Total wall time {s['total_wall_min']} min.", ""]
+    lines += ["", f"Total wall time {s['total_wall_min']} min. Command: `{s['command'].strip()}`", ""]
     return "\n".join(lines)
 
 

@@ -1,0 +1,102 @@
+"""benchmarks/spider_dev.py with its arms (issue #16, section 4): the whole code path on the tiny model and the demo
+data, and its table, chart and vote figures on made-up results (the real run is in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import spider_dev  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
+    missing = spider_dev.vote_fields_missing()
+    if missing:
+        pytest.skip(f"PredictConfig has no {', '.join(missing)} yet (issue #16 section 1, predict integration): "
+                    "the vote arms cannot run")
+    out = tmp_path / "bench"
+    assert spider_dev.main(["--spider", str(demo_dir), "--model", str(tiny_model), "--dev_sample", "6",
+                            "--train_examples", "8", "--train_minutes", "1", "--max_new_tokens", "6",
+                            "--num_samples", "2", "--base_vote", "--schema_style", "ddl", "--lora_target",
+                            "q_proj,v_proj", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["arms"] == ["base", "base_vote2", "finetuned", "finetuned_vote2"]
+    assert results["dev_questions"] == 6 and results["train_examples"] == 8
+    assert results["schema_style"] == "ddl" and results["lora_target"] == "q_proj,v_proj"
+    assert isinstance(results["train_dropped_failing_gold"], int)  # the recipe drops failing gold
+    registry = json.loads((out / "data" / "dataset_info.json").read_text())
+    assert registry["spider_devsample"]["schema_style"] == "ddl"
+    for arm in results["arms"]:
+        r = results["results"][arm]
+        assert r["table"]["all"]["count"] == 6
+        assert r["wall_s"] > 0 and r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert results["stages"][f"predict_{arm}"]["wall_s"] == r["wall_s"]
+        assert ("vote" in r) == arm.endswith("vote2")
+    raw = [json.loads(line) for line in open(out / "finetuned_vote2.sql.raw.jsonl")]
+    assert len(raw) == 6 and all(len(x["vote"]["candidates"]) == 3 for x in raw)  # greedy + 2 samples
+    assert 0 <= results["results"]["finetuned_vote2"]["vote"]["all_failed"] <= 6
+    section = (out / "section.md").read_text()
+    assert "| all | 6 |" in section and "tuned vote@2 EX" in section and "base vote@2 EX" in section
+    assert (out / "ex_by_hardness.png").read_bytes().startswith(PNG)
+    assert len((out / "dev_questions.txt").read_text().split()) == 6
+
+
+def _summary(arms: list[tuple[str, str, bool]]) -> dict:
+    results = {}
+    for k, (label, name, voted) in enumerate(arms):
+        tab = {lv: {"count": c, "ex": 0.1 * (k + 1), "em": 0.05 * (k + 1)}
+               for lv, c in zip(spider_dev.LEVELS, (4, 3, 2, 1, 10))}
+        results[label] = {"name": name, "table": tab, "plug_value_ex": 0.2, "new_tokens": 100, "prompts_cut": 0,
+                          "wall_s": 10.0, "peak_rss_mb": 400, "examples_per_s": 1.0, "generation_tokens_per_s": 10.0}
+        if voted:
+            results[label]["vote"] = {"all_failed": 1, "differs_from_greedy": 2}
+    return {"model": "m", "schema_style": "mschema", "train_dropped_failing_gold": 5, "dev_questions": 10,
+            "lora_target": "all", "bf16": True, "temperature": 0.7, "top_p": 1.0, "arms": [a[0] for a in arms],
+            "train": {"records": 8, "steps": 2, "train_runtime_s": 60, "tokens_per_s": 9.0},
+            "stages": {"prepare": {"wall_s": 1.0, "peak_rss_mb": 20}}, "results": results,
+            "total_wall_min": 1.0, "command": "python benchmarks/spider_dev.py --x"}
+
+
+def test_table_and_chart_from_results(tmp_path):
+    s = _summary([("base", "base greedy", False), ("finetuned", "tuned greedy", False),
+                  ("finetuned_vote8", "tuned vote@8", True)])
+    text = spider_dev.render(s)
+    assert ("| level | count | base greedy EX | base greedy EM | tuned greedy EX | tuned greedy EM | tuned vote@8 EX "
+            "| tuned vote@8 EM |") in text
+    assert "| all | 10 | 0.100 | 0.050 | 0.200 | 0.100 | 0.300 | 0.150 |" in text
+    assert "| tuned vote@8 | 10.0 | 1.0 | 400 | 100 | 10.0 | 0 | 0.200 |" in text
+    assert "tuned vote@8 (temperature 0.7, top_p 1.0, greedy included): 2 answers differ" in text
+    assert "5 train records with failing or empty gold left out" in text and "LoRA (all, bf16)" in text
+    spider_dev.plot(s, tmp_path / "ex.png")
+    assert (tmp_path / "ex.png").read_bytes().startswith(PNG)
+
+
+def test_vote_figures_read_the_raw_records():
+    raw = [{"sql": "a", "vote": {"fallback": None, "candidates": [{"source": "greedy", "sql": "a"}]}},
+           {"sql": "b", "vote": {"fallback": None, "candidates": [{"source": "greedy", "sql": "a"},
+                                                                  {"source": "sample", "sql": "b"}]}},
+           {"sql": "a", "vote": {"fallback": "greedy", "candidates": [{"source": "greedy", "sql": "a"}]}}]
+    assert spider_dev.vote_figures(raw) == {"all_failed": 1, "differs_from_greedy": 1}
+
+
+def test_bad_options_stop_before_any_stage(tmp_path, monkeypatch):
+    """One line, nothing written: --num_samples 1 (a vote of one), and vote arms while predict cannot vote yet."""
+    with pytest.raises(SystemExit, match="--num_samples must be 0"):
+        spider_dev.main(["--num_samples", "1", "--out", str(tmp_path / "a")])
+    monkeypatch.setattr(spider_dev, "vote_fields_missing", lambda: ["num_samples", "vote"])
+    with pytest.raises(SystemExit, match="predict has no --num_samples, --vote yet .* --num_samples 0"):
+        spider_dev.main(["--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_defaults_follow_the_recipe():
+    """The benchmark measures the recipe's prompt: its schema style and its drop_failing_gold."""
+    recipe = spider_dev.recipe_prepare()
+    assert recipe["drop_failing_gold"] is True and recipe["schema_style"]
