@@ -132,3 +132,63 @@ def test_run_interrupted_in_training_resumes_the_checkpoint(run_config, tmp_path
     assert [s["status"] for s in train_spans] == ["failed", "ok"] and train_spans[-1]["figures"]["steps"] == 2
     assert main(["run", str(run_config), "--run_dir", str(run)]) == 0  # and the finished run skips it now
     assert [s for s in spans(run) if s["stage"] == "train"][-1]["status"] == "skipped"
+
+
+def test_changed_settings_rerun_downstream_with_the_real_stages(run_config, tmp_path):
+    """Pins the issue's reproduction: after `train.learning_rate` changed, `[predict_finetuned] done already with
+    these settings: skipped` printed the old adapter's EX; after a predict setting changed, predict failed with
+    "holds predictions of another run ... pass --overwrite". Real stages, tiny model, no merge."""
+    run = tmp_path / "run"
+    base = ["run", str(run_config), "--run_dir", str(run), "--stages", "prepare,train,predict,evaluate",
+            "--compare_base", "false"]
+
+    def statuses():
+        last = spans(run)
+        start = max((i for i, s in enumerate(last[:-1]) if s["stage"] == "run"), default=-1) + 1
+        return {s["stage"]: s["status"] for s in last[start:-1]}
+
+    assert main(base) == 0
+    first = (run / "predictions" / "finetuned.sql.meta.json").read_text()
+    assert main(base + ["--train.learning_rate", "5e-4"]) == 0
+    assert statuses() == {"prepare": "skipped", "train": "ok", "predict_finetuned": "ok", "evaluate_finetuned": "ok"}
+    assert main(base + ["--train.learning_rate", "5e-4", "--predict.max_new_tokens", "6"]) == 0
+    assert statuses() == {"prepare": "skipped", "train": "skipped", "predict_finetuned": "ok",
+                          "evaluate_finetuned": "ok"}
+    assert (run / "predictions" / "finetuned.sql.meta.json").read_text() != first
+    assert len((run / "predictions" / "finetuned.sql").read_text().splitlines()) == 30
+
+
+def test_multi_turn_run_keeps_interaction_blocks(tmp_path, demo_dir, tiny_model):
+    """CONTRACTS 3: for SParC/CoSQL records predict writes a blank line between interactions; `sqltune run` must
+    hand that file and the prepared records (as `questions`) to evaluate, which scores it against the gold blocks."""
+    import shutil
+
+    data = tmp_path / "sparc"
+    data.mkdir()
+    shutil.copy(demo_dir / "tables.json", data / "tables.json")
+    shutil.copytree(demo_dir / "database", data / "database")
+    questions = json.loads((demo_dir / "dev.json").read_text())
+    first = [q for q in questions if q["db_id"] == questions[0]["db_id"]][:2]
+    other = next(q for q in questions if q["db_id"] != questions[0]["db_id"])
+    dialog = [{"database_id": first[0]["db_id"],
+               "interaction": [{"utterance": q["question"], "query": q["query"]} for q in first]},
+              {"database_id": other["db_id"], "interaction": [{"utterance": other["question"], "query": other["query"]}]}]
+    for split in ("train", "dev"):
+        (data / f"{split}.json").write_text(json.dumps(dialog))
+    recipe = tmp_path / "mt.yaml"
+    recipe.write_text(f"""
+name: mt
+stages: [prepare, predict, evaluate]
+model_name_or_path: {tiny_model}
+template: chatml
+max_source_length: 256
+prepare: {{source: sparc, data_dir: {data}}}
+predict: {{max_new_tokens: 8}}
+""")
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert (run / "predictions" / "base.sql").read_text().count("\n\n") == 1
+    evaluation = [s for s in spans(run) if s["stage"] == "evaluate_base"][-1]
+    assert evaluation["status"] == "ok" and evaluation["figures"]["count"] == 3
+    rows = [json.loads(line) for line in (run / "eval" / "base" / "per_example.jsonl").read_text().splitlines()]
+    assert [r.get("question") for r in rows] == [q["question"] for q in first + [other]]
