@@ -85,6 +85,14 @@ def ran(run: Path, calls: list) -> dict:
     return {s["stage"]: s["status"] for s in last}
 
 
+def save_checkpoint(cfg) -> None:
+    """What a training killed after its first save leaves: a complete checkpoint-1."""
+    ckpt = Path(cfg.output_dir) / "checkpoint-1"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "trainer_state.json").write_text("{}")
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights")
+
+
 ALL = ["prepare", "train", "merge", "predict_base", "evaluate_base", "predict_finetuned", "evaluate_finetuned"]
 
 
@@ -130,7 +138,7 @@ def test_unfinished_stage_continues_only_with_the_same_identity(recipe, tmp_path
     stand_in = STAGES["train"].run
 
     def train_dies_after_a_checkpoint(cfg):
-        (Path(cfg.output_dir) / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+        save_checkpoint(cfg)
         raise RuntimeError("killed")
 
     monkeypatch.setitem(STAGES, "train", dataclasses.replace(STAGES["train"], run=train_dies_after_a_checkpoint))
@@ -168,7 +176,7 @@ def test_train_resumes_its_checkpoint_when_nothing_changed(recipe, tmp_path, cal
     stand_in = STAGES["train"].run
 
     def dies(cfg):
-        (Path(cfg.output_dir) / "checkpoint-1").mkdir(parents=True, exist_ok=True)
+        save_checkpoint(cfg)
         raise RuntimeError("killed")
 
     monkeypatch.setitem(STAGES, "train", dataclasses.replace(STAGES["train"], run=dies))
