@@ -157,28 +157,48 @@ class PredictConfig:
     dataset: str = arg("", "registry name of the prepared records to answer, e.g. spider_dev")
     dataset_dir: str = arg("data/prepared", "folder holding dataset_info.json")
     out: str = arg("output/pred.sql", "prediction file: one SQL per line, in record order")
-    template: str = arg("auto", f"chat template (same as training): {', '.join(TEMPLATES)}")
-    max_source_length: int = arg(1024, "prompt tokens kept (cut as in training)")
+    template: str = arg("", f"chat template: {', '.join(TEMPLATES)} (default: the one the adapter or model was "
+                            "trained with, from its sqltune_train.yaml, else auto)")
+    max_source_length: int = arg(0, "prompt tokens kept, cut as in training (0 = the training value, else 1024)")
     max_new_tokens: int = arg(256, "tokens generated per answer at most")
-    batch_size: int = arg(8, "prompts generated together (left padded)")
+    batch_size: int = arg(8, "prompts generated together (left padded); with --history predicted: interactions")
     temperature: float = arg(0.0, "0 = greedy")
-    top_p: float = arg(1.0, "nucleus sampling threshold (with temperature > 0)")
-    num_beams: int = arg(1, "beam search width")
+    top_p: float = arg(1.0, "nucleus sampling threshold (with temperature > 0), in (0, 1]")
+    num_beams: int = arg(1, "beam search width (hf backend only)")
     max_samples: int = arg(0, "answer only the first N records (0 = all)")
+    history: str = arg("records", "multi-turn records: `records` answers the prompts as prepared; `predicted` "
+                                  "answers turn by turn with the model's own earlier SQL as history")
     backend: str = arg("hf", "hf (transformers) or vllm (GPU, when installed)")
     dtype: str = arg("auto", "weights for generation: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16")
+    attn_implementation: str = arg("sdpa", "hf backend attention: sdpa, eager or flash_attention_2 (needs flash-attn)")
+    tensor_parallel_size: int = arg(1, "vllm: GPUs the model is split over")
+    gpu_memory_utilization: float = arg(0.9, "vllm: fraction of GPU memory it may use")
+    max_model_len: int = arg(0, "vllm: longest prompt + answer in tokens (0 = max_source_length + max_new_tokens)")
     seed: int = arg(42, "random seed for sampling")
-    overwrite: bool = arg(False, "start again even if `out` holds predictions of another run")
+    overwrite: bool = arg(False, "start again even if `out` holds predictions of another run (the old files are "
+                                 "replaced only when the new run is complete)")
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, not {self.backend!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"),
                f"--dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
-        _check(self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+        _check(self.template == "" or self.template in TEMPLATES,
+               f"--template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+        _check(self.max_source_length >= 0, "--max_source_length must be > 0 (or 0: the training value)")
         _check(self.batch_size > 0, "--batch_size must be > 0")
         _check(self.max_new_tokens > 0, "--max_new_tokens must be > 0")
         _check(self.num_beams > 0, "--num_beams must be > 0")
         _check(self.temperature >= 0, "--temperature must be >= 0")
+        _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], not {self.top_p}")
+        _check(self.max_samples >= 0, "--max_samples must be >= 0 (0 = all)")
+        _check(self.history in ("records", "predicted"), f"--history must be records or predicted, not {self.history!r}")
+        _check(self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+               f"--attn_implementation must be sdpa, eager or flash_attention_2, not {self.attn_implementation!r}")
+        _check(self.tensor_parallel_size > 0, "--tensor_parallel_size must be > 0")
+        _check(0 < self.gpu_memory_utilization <= 1, "--gpu_memory_utilization must be in (0, 1]")
+        _check(self.max_model_len >= 0, "--max_model_len must be >= 0 (0 = max_source_length + max_new_tokens)")
+        _check(not (self.backend == "vllm" and self.num_beams > 1),
+               "--num_beams > 1 needs --backend hf (vLLM's generate does no beam search)")
 
 
 # --------------------------------------------------------------------------------------------- evaluate

@@ -97,9 +97,11 @@ def test_resume_after_interruption(tiny_model, prepared_demo, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         predict(pcfg(tiny_model, prepared_demo, out))
     monkeypatch.setattr(predict_mod.HFGenerator, "generate", original)
-    assert out.read_text().count("\n") == 8
-    with open(out, "a") as handle:  # a torn line, as a crash in the middle of a write could leave
-        handle.write("SELECT half")
+    assert not out.exists()  # the .sql appears only when complete; the lines so far are in the partial raw file
+    partial = tmp_path / "cut.sql.partial.raw.jsonl"
+    assert partial.read_text().count("\n") == 8
+    with open(partial, "a") as handle:  # a torn line, as a crash in the middle of a write could leave
+        handle.write('{"index": 8, "sql": "SELECT ha')
     figures = predict(pcfg(tiny_model, prepared_demo, out))
     assert figures["resumed_from"] == 8 and figures["generated"] == 22
     assert out.read_text() == whole.read_text()
@@ -157,3 +159,15 @@ def test_bad_inputs_are_one_line(tiny_model, prepared_demo, adapters, tmp_path, 
         last = err.strip().splitlines()[-1]  # libraries may draw a progress bar first; the error is one line
         assert message in last and "Traceback" not in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_examples_per_second_is_the_headline(tiny_model, prepared_demo, tmp_path, capsys):
+    """Pins: predict's summary led with tokens/s, which misleads when a tuned model writes fewer tokens; the
+    headline is examples/s (printed first), tokens/s stays."""
+    args = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+            str(prepared_demo), "--out", str(tmp_path / "o" / "h.sql"), "--template", "chatml", "--max_new_tokens", "4",
+            "--max_samples", "4"]
+    capsys.readouterr()
+    assert main(args) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("predict:"))
+    assert line.startswith("predict: examples_per_s=") and "tokens_per_s=" in line

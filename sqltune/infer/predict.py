@@ -1,15 +1,44 @@
-"""The predict stage: one SQL per prepared record, in record order, batched and resumable.
+"""The predict stage: one SQL per prepared record, in record order, batched, resumable and never stale.
 
-Prompts are encoded by the same code as in training (sqltune.templates), cut the same way when too long. Each
-batch's lines go to the output with a single append; raw generations go to `<out>.raw.jsonl` first. An interrupted
-run restarts where it stopped: the finished lines are kept (checked by count against the raw file, and against
-`<out>.meta.json`, which says which dataset and model they came from) and a torn last line is dropped.
+Order of work: every input is checked first (records, model folder, tokenizer, template, adapter, the training
+record, the backend); then `<out>.lock` is taken (fcntl: a second predict on the same --out stops with one line); only
+then is anything written, and nothing at all before the first batch has been generated.
+
+Files: a run appends one JSON line per record to `<out>.partial.raw.jsonl` (one write per batch; a torn last line is
+dropped on resume), beside `<out>.partial.meta.json`, which says what the lines were made from. When every record
+has its line, the `.sql` file is written from them and the three files take their final names `<out>`,
+`<out>.raw.jsonl`, `<out>.meta.json`. So a finished output is only ever replaced by another finished one (with
+--overwrite as well), a failed or interrupted run leaves only partial files, and the next run with the same settings
+continues them (counting records, not lines).
+
+Identity: the meta holds a digest of the model's and the adapter's files (small files by content, weights over
+64 MiB by size and modification time), a digest of the records answered, the resolved template, prompt length and
+history mode, and the generation settings; never a path string. A finished output or a partial run whose meta
+differs is another run's: an error naming what differs, unless --overwrite.
+
+Prompt format: template and max_source_length default to the ones in the training record (`sqltune_train.yaml` of
+the adapter, or of the model folder for a full fine-tune, or of the adapter a merged model names in
+`sqltune_merge.json`), else auto and 1024. A max_source_length other than the trained one is refused unless
+--template is given too (the user then sets the prompt format knowingly).
+
+Multi-turn records (with an `interaction` field): the .sql file has a blank line between interactions, as the gold
+file does. `--history predicted` answers turn by turn: the t-th turns of up to batch_size interactions are
+generated together, each with the model's own earlier SQL of its interaction as history.
+
+Backends: `hf` (transformers, batches of batch_size) and `vllm` (all remaining prompts in one `generate` call, which
+vLLM batches continuously; lines are written when it returns).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
+import hashlib
 import json
+import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -18,67 +47,247 @@ from sqltune.config import PredictConfig, to_dict
 from sqltune.data.registry import lookup
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
-from sqltune.io import append_once, read_jsonl, write_json
+from sqltune.io import append_once, atomic_write, read_json, read_jsonl, write_json
+
+TRAIN_RECORD = "sqltune_train.yaml"  # written by sqltune.train.sft next to the adapter or full model
+MERGE_RECORD = "sqltune_merge.json"  # written by sqltune.infer.merge: which adapter a merged model holds
+DEFAULT_LENGTH = 1024
+HASH_LIMIT = 64 << 20  # files up to this size are digested by content, bigger ones (weights) by size and mtime
+MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".py", ".yaml", ".gguf", ".pt")
+NOT_IDENTITY = {"model_name_or_path", "adapter", "dataset", "dataset_dir", "out", "batch_size", "overwrite",
+                "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization"}
+NO_SQL = "SELECT"  # written for an empty answer in a multi-turn file, where a blank line would end the interaction
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
 
 
 def side_files(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".raw.jsonl"), out.with_name(out.name + ".meta.json")
 
 
-def _complete_lines(path: Path) -> int:
-    """Number of newline-terminated lines; a torn last line is cut off the file."""
-    if not path.is_file():
-        return 0
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as handle:
-            handle.truncate(end)
-    return data[:end].count(b"\n")
+def partial_of(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
 
 
-def _truncate_lines(path: Path, n: int) -> None:
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    pos = 0
-    for _ in range(n):
-        pos = data.index(b"\n", pos) + 1
-    with open(path, "r+b") as handle:
-        handle.truncate(pos)
+# ------------------------------------------------------------------------------------------- identity
+def folder_digest(folder: Path) -> str:
+    """What a model or adapter folder holds, independent of how its path is spelled."""
+    h = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix not in MODEL_FILES:
+            continue
+        st = path.stat()
+        h.update(path.name.encode() + b"\0")
+        if st.st_size <= HASH_LIMIT:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
-def resume_point(out: Path, meta: dict, overwrite: bool) -> int:
-    """How many records already have their line; clears files of another run only when asked."""
-    raw, meta_path = side_files(out)
-    if out.exists() and not overwrite:
-        old = json.loads(meta_path.read_text()) if meta_path.is_file() else None
-        if old != meta:
-            raise SqltuneError(f"{out} holds predictions of another run (dataset, model or generation settings "
-                               "differ); pass --overwrite to start again")
-        n = min(_complete_lines(out), _complete_lines(raw))
-        _truncate_lines(out, n)
-        _truncate_lines(raw, n)
-        return n
-    for path in (out, raw):
-        if path.exists():
-            path.unlink()
+def records_digest(records: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def training_record(model: Path, adapter: Path | None) -> tuple[dict, Path | None]:
+    """The settings the model was trained with: the adapter's record, else the model folder's (full fine-tune),
+    else that of the adapter a merged model names."""
+    import yaml
+
+    if adapter is not None:
+        folders = [adapter]
+    else:
+        folders = [model]
+        merged = read_json(model / MERGE_RECORD) if (model / MERGE_RECORD).is_file() else {}
+        if isinstance(merged, dict) and merged.get("adapter"):
+            folders.append(Path(merged["adapter"]))
+    for folder in folders:
+        path = folder / TRAIN_RECORD
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                raise SqltuneError(f"malformed training record {path}: it is not YAML") from None
+            return (data if isinstance(data, dict) else {}), path
+    return {}, None
+
+
+def prompt_settings(cfg: PredictConfig, trained: dict, where: Path | None) -> tuple[str, int]:
+    """(template, max_source_length): as given, else as in training, else auto and 1024."""
+    t_template = trained.get("template") or trained.get("template_resolved")
+    t_length = trained.get("max_source_length")
+    if cfg.max_source_length and t_length and cfg.max_source_length != t_length and not cfg.template:
+        raise SqltuneError(f"the model was trained with max_source_length {t_length} ({where}); "
+                           f"--max_source_length {cfg.max_source_length} would cut prompts differently: leave it out, "
+                           "or give --template as well to set the prompt format yourself")
+    if cfg.template and t_template and cfg.template != t_template:
+        print(f"predict: note: the model was trained with template {t_template} ({where}); using --template "
+              f"{cfg.template} as given", file=sys.stderr)
+    return cfg.template or t_template or "auto", cfg.max_source_length or t_length or DEFAULT_LENGTH
+
+
+def history_mode(cfg: PredictConfig, records: list[dict], entry: dict) -> str:
+    """`none` (single-turn), `gold`/`questions` (multi-turn prompts as prepared) or `predicted`."""
+    multi = any("interaction" in r for r in records)
+    if cfg.history == "predicted":
+        for i, r in enumerate(records):
+            if not isinstance(r.get("question"), str) or "interaction" not in r or "turn" not in r:
+                raise SqltuneError(f"--history predicted needs multi-turn records with `question`, `interaction` and "
+                                   f"`turn` fields; record {i} of {entry['file_name']} lacks them (prepare it with "
+                                   "--source sparc or cosql)")
+        return "predicted"
+    if not multi:
+        return "none"
+    return entry.get("history") or ("gold" if any(r.get("history") for r in records) else "questions")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out(out: Path, folders: list[Path], files: list[Path]) -> None:
+    """--out must not be a folder, lie inside an input folder, or be (or share a file name with) an input."""
+    if out.is_dir():
+        raise SqltuneError(f"--out {out} is a folder; give a file name such as {out / 'pred.sql'}")
+    target = out.resolve()
+    for folder in folders:
+        if _inside(target, folder.resolve()):
+            raise SqltuneError(f"--out {out} lies inside the input folder {folder}: write predictions elsewhere")
+    written = {target, *(p.resolve() for p in (*side_files(out), partial_of(out), *side_files(partial_of(out))))}
+    for path in files:
+        if path.resolve() in written:
+            raise SqltuneError(f"--out {out} would overwrite the input {path}: choose another file name")
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold `<out>.lock` for the whole run; a second predict on the same --out gets one line. The lock file stays
+    (removing it would let a third process lock a different file of the same name)."""
+    path = out.with_name(out.name + ".lock")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(meta_path, meta)
-    out.touch()
-    raw.touch()
+    handle = open(path, "a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise SqltuneError(f"another predict is writing {out} (it holds {path}): wait for it to finish or "
+                               "choose another --out") from None
+        yield
+    finally:
+        handle.close()
+
+
+# ------------------------------------------------------------------------------------------- files
+def _meta_of(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _identity(meta: dict | None) -> dict | None:
+    return None if meta is None else {k: v for k, v in meta.items() if k != "about"}
+
+
+def _differences(old: dict | None, new: dict) -> str:
+    if old is None:
+        return "it has no readable meta file"
+    names = {"model_sha256": "model", "adapter_sha256": "adapter", "records_sha256": "records"}
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "different " + ", ".join(names.get(k, k) for k in keys)
+
+
+def _valid_rows(raw: Path, records: list[dict], predicted: bool) -> int:
+    """Records of `raw` that are whole and in order; the rest is cut off the file. With predicted history the cut
+    goes back to the start of an interaction (its turns were generated and written together)."""
+    if not raw.is_file():
+        return 0
+    data = raw.read_bytes()
+    pos = n = 0
+    while n < len(records):
+        end = data.find(b"\n", pos)
+        if end < 0:
+            break
+        try:
+            row = json.loads(data[pos:end])
+        except ValueError:
+            break
+        if not isinstance(row, dict) or row.get("index") != n:
+            break
+        pos, n = end + 1, n + 1
+    if predicted:
+        while 0 < n < len(records) and records[n].get("interaction") == records[n - 1].get("interaction"):
+            n -= 1
+            pos = data.rfind(b"\n", 0, pos - 1) + 1
+    if pos != len(data):
+        with open(raw, "r+b") as handle:
+            handle.truncate(pos)
+    return n
+
+
+def resume_point(out: Path, meta: dict, records: list[dict], overwrite: bool, predicted: bool) -> int | None:
+    """Records this run has already answered in its partial files; None when `out` is finished with these settings.
+    A finished output or partial run of other settings is an error unless `overwrite`."""
+    raw, meta_path = side_files(out)
+    part = partial_of(out)
+    part_raw, part_meta = side_files(part)
+    if overwrite:
+        return 0
+    if out.is_file() and _identity(_meta_of(meta_path)) == _identity(meta):
+        return None
+    if _identity(_meta_of(part_meta)) == _identity(meta):
+        return _valid_rows(part_raw, records, predicted)
+    if out.exists():
+        why = _differences(_identity(_meta_of(meta_path)), _identity(meta))
+        raise SqltuneError(f"{out} holds predictions of another run ({why}); pass --overwrite to replace them (they "
+                           "stay until the new run is complete)")
+    if part_raw.exists() or part_meta.exists():
+        why = _differences(_identity(_meta_of(part_meta)), _identity(meta))
+        raise SqltuneError(f"{part_raw} holds an unfinished run with other settings ({why}); pass --overwrite to "
+                           "start again")
     return 0
 
 
-def _append(path: Path, lines: list[str]) -> None:
-    """One write call per batch, so a crash leaves whole lines (a torn tail is repaired on resume)."""
-    append_once(path, "".join(line + "\n" for line in lines), sync=True)
+def _one_line(sql: str) -> str:
+    return sql.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+
+
+def sql_text(rows: list[dict]) -> str:
+    """The .sql file: one line per record; a blank line between interactions of multi-turn records."""
+    lines: list[str] = []
+    for i, row in enumerate(rows):
+        multi = "interaction" in row
+        if multi and i and row["interaction"] != rows[i - 1].get("interaction"):
+            lines.append("")
+        sql = _one_line(row["sql"])
+        lines.append(sql if sql.strip() or not multi else NO_SQL)
+    return "".join(line + "\n" for line in lines)
+
+
+def publish(out: Path) -> None:
+    """Give a complete partial run its final names; the meta comes last, so a meta always matches its .sql."""
+    raw, meta_path = side_files(out)
+    part_raw, part_meta = side_files(partial_of(out))
+    rows = list(read_jsonl(part_raw))
+    meta_path.unlink(missing_ok=True)
+    with atomic_write(out) as handle:
+        handle.write(sql_text(rows))
+    os.replace(part_raw, raw)
+    os.replace(part_meta, meta_path)
+
+
+# ------------------------------------------------------------------------------------------- generators
+def _torch_dtype(cfg: PredictConfig, gpu: bool):
+    import torch
+
+    return {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
+            "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
 class HFGenerator:
     """Batched generation with transformers: left padding, greedy unless temperature > 0."""
 
-    def __init__(self, cfg: PredictConfig):
+    def __init__(self, cfg: PredictConfig, tokenizer=None, template=None):
         import torch
 
         from sqltune.infer.merge import attach_adapter, check_adapter
@@ -86,12 +295,11 @@ class HFGenerator:
         from sqltune.templates import get_template, stop_token_ids
 
         path = resolve(cfg.model_name_or_path)
-        self.tokenizer = load_tokenizer(path)
-        self.template = get_template(cfg.template, self.tokenizer)
+        self.tokenizer = tokenizer or load_tokenizer(path)
+        self.template = template or get_template(cfg.template or "auto", self.tokenizer)
         gpu = torch.cuda.is_available()
-        dtype = {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16}[cfg.dtype]
-        model = load_model(path, None, dtype=dtype, device_map="auto" if gpu else None)
+        model = load_model(path, None, dtype=_torch_dtype(cfg, gpu), device_map="auto" if gpu else None,
+                           attn_implementation=cfg.attn_implementation)
         if cfg.adapter:
             model = attach_adapter(model, check_adapter(cfg.adapter))
         self.model = model.eval()
@@ -129,77 +337,202 @@ class HFGenerator:
         return results
 
 
+def check_vllm() -> None:
+    """vLLM importable and a CUDA GPU present (checked before any output is touched)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise SqltuneError("--backend vllm needs vLLM (GPU only): pip install 'sqltune[gpu]'") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SqltuneError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+
+
+def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> dict:
+    """Keyword arguments of `vllm.LLM`: parallelism, memory and length limits, dtype, and LoRA sized from the
+    adapter (vLLM's default max_lora_rank 16 rejects an r=64 adapter)."""
+    args = dict(model=str(model), seed=cfg.seed, dtype="float32" if cfg.dtype == "float32" else "bfloat16",
+                tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                max_model_len=cfg.max_model_len or cfg.max_source_length + cfg.max_new_tokens)
+    if adapter is not None:
+        rank = read_json(adapter / "adapter_config.json").get("r")
+        if not isinstance(rank, int) or rank <= 0:
+            raise SqltuneError(f"{adapter}/adapter_config.json has no LoRA rank `r`")
+        fits = [r for r in VLLM_LORA_RANKS if r >= rank]
+        if not fits:
+            raise SqltuneError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; {adapter} has r={rank}")
+        args.update(enable_lora=True, max_loras=1, max_lora_rank=fits[0])
+    return args
+
+
 class VLLMGenerator:
-    """vLLM on a GPU, for throughput; same prompts (token ids) and stop tokens as the HF path."""
+    """vLLM on a GPU, for throughput; same prompts (token ids) and stop tokens as the HF path. predict hands it all
+    remaining prompts at once, so vLLM schedules them continuously."""
 
-    def __init__(self, cfg: PredictConfig):
-        try:
-            import torch
-            from vllm import LLM, SamplingParams
-        except ImportError:
-            raise SqltuneError("--backend vllm needs vLLM (GPU only): pip install 'sqltune[gpu]'") from None
-        if not torch.cuda.is_available():
-            raise SqltuneError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
-        from sqltune.loading import load_tokenizer, resolve
-        from sqltune.templates import get_template, stop_token_ids
+    def __init__(self, cfg: PredictConfig, tokenizer, template, model: Path, adapter: Path | None):
+        from vllm import LLM, SamplingParams
 
-        path = resolve(cfg.model_name_or_path)
-        self.tokenizer = load_tokenizer(path)
-        self.template = get_template(cfg.template, self.tokenizer)
-        self.llm = LLM(model=str(path), enable_lora=bool(cfg.adapter), seed=cfg.seed)
+        from sqltune.templates import stop_token_ids
+
+        self.tokenizer, self.template = tokenizer, template
+        self.llm = LLM(**vllm_engine_args(cfg, model, adapter))
         self.lora = None
-        if cfg.adapter:
+        if adapter is not None:
             from vllm.lora.request import LoRARequest
-            self.lora = LoRARequest("adapter", 1, cfg.adapter)
+
+            self.lora = LoRARequest("adapter", 1, str(adapter))
         self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                     stop_token_ids=stop_token_ids(self.tokenizer, self.template))
+                                     seed=cfg.seed,
+                                     stop_token_ids=stop_token_ids(tokenizer, template, _generation_config(model)))
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params, lora_request=self.lora,
-                                 use_tqdm=False)
+                                 use_tqdm=True)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
 
 
-def predict(cfg: PredictConfig) -> dict:
-    from sqltune.templates import encode_prompt
+def _generation_config(model: Path):
+    path = model / "generation_config.json"
+    return read_json(path) if path.is_file() else None
 
+
+# ------------------------------------------------------------------------------------------- the stage
+def _groups(records: list[dict], start: int, size: int, predicted: bool) -> list[list[int]]:
+    """Record indices generated and written together: `size` records, or with predicted history `size` whole
+    interactions."""
+    if not predicted:
+        return [list(range(i, min(i + size, len(records)))) for i in range(start, len(records), size)]
+    groups: list[list[int]] = []
+    count = 0
+    for i in range(start, len(records)):
+        new = i == start or records[i].get("interaction") != records[i - 1].get("interaction")
+        if new and (not groups or count == size):
+            groups.append([])
+            count = 0
+        count += new
+        groups[-1].append(i)
+    return groups
+
+
+def _waves(records: list[dict], group: list[int], predicted: bool) -> list[list[int]]:
+    """Generation order inside a group: all at once, or with predicted history the t-th turns of its interactions
+    together, turn after turn."""
+    if not predicted:
+        return [group]
+    interactions: list[list[int]] = []
+    for i in group:
+        if not interactions or records[i].get("interaction") != records[interactions[-1][-1]].get("interaction"):
+            interactions.append([])
+        interactions[-1].append(i)
+    longest = max(len(x) for x in interactions)
+    return [[x[t] for x in interactions if len(x) > t] for t in range(longest)]
+
+
+def _with_predicted_history(records: list[dict], i: int, answers: dict[int, str]) -> dict:
+    """Record i with the history of its interaction's earlier turns as the model answered them (CONTRACTS 3)."""
+    from sqltune.data.prompts import make_input
+
+    first = i
+    while first > 0 and records[first - 1].get("interaction") == records[i].get("interaction"):
+        first -= 1
+    history = [[make_input(records[k]["question"]), answers[k]] for k in range(first, i)]
+    return {**records[i], "history": history, "input": make_input(records[i]["question"])}
+
+
+def predict(cfg: PredictConfig) -> dict:
+    from sqltune.infer.merge import check_adapter
+    from sqltune.loading import load_tokenizer, resolve
+    from sqltune.templates import encode_prompt, get_template
+
+    # 1. every input, before anything is written
     if not cfg.dataset:
         raise SqltuneError("--dataset is required (a registry name such as spider_dev)")
     entry = lookup(cfg.dataset_dir, cfg.dataset)
     records = list(read_jsonl(entry["file_name"]))
     if cfg.max_samples:
         records = records[: cfg.max_samples]
-    if cfg.adapter:
-        from sqltune.infer.merge import check_adapter
-        check_adapter(cfg.adapter)
+    if not records:
+        raise SqltuneError(f"dataset {cfg.dataset!r} has no records ({entry['file_name']})")
+    model = resolve(cfg.model_name_or_path)
+    adapter = check_adapter(cfg.adapter) if cfg.adapter else None
+    trained, where = training_record(model, adapter)
+    template_name, length = prompt_settings(cfg, trained, where)
+    mode = history_mode(cfg, records, entry)
+    if cfg.backend == "vllm":
+        check_vllm()
+    else:
+        from sqltune.loading import check_attention
+
+        check_attention(cfg.attn_implementation)
+    tokenizer = load_tokenizer(model)
+    template = get_template(template_name, tokenizer)
     out = Path(cfg.out)
-    meta = {"dataset": cfg.dataset, "records": len(records), "file": str(Path(entry["file_name"]).resolve()),
-            **{k: v for k, v in to_dict(cfg).items() if k not in ("out", "batch_size", "overwrite", "dataset_dir")}}
-    done = resume_point(out, meta, cfg.overwrite)
-    figures = {"records": len(records), "resumed_from": done, "generated": 0, "prompts_cut": 0}
-    if done >= len(records):
-        return figures
-    gen = VLLMGenerator(cfg) if cfg.backend == "vllm" else HFGenerator(cfg)
-    raw_path, _ = side_files(out)
-    new_tokens = 0
+    check_out(out, [model] + ([adapter] if adapter else []),
+              [Path(cfg.dataset_dir) / "dataset_info.json"] +
+              [Path(entry[k]) for k in ("file_name", "gold", "tables", "difficulty") if entry.get(k)])
+    cfg = dataclasses.replace(cfg, template=template_name, max_source_length=length)
+    meta = {**{k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}, "history": mode,
+            "records": len(records), "records_sha256": records_digest(records), "model_sha256": folder_digest(model),
+            "adapter_sha256": folder_digest(adapter) if adapter else None,
+            "about": {"dataset": cfg.dataset, "model": str(model.resolve()),
+                      "adapter": str(adapter.resolve()) if adapter else "",
+                      "training_record": str(where.resolve()) if where else ""}}
+    predicted = mode == "predicted"
+
+    # 2. the output, under its lock
+    with output_lock(out):
+        done = resume_point(out, meta, records, cfg.overwrite, predicted)
+        if done is None:
+            return {"records": len(records), "resumed_from": len(records), "generated": 0, "history": mode}
+        figures = {"records": len(records), "resumed_from": done, "generated": 0, "prompts_cut": 0, "history": mode}
+        part_raw, part_meta = side_files(partial_of(out))
+        if done < len(records):
+            speed = _generate(cfg, records, done, predicted, tokenizer, template, model, adapter, part_raw,
+                              part_meta, meta, encode_prompt)
+            figures = {"examples_per_s": speed.pop("examples_per_s"), **figures, **speed}  # the headline speed
+        publish(out)
+    return figures
+
+
+def _generate(cfg, records, done, predicted, tokenizer, template, model, adapter, part_raw, part_meta, meta,
+              encode_prompt) -> dict:
+    """Answer records[done:], appending each group's rows to the partial raw file; returns the figures."""
+    gen = VLLMGenerator(cfg, tokenizer, template, model, adapter) if cfg.backend == "vllm" else \
+        HFGenerator(cfg, tokenizer, template)
+    end = template.end_marker(tokenizer)
+    size = len(records) if cfg.backend == "vllm" else cfg.batch_size
+    answers: dict[int, str] = {}
+    if predicted:  # earlier turns of the interaction being continued are already answered
+        answers = {row["index"]: row["sql"] for row in read_jsonl(part_raw)} if done else {}
+    new_tokens = generated = cut_count = 0
+    fresh = done == 0
     start = time.perf_counter()
     bar = tqdm(total=len(records), initial=done, desc="predict", unit="ex", dynamic_ncols=True)
-    for first in range(done, len(records), cfg.batch_size):
-        batch = records[first:first + cfg.batch_size]
-        encoded = [encode_prompt(gen.tokenizer, gen.template, r, cfg.max_source_length) for r in batch]
-        results = gen.generate([ids for ids, _ in encoded])
-        sqls = [extract_sql(text, gen.template.end_marker(gen.tokenizer)) for text, _ in results]
-        _append(raw_path, [json.dumps({"index": first + i, "db_id": r.get("db_id"), "raw": text, "sql": sql,
-                                       "prompt_tokens": len(ids), "prompt_cut": cut, "new_tokens": n},
-                                      ensure_ascii=False)
-                           for i, (r, (text, n), sql, (ids, cut)) in enumerate(zip(batch, results, sqls, encoded))])
-        _append(out, sqls)
-        new_tokens += sum(n for _, n in results)
-        figures["prompts_cut"] += sum(cut for _, cut in encoded)
-        figures["generated"] += len(batch)
-        bar.update(len(batch))
+    for group in _groups(records, done, size, predicted):
+        rows = {}
+        for wave in _waves(records, group, predicted):
+            asked = [_with_predicted_history(records, i, answers) if predicted else records[i] for i in wave]
+            encoded = [encode_prompt(tokenizer, template, r, cfg.max_source_length) for r in asked]
+            results = gen.generate([ids for ids, _ in encoded])
+            for i, (ids, cut), (text, n) in zip(wave, encoded, results):
+                r = records[i]
+                sql = extract_sql(text, end)
+                answers[i] = sql
+                rows[i] = {"index": i, "db_id": r.get("db_id"),
+                           **{k: r[k] for k in ("interaction", "turn") if k in r},
+                           "raw": text, "sql": sql, "prompt_tokens": len(ids), "prompt_cut": cut, "new_tokens": n}
+                new_tokens += n
+                cut_count += cut
+        if fresh:  # the first batch is ready: only now are the files of an earlier partial run replaced
+            part_raw.unlink(missing_ok=True)
+            write_json(part_meta, meta)
+            fresh = False
+        append_once(part_raw, "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted(rows)),
+                    sync=True)
+        generated += len(group)
+        bar.update(len(group))
     bar.close()
-    elapsed = time.perf_counter() - start
-    figures.update(new_tokens=new_tokens, generation_s=round(elapsed, 2),
-                   tokens_per_s=round(new_tokens / elapsed, 1), examples_per_s=round(figures["generated"] / elapsed, 3))
-    return figures
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return {"examples_per_s": round(generated / elapsed, 3), "generated": generated, "prompts_cut": cut_count,
+            "new_tokens": new_tokens, "generation_s": round(elapsed, 2), "tokens_per_s": round(new_tokens / elapsed, 1)}
