@@ -110,7 +110,13 @@ class TrainConfig:
     group_by_length: bool = arg(True, "batch examples of similar length together (less padding)")
     seed: int = arg(42, "random seed for data order and initialisation")
     plot_loss: bool = arg(False, "write training_loss.png")
-    deepspeed: str = arg("", "DeepSpeed config file passed through to transformers/Accelerate (GPU, optional)")
+    deepspeed: str = arg("", "DeepSpeed config file passed through to transformers/Accelerate (GPU, optional; "
+                             "examples: configs/deepspeed_zero2.json, configs/deepspeed_zero3.json)")
+    fsdp: str = arg("", "PyTorch FSDP for the Trainer (several GPUs): `true`, or options such as `full_shard auto_wrap`")
+    fsdp_config: str = arg("", "FSDP settings file (JSON) passed to the Trainer with --fsdp")
+    attn_implementation: str = arg("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash_attn) or eager")
+    packing: bool = arg(False, "padding-free batches: the examples of a batch back to back in one row, position ids "
+                               "restarting per example, no attention across examples")
     report_to: str = arg("none", "transformers report_to (none, tensorboard, wandb, ...)")
 
     def __post_init__(self):
@@ -134,6 +140,10 @@ class TrainConfig:
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or --num_train_epochs above 0")
         _check(self.save_steps > 0 and self.logging_steps > 0, "--save_steps and --logging_steps must be > 0")
         _check(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
+        _check(self.attn_implementation in ("sdpa", "flash_attention_2", "eager"),
+               f"--attn_implementation must be sdpa, flash_attention_2 or eager, not {self.attn_implementation!r}")
+        _check(not (self.fsdp and self.deepspeed), "choose one of --fsdp and --deepspeed")
+        _check(not self.fsdp_config or bool(self.fsdp), "--fsdp_config needs --fsdp")
 
 
 # --------------------------------------------------------------------------------------------- merge

@@ -46,18 +46,62 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     quiet_progress_in_logs()
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # no tokenizer files, or unreadable ones
+        raise SqltuneError(f"cannot load a tokenizer from {path}: {str(exc).strip().splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 
-def load_model(path: Path, quantization_bit: int | None = None, dtype=None, device_map=None):
-    """A causal LM; with quantization_bit, loaded in 4 or 8 bits through bitsandbytes."""
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+
+
+def check_attention(attn_implementation: str) -> None:
+    """flash_attention_2 only when the flash_attn package is installed (one line otherwise, before any loading)."""
+    import importlib.util
+
+    if attn_implementation not in ATTENTION:
+        raise SqltuneError(f"--attn_implementation must be one of {', '.join(ATTENTION)}, not {attn_implementation!r}")
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise SqltuneError("--attn_implementation flash_attention_2 needs the flash_attn package (GPU): "
+                           "pip install flash-attn, or use sdpa")
+
+
+def no_cudnn_attention() -> None:
+    """Turn PyTorch's cuDNN SDPA backend off when CUDA is present. It plans a kernel per sequence length, and training
+    (batches padded to their own longest) and generation change length at every step: on one H100 this planning took
+    63 % of training CPU time (issue #15). The flash / memory-efficient SDPA backends need no planning. Not measured in
+    this repository's CPU-only sessions: a GPU run of benchmarks/train_throughput.py --device cuda must confirm it."""
+    import torch
+
+    if torch.cuda.is_available() and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def quantized_device_map(cuda: bool, env=None) -> dict | None:
+    """Where a 4/8-bit model loads: under torchrun each process on its own GPU (LOCAL_RANK), never all on cuda:0."""
+    import os
+
+    if not cuda:
+        return None
+    env = os.environ if env is None else env
+    return {"": int(env.get("LOCAL_RANK", 0))}
+
+
+def load_model(path: Path, quantization_bit: int | None = None, dtype=None, device_map=None,
+               attn_implementation: str | None = None):
+    """A causal LM in `dtype` (default float32); with quantization_bit, loaded in 4 or 8 bits through bitsandbytes with
+    `dtype` as the compute dtype. attn_implementation: sdpa, flash_attention_2 or eager (default: transformers')."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    no_cudnn_attention()
     kwargs: dict = {"dtype": dtype or torch.float32}
+    if attn_implementation:
+        check_attention(attn_implementation)
+        kwargs["attn_implementation"] = attn_implementation
     if quantization_bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -65,12 +109,17 @@ def load_model(path: Path, quantization_bit: int | None = None, dtype=None, devi
             raise SqltuneError("QLoRA needs bitsandbytes: pip install 'sqltune[quant]'") from None
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        compute = kwargs["dtype"]  # follows --bf16 / --fp16 (float32 without either)
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                bnb_4bit_use_double_quant=True)
             if quantization_bit == 4 else BitsAndBytesConfig(load_in_8bit=True))
-        kwargs["dtype"] = compute
+        device_map = device_map or quantized_device_map(torch.cuda.is_available())
     if device_map:
         kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    from safetensors import SafetensorError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, SafetensorError) as exc:  # missing or corrupt weight files
+        raise SqltuneError(f"cannot load the model weights in {path}: {str(exc).strip().splitlines()[0]}") from None

@@ -1,8 +1,11 @@
 """Training data: prepared records -> tokenised examples (answer-only labels) -> padded batches.
 
 Batches are padded to their own longest example (never to a global maximum), and with length grouping the
-examples of a batch have similar lengths, so little compute goes to padding. There is no packing, so no example
-can attend to another.
+examples of a batch have similar lengths, so little compute goes to padding. With packing (`--packing`) a batch is
+one row holding its examples back to back, with no padding at all: position ids restart at 0 for every example and
+no attention mask is passed, from which transformers builds a per-example (block-diagonal causal) mask for sdpa and
+eager, and flash_attention_2 runs its variable-length kernel; either way no example attends to another. The loss is
+that of the same examples unpacked.
 """
 
 from __future__ import annotations
@@ -52,14 +55,35 @@ def tokenize_records(records: list[dict], tokenizer, template: Template, max_sou
                                      "train_tokens": sum(rows["length"])}
 
 
+def _no_packed_count_note(record) -> bool:
+    """A packed row has no padding and no attention mask, so the Trainer's fallback (count every token) is right:
+    its warning about it, repeated at every step, is dropped."""
+    return "Could not determine method to count non-padding" not in record.getMessage()
+
+
 @dataclass
 class Collator:
-    """Right-pads a batch to its longest example; labels padded with -100. Counts the real tokens it has seen."""
+    """Right-pads a batch to its longest example, labels padded with -100; with packing, one row of the examples back
+    to back with restarting position ids (transformers' DataCollatorWithFlattening). Counts the real tokens seen."""
 
     pad_token_id: int
+    packing: bool = False
     tokens_seen: int = field(default=0)
 
+    def __post_init__(self):
+        if self.packing:
+            import logging
+
+            logging.getLogger("transformers.trainer").addFilter(_no_packed_count_note)
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            from transformers import DataCollatorWithFlattening
+
+            batch = DataCollatorWithFlattening(return_position_ids=True)(
+                [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+            self.tokens_seen += batch["input_ids"].numel()
+            return batch
         longest = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), longest), -100, dtype=torch.long)

@@ -85,10 +85,38 @@ def setup_trainable(model, cfg):
     return get_peft_model(model, lora)
 
 
-def missing_gradients(model) -> list[str]:
-    """Names of trainable parameters that have no (or a non-finite) gradient."""
+def missing_gradients(model, finite: bool = True) -> list[str]:
+    """Names of trainable parameters that have no gradient (or, with `finite`, a non-finite one)."""
     bad = []
     for name, p in model.named_parameters():
-        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all()):
+        if p.requires_grad and (p.grad is None or (finite and not torch.isfinite(p.grad).all())):
             bad.append(name)
     return bad
+
+
+def train_dtype(cfg):
+    """The dtype the base weights load in. --bf16: bfloat16 for every finetuning type (full and freeze too: no float32
+    copy); --fp16: float16 for LoRA/QLoRA bases (their adapters stay float32), but float32 for full/freeze, whose
+    trainable weights the fp16 loss scaler must unscale in float32; neither: float32. QLoRA's compute dtype is this."""
+    if cfg.bf16:
+        return torch.bfloat16
+    if cfg.fp16 and cfg.finetuning_type in ("lora", "qlora"):
+        return torch.float16
+    return torch.float32
+
+
+def parallel_args(cfg) -> dict:
+    """Precision and multi-process settings for TrainingArguments: DeepSpeed config file, or FSDP options and file."""
+    return {"bf16": cfg.bf16, "fp16": cfg.fp16, "deepspeed": cfg.deepspeed or None,
+            "fsdp": (True if cfg.fsdp.strip().lower() in ("true", "1", "yes") else cfg.fsdp) if cfg.fsdp else None,
+            "fsdp_config": cfg.fsdp_config or None}
+
+
+def gradient_check(args, model) -> list[str] | None:
+    """Parameters that got no gradient in the first step, or None when the check cannot be made at this point:
+    under DeepSpeed the engine keeps (and zeroes) gradients in its own buffers before on_pre_optimizer_step, and under
+    FSDP a rank's parameters may hold no gradient shard. With fp16 a non-finite gradient is the loss scaler's
+    overflow step (the step is skipped and the scale lowered), so only missing gradients count there."""
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        return None
+    return missing_gradients(model, finite=not getattr(args, "fp16", False))
