@@ -9,7 +9,9 @@ own section), and `--name value` flags override them. Errors are one line on std
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 
 from sqltune import __version__
@@ -192,6 +194,15 @@ def demo_data_command(argv: list[str]) -> int:
 COMMANDS = {"run": run_command, "trace": trace_command, "models": models_command, "demo-data": demo_data_command}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, `kill`), raised where the program is so that it ends like Ctrl-C: trace spans
+    say interrupted, partial outputs are cleaned up, the exit code is 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -202,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     started = time.time()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         if command in STAGES:
             return run_stage(command, rest)
@@ -211,15 +224,22 @@ def main(argv: list[str] | None = None) -> int:
     except SqltuneError as exc:
         print(f"sqltune {command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sqltune {command}: interrupted after {time.time() - started:.0f} s", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"sqltune {command}: {how} after {time.time() - started:.0f} s", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:  # `sqltune trace show RUN --json | head`: the reader has gone; so do we, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except Exception as exc:  # an unexpected failure: one line unless debugging
         if os.environ.get("SQLTUNE_DEBUG"):
             raise
         print(f"sqltune {command}: internal error: {type(exc).__name__}: {exc} (SQLTUNE_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

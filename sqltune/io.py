@@ -17,13 +17,30 @@ from typing import Any, Iterable, Iterator
 from sqltune.errors import SqltuneError
 
 
+def umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A fresh folder in `parent` with the mode a plain mkdir gives (mkdtemp's is 0700 whatever the umask), for
+    work that is renamed into place as an output."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~umask())
+    return path
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
-    """Yield a file handle whose content replaces `path` only if the block finishes without error."""
+    """Yield a file handle whose content replaces `path` only if the block finishes without error. The file gets
+    the mode a plain open() gives (mkstemp's is 0600 whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~umask())
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as handle:
             yield handle
             handle.flush()
@@ -38,7 +55,7 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
 def append_once(path: str | Path, text: str, sync: bool = False) -> None:
     """Append `text` with a single write call (whole lines land together); create the file if needed."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides, as for open()
     try:
         os.write(fd, text.encode())
         if sync:

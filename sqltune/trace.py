@@ -1,17 +1,22 @@
-"""Run traces: every command appends JSON-lines spans to its run folder.
+"""Run traces: every command appends JSON-lines spans to a trace file.
 
 A span is `{"run_id", "stage", "start", "end", "duration_s", "status", "figures", "error"}`. `sqltune run` writes
-into `runs/<name>-<timestamp>/trace.jsonl`; a stage run on its own writes into `runs/commands/trace.jsonl`.
+into `runs/<name>-<timestamp>/trace.jsonl`. A stage command run on its own writes its span (marked
+`"kind": "command"`) beside its output: into the output folder (prepare, train, merge, evaluate's report) or the
+folder holding the output file (predict); it is never a run of its own in `trace list`. A trace that cannot be
+written is a warning, never a failed stage.
 
     sqltune trace list [--runs_dir runs]          runs: name, date, status, duration, EX
-    sqltune trace show RUN [--json]               each stage's timing and figures
+    sqltune trace show RUN [--json]               each stage's timing and figures (RUN may be any trace folder)
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +33,12 @@ def runs_dir() -> Path:
 
 
 def append_span(path: Path, span: dict) -> None:
-    """One JSON object per line, written with a single append so concurrent writers do not interleave."""
-    append_once(path, json.dumps(span, default=str) + "\n")
+    """One JSON object per line, written with a single append so concurrent writers do not interleave. A trace
+    that cannot be written (read-only folder, full disk) is one warning: the work it describes is done."""
+    try:
+        append_once(path, json.dumps(span, default=str) + "\n")
+    except OSError as exc:
+        print(f"sqltune: warning: could not write the trace span to {path}: {exc.strerror or exc}", file=sys.stderr)
 
 
 def _iso(t: float) -> str:
@@ -37,8 +46,9 @@ def _iso(t: float) -> str:
 
 
 @contextmanager
-def span(trace_path: Path, run_id: str, stage: str):
-    """Time a block and record it; the yielded dict collects the block's key figures."""
+def span(trace_path, run_id: str | None, stage: str, **extra):
+    """Time a block and record it; the yielded dict collects its key figures. `trace_path` may be a function called
+    at the end (the place can depend on what the block wrote; None: nowhere); run_id None: the trace folder's name."""
     figures: dict = {}
     start = time.time()
     status, error = "ok", None
@@ -53,56 +63,104 @@ def span(trace_path: Path, run_id: str, stage: str):
     finally:
         end = time.time()
         keep = {k: v for k, v in figures.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        append_span(trace_path, {"run_id": run_id, "stage": stage, "start": _iso(start), "end": _iso(end),
-                                 "duration_s": round(end - start, 3), "status": status, "figures": keep,
-                                 "error": error})
+        path = trace_path() if callable(trace_path) else trace_path
+        if path is not None:
+            append_span(path, {"run_id": run_id or path.parent.name, "stage": stage, "start": _iso(start),
+                               "end": _iso(end), "duration_s": round(end - start, 3), "status": status,
+                               "figures": keep, "error": error, **extra})
+
+
+def command_trace(cfg) -> Path | None:
+    """Where a stage command run on its own records its span: the current run's trace when `sqltune run` started
+    it, else beside its output (the output folder, or the folder holding an output file). None when that folder
+    does not exist (the stage failed before writing anything; its error was printed) or there is no output."""
+    target = os.environ.get(ENV_TRACE)
+    if target:
+        return Path(target)
+    for name in ("output_dir", "report", "out"):
+        place = Path(getattr(cfg, name, "") or "")
+        if place != Path(""):
+            if place.is_dir():
+                return place / TRACE_FILE
+            return place.parent / TRACE_FILE if place.is_file() else None
+    return None
 
 
 @contextmanager
 def command_span(stage: str, cfg):
-    """A span for a stage command: into the current run's trace, or runs/commands/ when run on its own."""
-    target = os.environ.get(ENV_TRACE)
-    path = Path(target) if target else runs_dir() / "commands" / TRACE_FILE
-    with span(path, path.parent.name, stage) as figures:
+    """A span for a stage command, written where `command_trace` says once the stage has finished."""
+    extra = {} if os.environ.get(ENV_TRACE) else {"kind": "command"}
+    with span(lambda: command_trace(cfg), None, stage, **extra) as figures:
         yield figures
+
+
+def _span(obj) -> dict | None:
+    """A span with every key of the right type, or None for a line that is not a span (valid JSON of another
+    shape): one bad line never spoils the listing of the other runs."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("stage"), str):
+        return None
+    duration = obj.get("duration_s")
+    ok = isinstance(duration, (int, float)) and not isinstance(duration, bool) and math.isfinite(duration)
+    figures = obj.get("figures") if isinstance(obj.get("figures"), dict) else {}
+    span = {"run_id": str(obj.get("run_id") or ""), "stage": obj["stage"], "start": str(obj.get("start") or ""),
+            "end": str(obj.get("end") or ""), "duration_s": float(duration) if ok else 0.0,
+            "status": str(obj.get("status") or "unknown"),
+            "figures": {str(k): v for k, v in figures.items() if isinstance(v, (int, float, str, bool)) or v is None},
+            "error": None if obj.get("error") is None else str(obj["error"])}
+    if obj.get("kind"):
+        span["kind"] = str(obj["kind"])
+    return span
 
 
 def read_trace(run_dir: Path) -> list[dict]:
     path = run_dir / TRACE_FILE
-    if not path.is_file():
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
         return []
     spans = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
-            spans.append(json.loads(line))
-        except json.JSONDecodeError:
+            span = _span(json.loads(line))
+        except ValueError:
             continue  # a line cut by a crash is skipped, the rest still reads
+        if span is not None:
+            spans.append(span)
     return spans
 
 
-def summarize(run_dir: Path) -> dict:
-    spans = read_trace(run_dir)
+def summarize(run_dir: Path, spans: list[dict] | None = None) -> dict:
+    spans = read_trace(run_dir) if spans is None else spans
     run_span = next((s for s in reversed(spans) if s["stage"] == "run"), None)
-    if run_span is not None:
-        status = run_span["status"]
-    elif run_dir.name == "commands":  # stage commands run on their own have no run span
-        status = "failed" if any(s["status"] == "failed" for s in spans) else "ok"
-    else:
-        status = "running or stopped"
+    status = run_span["status"] if run_span is not None else "running or stopped"
     ex = None
     for s in spans:
         for key in ("ex", "ex_finetuned", "ex_all"):
             if s["figures"].get(key) is not None:
                 ex = s["figures"][key]
     duration = run_span["duration_s"] if run_span else sum(s["duration_s"] for s in spans)
-    return {"name": run_dir.name, "date": spans[0]["start"] if spans else "", "status": status,
+    return {"name": run_dir.name, "date": next((s["start"] for s in spans if s["start"]), ""), "status": status,
             "duration_s": round(duration, 1), "ex": ex, "stages": len(spans)}
+
+
+def is_run(run_dir: Path, spans: list[dict]) -> bool:
+    """A folder of `sqltune run`, finished or not; not one where stage commands run on their own left their spans
+    (`kind: command`, or the `commands` folder of earlier versions): their durations add up to nothing."""
+    if any(s["stage"] == "run" for s in spans):
+        return True
+    return run_dir.name != "commands" and not (spans and all(s.get("kind") == "command" for s in spans))
 
 
 def list_runs(root: Path) -> list[dict]:
     if not root.is_dir():
         return []
-    return [summarize(d) for d in sorted(root.iterdir()) if (d / TRACE_FILE).is_file()]
+    runs = []
+    for folder in sorted(root.iterdir()):
+        if (folder / TRACE_FILE).is_file():
+            spans = read_trace(folder)
+            if is_run(folder, spans):
+                runs.append(summarize(folder, spans))
+    return runs
 
 
 def find_run(root: Path, name: str) -> Path:
