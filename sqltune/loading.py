@@ -123,3 +123,16 @@ def load_model(path: Path, quantization_bit: int | None = None, dtype=None, devi
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, SafetensorError) as exc:  # missing or corrupt weight files
         raise SqltuneError(f"cannot load the model weights in {path}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def gpu_device_map(path: Path, share: float = 0.9) -> dict | None:
+    """{"": 0} when a CUDA GPU has room for the folder's weights (as saved), else None (CPU). Whole-model placement
+    only: accelerate's spill-over to CPU/disk leaves weights on the meta device, which merging cannot touch."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) or \
+        sum(f.stat().st_size for f in Path(path).glob("*.bin"))
+    free, _ = torch.cuda.mem_get_info(0)
+    return {"": 0} if 0 < size < share * free else None

@@ -331,3 +331,34 @@ def test_preflight_warns_before_loading_and_names_the_flags_that_fit(tmp_path):
     tiny = TrainConfig(per_device_train_batch_size=1, max_source_length=256, max_target_length=64)
     assert "even the smallest" in preflight(tiny, tmp_path, 4, free=(GIB, "CPU RAM"))
     assert preflight(cfg, tmp_path / "absent", 2, free=(GIB, "CPU RAM")) is None
+
+
+def test_merge_works_in_the_base_dtype(tiny_model, tmp_path, monkeypatch):
+    """merge loads a bf16 base in bf16 (it loaded float32 and cast afterwards: ~136 GB of RAM for a 34B model) and
+    the merged weights equal base + the LoRA delta, within bf16 rounding."""
+    from peft import LoraConfig, get_peft_model
+
+    from sqltune.config import MergeConfig
+    from sqltune.infer import merge as merge_mod
+
+    base = tmp_path / "base"
+    load_model(tiny_model, dtype=torch.bfloat16).save_pretrained(base)
+    load_tokenizer(tiny_model).save_pretrained(base)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(load_model(base, dtype=torch.float32),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    expected = peft_model.merge_and_unload().model.layers[0].self_attn.q_proj.weight.detach()
+    seen = []
+    real = merge_mod.load_model
+    monkeypatch.setattr(merge_mod, "load_model", lambda *a, **kw: seen.append(kw["dtype"]) or real(*a, **kw))
+    merge_mod.merge(MergeConfig(model_name_or_path=str(base), adapter=str(tmp_path / "adapter"),
+                                out=str(tmp_path / "merged")))
+    assert seen == [torch.bfloat16]
+    got = load_model(tmp_path / "merged", dtype=torch.bfloat16).model.layers[0].self_attn.q_proj.weight
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected.float(), atol=2e-2, rtol=1e-2)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -1,7 +1,7 @@
 """The merge stage: fold a LoRA adapter into its base model and save a plain model folder.
 
-The base is loaded in full precision (never the 4-bit copy a QLoRA run trained against), the adapter's weights are
-added in, and the result is saved as safetensors with tokenizer and generation config, so that
+The base is loaded unquantised in the dtype it was saved in (never the 4-bit copy a QLoRA run trained against, never
+widened to float32), on the GPU when it fits there, the adapter's weights are added in, and the result is saved as safetensors with tokenizer and generation config, so that
 `AutoModelForCausalLM.from_pretrained(out)` loads it without peft.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from sqltune.config import MergeConfig
 from sqltune.errors import SqltuneError
 from sqltune.io import temp_dir
-from sqltune.loading import load_model, load_tokenizer, resolve
+from sqltune.loading import gpu_device_map, load_model, load_tokenizer, resolve
 
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
                        r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
@@ -68,9 +68,10 @@ def merge(cfg: MergeConfig) -> dict:
         raise SqltuneError(f"{out} exists and is not empty (pass --overwrite_output_dir to replace it)")
     base_config = json.loads((base / "config.json").read_text())
     saved_dtype = base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
-    model = attach_adapter(load_model(base, None, dtype=torch.float32), adapter)
+    # in the base's own dtype (a 34B bf16 base is never held in float32: ~136 GB), on the GPU when it fits there
+    model = attach_adapter(load_model(base, None, dtype=getattr(torch, saved_dtype, torch.float32),
+                                      device_map=gpu_device_map(base)), adapter)
     merged = model.merge_and_unload()
-    merged = merged.to(getattr(torch, saved_dtype, torch.float32))
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}.")  # the merged folder gets the umask's mode, not mkdtemp's 0700
