@@ -371,7 +371,8 @@ def recipe_values(data: dict, section: str, cls, where: str = "recipe") -> dict:
 
 def _recipe_paths(data: dict, section: str) -> dict:
     """Where a stage run on its own finds what the recipe's earlier stages wrote when each ran on its own too:
-    train reads `<prepare name>_train`, predict `<prepare name>_dev`, from prepare's `out` folder."""
+    train reads `<prepare name>_train`, predict `<prepare name>_dev`, from prepare's `out` folder; merge reads the
+    adapter in train's `output_dir`."""
     prep = data.get("prepare") if isinstance(data.get("prepare"), dict) else {}
     name = prep.get("name") or prep.get("source") or "spider"
     folder = {"dataset_dir": prep["out"]} if prep.get("out") else {}
@@ -379,6 +380,9 @@ def _recipe_paths(data: dict, section: str) -> dict:
         return {"dataset": f"{name}_train", **folder}
     if section == "predict":
         return {"dataset": f"{name}_dev", **folder}
+    if section == "merge":
+        train = data.get("train") if isinstance(data.get("train"), dict) else {}
+        return {"adapter": train.get("output_dir") or TrainConfig.__dataclass_fields__["output_dir"].default}
     return {}
 
 

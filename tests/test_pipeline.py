@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import training_killed_after_save
 from sqltune.cli import main
 from sqltune.infer import predict as predict_mod
+
+ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture
@@ -192,3 +195,16 @@ predict: {{max_new_tokens: 8}}
     assert evaluation["status"] == "ok" and evaluation["figures"]["count"] == 3
     rows = [json.loads(line) for line in (run / "eval" / "base" / "per_example.jsonl").read_text().splitlines()]
     assert [r.get("question") for r in rows] == [q["question"] for q in first + [other]]
+
+
+def test_merge_command_finds_the_recipes_adapter(tmp_path, capsys):
+    """Pins: `sqltune merge configs/demo.yaml --print_config` failed with "--adapter is required": a stage command
+    given a run recipe finds what the recipe's train wrote (its output_dir, else train's default)."""
+    import yaml
+
+    assert main(["merge", str(ROOT_CONFIGS / "demo.yaml"), "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["adapter"] == "output/adapter"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: m\ntrain: {output_dir: out/lora}\nmerge: {out: out/merged}\n")
+    assert main(["merge", str(recipe), "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["adapter"] == "out/lora"
