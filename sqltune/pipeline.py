@@ -238,7 +238,9 @@ def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[d
         adapter = run / "adapter"
         cfg = stage_config(plan, "train", run, dataset=plan.sections["train"].get("dataset", f"{name}_train"),
                            dataset_dir=str(data_dir), output_dir=str(adapter), overwrite_output_dir=True)
-        checkpoints = adapter.is_dir() and any(adapter.glob("checkpoint-*"))
+        from sqltune.train.folders import resumable  # a complete checkpoint (a kill mid-save leaves an incomplete one)
+
+        checkpoints = resumable(adapter)
         step("train", cfg, [ident("prepare")],
              continuing={"resume": True, "overwrite_output_dir": False} if checkpoints else None)
     base_model = plan.shared.get("model_name_or_path") or plan.sections["train"].get("model_name_or_path") or \

@@ -1,8 +1,10 @@
 """The train stage: supervised fine-tuning on prepared records with the transformers Trainer.
 
-Read top to bottom: resolve the model, check the output folder, tokenise the records with the chat template
-(loss on answer tokens only), set up the trainable parameters for the finetuning type, train with length-grouped
-batches, then save the adapter (or model), tokenizer, resolved config, log and loss plot.
+Read top to bottom: check every input (model, dataset, output folder against the inputs, settings of a resumed
+run), tokenise the records with the chat template (loss on answer tokens only), set up the trainable parameters for
+the finetuning type, train with length-grouped batches in the work folder, then save the adapter (or model),
+tokenizer, log and loss plot and put the finished folder in place (sqltune/train/folders.py: the old output is
+replaced only by a complete new one). The figures describe the whole run, also after a resume and over all processes.
 
 Several processes: launch the same command with `torchrun --nproc_per_node N -m sqltune train ...` or
 `accelerate launch -m sqltune train ...`; the Trainer does the rest (gloo on CPU, NCCL on GPUs). A DeepSpeed or
@@ -15,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,13 +24,14 @@ from pathlib import Path
 import yaml
 
 from sqltune.config import TrainConfig, to_dict
+from sqltune.data.registry import lookup_many
 from sqltune.errors import SqltuneError
+from sqltune.io import atomic_write, write_json
 from sqltune.loading import load_model, load_tokenizer, resolve
 from sqltune.templates import get_template
+from sqltune.train import folders
 from sqltune.train.data import Collator, load_records, tokenize_records
-from sqltune.train.loss import install_label_only_loss
-from sqltune.train.memory import preflight
-from sqltune.train.setup import gradient_check, parallel_args, setup_trainable, train_dtype
+from sqltune.train.setup import missing_gradients, setup_trainable
 
 TRAIN_LOG = "trainer_log.jsonl"
 RESOLVED_CONFIG = "sqltune_train.yaml"
@@ -39,48 +41,108 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def check_output_dir(cfg: TrainConfig) -> str | None:
-    """The checkpoint to resume from (with --resume), after refusing to overwrite a finished or foreign folder."""
-    from transformers.trainer_utils import get_last_checkpoint
+def _distributed():
+    import torch.distributed as dist
 
-    out = Path(cfg.output_dir)
-    if cfg.resume:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if last is None:
-            raise SqltuneError(f"--resume: no checkpoint-* folder in {out} to resume from")
-        return last
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite_output_dir:
-            raise SqltuneError(f"output_dir {out} exists and is not empty (pass --overwrite_output_dir to replace "
-                               "it, or --resume to continue its latest checkpoint)")
-        if _world()[0] == 0:
-            shutil.rmtree(out)
-    return None
+    return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _callbacks(cfg: TrainConfig, collator: Collator, resume_step: int):
+def _barrier() -> None:
+    if dist := _distributed():
+        dist.barrier()
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's decision on every process (so that all of them stop at the same step and none waits forever)."""
+    if not (dist := _distributed()):
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+# how the run is carried out, not what it learns: these may change between a run and its resume
+EXECUTION_ONLY = {"resume", "overwrite_output_dir", "output_dir", "max_train_minutes", "logging_steps", "save_steps",
+                  "save_total_limit", "plot_loss", "report_to", "gradient_checkpointing", "model_name_or_path",
+                  "dataset_dir"}
+
+
+def settings_changed(saved: dict, current: dict) -> list[str]:
+    """`name saved -> current` for each setting that differs from the run being resumed (paths compared resolved;
+    a setting the saved file does not know is not compared)."""
+    return [f"{key} {saved[key]!r} -> {value!r}" for key, value in current.items()
+            if key not in EXECUTION_ONLY and key in saved and saved[key] != value]
+
+
+def check_resume_settings(work: Path, current: dict) -> None:
+    path = work / RESOLVED_CONFIG
+    if not path.is_file():
+        return  # a checkpoint written before settings were saved at the start: nothing to compare
+    saved = yaml.safe_load(path.read_text()) or {}
+    changed = settings_changed(saved, current)
+    if changed:
+        raise SqltuneError(f"--resume: settings differ from the checkpoint's run ({path}): {'; '.join(changed)}. "
+                           "Resume with the saved settings, or start again with --overwrite_output_dir")
+
+
+def _inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:
+    """Everything the run reads; the output folder may not overlap any of them."""
+    inputs = {"model folder": model_path, "dataset folder": Path(cfg.dataset_dir)}
+    for entry in lookup_many(cfg.dataset_dir, cfg.dataset):
+        inputs[f"dataset file {Path(entry['file_name']).name}"] = Path(entry["file_name"])
+    if cfg.deepspeed:
+        inputs["DeepSpeed config"] = Path(cfg.deepspeed)
+    return inputs
+
+
+def progress_line(state, logs: dict, tokens_per_s: float) -> str:
+    """One readable line per logging step, for logs where a progress bar would show only its first frame."""
+    return (f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
+            f"lr {logs.get('learning_rate', 0.0):.3g} tokens/s {tokens_per_s:.0f}")
+
+
+def _callbacks(cfg: TrainConfig, work: Path, resume_step: int):
     from transformers import TrainerCallback
 
-    log_path = Path(cfg.output_dir) / TRAIN_LOG
+    log_path = work / TRAIN_LOG
+    progress = not sys.stderr.isatty()
 
     class JsonlLog(TrainerCallback):
-        """Appends each logged step to trainer_log.jsonl (a resumed run first drops the lines after its checkpoint)."""
+        """Appends each logged step to trainer_log.jsonl (a resumed run first drops the lines after its checkpoint);
+        with stderr not a terminal, prints one progress line per logging step instead of a progress bar."""
 
         def on_train_begin(self, args, state, control, **kw):
+            self.last = (time.monotonic(), state.num_input_tokens_seen)
             if state.is_world_process_zero and log_path.is_file():
                 keep = [l for l in log_path.read_text().splitlines() if l.strip() and
                         json.loads(l).get("step", 0) <= resume_step]
-                log_path.write_text("".join(k + "\n" for k in keep))
+                with atomic_write(log_path) as handle:
+                    handle.write("".join(k + "\n" for k in keep))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero or not logs:
                 return
             row = {"step": state.global_step, "epoch": state.epoch, **{k: v for k, v in logs.items()
                                                                          if isinstance(v, (int, float))}}
-            row["tokens_seen"] = collator.tokens_seen
+            row["tokens_seen"] = state.num_input_tokens_seen  # every process, the whole run
             log_path.parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if progress and "loss" in logs:
+                now, tokens = time.monotonic(), state.num_input_tokens_seen
+                rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+                self.last = (now, tokens)
+                print(progress_line(state, logs, rate), file=sys.stderr, flush=True)
+
+    class FiniteLoss(TrainerCallback):
+        """A NaN or infinite loss stops training with one line (the logged loss is averaged over all processes, so
+        every process stops together)."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise SqltuneError(f"training stopped at step {state.global_step}: the loss is {loss} "
+                                   f"(learning rate {cfg.learning_rate}: try a lower --learning_rate)")
 
     class GradientCheck(TrainerCallback):
         """Before the first optimizer step: every trainable parameter must have a finite gradient."""
@@ -91,7 +153,7 @@ def _callbacks(cfg: TrainConfig, collator: Collator, resume_step: int):
             if self.checked or model is None:
                 return
             self.checked = True
-            bad = gradient_check(args, model)  # None under DeepSpeed/FSDP; fp16 overflow steps are not counted
+            bad = missing_gradients(model)
             if bad:
                 raise SqltuneError(f"{len(bad)} trainable parameters got no gradient in the first step "
                                    f"(first: {bad[0]}); training would silently learn nothing")
@@ -107,11 +169,13 @@ def _callbacks(cfg: TrainConfig, collator: Collator, resume_step: int):
                     if p.requires_grad:
                         h.update(name.encode())
                         h.update(p.detach().float().cpu().numpy().tobytes())
-                Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-                (Path(cfg.output_dir) / f"rank{rank}_weights.sha256").write_text(h.hexdigest() + "\n")
+                work.mkdir(parents=True, exist_ok=True)
+                (work / f"rank{rank}_weights.sha256").write_text(h.hexdigest() + "\n")
 
-    class TimeBudget(TrainerCallback):
-        """Stops training (the final save still happens) once max_train_minutes have passed."""
+    class StepControl(TrainerCallback):
+        """Stops once max_train_minutes have passed (rank 0's clock decides for every process; the final save still
+        happens), and logs at every checkpoint and at the last step, so the log covers every step and the figures
+        of a resumed run cover the whole run."""
 
         started = None
 
@@ -119,11 +183,29 @@ def _callbacks(cfg: TrainConfig, collator: Collator, resume_step: int):
             self.started = time.monotonic()
 
         def on_step_end(self, args, state, control, **kw):
-            if cfg.max_train_minutes and time.monotonic() - self.started > cfg.max_train_minutes * 60:
+            if cfg.max_train_minutes and agree(time.monotonic() - self.started > cfg.max_train_minutes * 60):
                 control.should_training_stop = True
+            if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
+                control.should_log = True
             return control
 
-    return [JsonlLog(), GradientCheck(), RankDigest(), TimeBudget()]
+    return [JsonlLog(), FiniteLoss(), GradientCheck(), RankDigest(), StepControl()]
+
+
+def run_figures(log_history: list[dict]) -> dict:
+    """Loss figures of the whole run from the Trainer's log history (restored from the checkpoint after a resume).
+    Each logged loss is the mean over the steps since the previous log, so the run's mean weighs it by those steps."""
+    rows = [r for r in log_history if "loss" in r]
+    if not rows:
+        return {"train_loss": None, "first_loss": None, "final_loss": None}
+    total = steps = 0.0
+    previous = 0
+    for r in rows:
+        span = max(r["step"] - previous, 1)
+        previous = r["step"]
+        total += r["loss"] * span
+        steps += span
+    return {"train_loss": total / steps, "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"]}
 
 
 def plot_loss(log_path: Path, out: Path) -> None:
@@ -148,24 +230,30 @@ def plot_loss(log_path: Path, out: Path) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Train and return the run's figures (on rank 0; other processes return {} so that one summary is printed)."""
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     set_seed(cfg.seed)  # before the adapter is initialised, so a run is reproducible from its seed
+    # every input first: nothing is written (or removed) before all of them are known good
     model_path = resolve(cfg.model_name_or_path)
-    checkpoint = check_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    folders.check_overlap(out, _inputs(cfg, model_path))
+    work, checkpoint, skipped = folders.plan(out, cfg.resume, cfg.overwrite_output_dir)
+    resolved = {**to_dict(cfg), "model_path": str(model_path.resolve()),
+                "dataset_path": str(Path(cfg.dataset_dir).resolve())}
+    if checkpoint:
+        check_resume_settings(work, resolved)
     tokenizer = load_tokenizer(model_path)
     template = get_template(cfg.template, tokenizer)
+    resolved["template_resolved"] = template.name
     records = load_records(cfg.dataset_dir, cfg.dataset, cfg.max_samples, cfg.seed)
     dataset, data_figures = tokenize_records(records, tokenizer, template, cfg.max_source_length,
                                              cfg.max_target_length)
 
     quant = cfg.quantization_bit if cfg.finetuning_type == "qlora" else None
-    dtype = train_dtype(cfg)
-    if (warning := preflight(cfg, model_path, dtype.itemsize)) and _world()[0] == 0:
-        print(f"train: {warning}", file=sys.stderr)
-    model = setup_trainable(load_model(model_path, quant, dtype=dtype, attn_implementation=cfg.attn_implementation),
-                            cfg)
+    dtype = torch.bfloat16 if (cfg.bf16 and cfg.finetuning_type in ("lora", "qlora")) else torch.float32
+    model = setup_trainable(load_model(model_path, quant, dtype=dtype), cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise SqltuneError("no parameter is trainable with these settings")
@@ -173,43 +261,52 @@ def train(cfg: TrainConfig) -> dict:
         model.gradient_checkpointing_enable()
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    data_figures["loss_kernel"] = install_label_only_loss(model)  # no full-vocabulary logits (sqltune/train/loss.py)
 
-    resume_step = int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
-    warmup_steps = 0
-    if cfg.warmup_ratio:
-        steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(
-            len(dataset) / (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps) * cfg.num_train_epochs)
-        warmup_steps = int(steps * cfg.warmup_ratio)
-    args = TrainingArguments(
-        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.per_device_train_batch_size,
+    resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+    args = TrainingArguments(  # creating it starts torch.distributed under torchrun
+        output_dir=str(work), per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=warmup_steps, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_ratio,  # a fraction of the real number of steps, which counts the processes
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        seed=cfg.seed, data_seed=cfg.seed, report_to=cfg.report_to, remove_unused_columns=False,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, bf16=cfg.bf16,
+        fp16=cfg.fp16, seed=cfg.seed, data_seed=cfg.seed, report_to=cfg.report_to, remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length", **parallel_args(cfg), ddp_find_unused_parameters=False,
+        length_column_name="length", deepspeed=cfg.deepspeed or None, ddp_find_unused_parameters=False,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_first_step=True,
-        disable_tqdm=False)
-    collator = Collator(tokenizer.pad_token_id, packing=cfg.packing)
+        include_num_input_tokens_seen="non_padding",  # summed over processes, kept in checkpoints
+        logging_nan_inf_filter=False,  # a non-finite loss must be seen, not averaged away
+        disable_tqdm=not sys.stderr.isatty())  # in a log file: one progress line per logging step instead
+    rank, world = _world()
+    if rank == 0:
+        for ckpt in skipped:
+            print(f"train: {ckpt} is incomplete (killed while saving?): skipped and removed", file=sys.stderr)
+        if checkpoint:
+            print(f"train: resuming from {checkpoint}", file=sys.stderr)
+        folders.prepare(out, work, cfg.resume, skipped)
+        with atomic_write(work / RESOLVED_CONFIG) as handle:  # at the start, so a resume can compare settings
+            yaml.safe_dump(resolved, handle, sort_keys=False)
+    _barrier()
+    collator = Collator(tokenizer.pad_token_id)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=_callbacks(cfg, collator, resume_step))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+                      callbacks=_callbacks(cfg, work, resume_step))
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; JsonlLog prints readable lines
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    out = Path(cfg.output_dir)
-    trainer.save_model(str(out))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trainer.save_model(str(work))
+    state = trainer.state
     runtime = result.metrics.get("train_runtime", 0.0) or 1e-9
-    figures = {"train_loss": result.training_loss, "final_loss": losses[-1] if losses else None,
-               "first_loss": losses[0] if losses else None, "steps": trainer.state.global_step,
-               "records": len(records), "trainable_params": trainable, "train_runtime_s": round(runtime, 2),
-               "tokens_per_s": round(collator.tokens_seen / runtime, 1), **data_figures}
+    earlier = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
+    session_tokens = state.num_input_tokens_seen - earlier.get("num_input_tokens_seen", 0)
+    figures = {**run_figures(state.log_history), "steps": state.global_step, "resumed_from_step": resume_step,
+               "records": len(records), "trainable_params": trainable, "processes": world,
+               "train_runtime_s": round(runtime, 2), "tokens_seen": state.num_input_tokens_seen,
+               "tokens_per_s": round(session_tokens / runtime, 1), **data_figures}
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(out)
-        resolved = {**to_dict(cfg), "model_path": str(model_path.resolve()), "template_resolved": template.name}
-        (out / RESOLVED_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
-        (out / "train_figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+        tokenizer.save_pretrained(work)
         if cfg.plot_loss:
-            plot_loss(out / TRAIN_LOG, out / "training_loss.png")
-    return figures
+            plot_loss(work / TRAIN_LOG, work / "training_loss.png")
+        write_json(work / folders.FINISHED, figures)  # last: a folder without it is unfinished
+        folders.finish(out, work)
+    _barrier()
+    return figures if rank == 0 else {}
