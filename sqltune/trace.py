@@ -169,7 +169,8 @@ def find_run(root: Path, name: str) -> Path:
         return direct
     if (root / name / TRACE_FILE).is_file():
         return root / name
-    matches = [d for d in root.iterdir() if d.name.startswith(name) and (d / TRACE_FILE).is_file()] if root.is_dir() else []
+    matches = [d for d in root.iterdir() if d.name.startswith(name) and (d / TRACE_FILE).is_file()] \
+        if root.is_dir() else []
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:

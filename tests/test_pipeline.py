@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import training_killed_after_save
+
 from sqltune.cli import main
 from sqltune.infer import predict as predict_mod
 
@@ -175,7 +175,8 @@ def test_multi_turn_run_keeps_interaction_blocks(tmp_path, demo_dir, tiny_model)
     other = next(q for q in questions if q["db_id"] != questions[0]["db_id"])
     dialog = [{"database_id": first[0]["db_id"],
                "interaction": [{"utterance": q["question"], "query": q["query"]} for q in first]},
-              {"database_id": other["db_id"], "interaction": [{"utterance": other["question"], "query": other["query"]}]}]
+              {"database_id": other["db_id"],
+               "interaction": [{"utterance": other["question"], "query": other["query"]}]}]
     for split in ("train", "dev"):
         (data / f"{split}.json").write_text(json.dumps(dialog))
     recipe = tmp_path / "mt.yaml"

@@ -147,7 +147,7 @@ raise SystemExit(main(["run", {str(recipe)!r}, "--run_dir", {str(run)!r}]))
         time.sleep(0.1)
     assert started.exists(), proc.communicate()
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err
     spans = [json.loads(line) for line in (run / "trace.jsonl").read_text().splitlines()]
