@@ -262,3 +262,13 @@ def test_demo_recipe_header_example_works(capsys):
     assert "sqltune run configs/demo.yaml --train.max_steps" in header
     assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--train.max_steps", "2", "--print_config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 2
+
+
+def test_force_reruns_every_stage_afresh(recipe, tmp_path, calls):
+    """Pins: `--force` retrained everything and still failed at predict ("holds predictions of another run")."""
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    ran(run, calls)
+    assert main(["run", str(recipe), "--run_dir", str(run), "--force"]) == 0
+    assert all(c.overwrite for n, c in calls if n == "predict")
+    assert ran(run, calls) == {label: "ok" for label in ALL}
