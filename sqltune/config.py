@@ -94,7 +94,10 @@ class TrainConfig:
     per_device_train_batch_size: int = arg(1, "examples per device per step")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     learning_rate: float = arg(2e-4, "peak learning rate")
-    lr_scheduler_type: str = arg("cosine", "transformers scheduler name: cosine, linear, constant, ...")
+    # transformers.SchedulerType names that need no extra arguments or evaluation (a test checks them against it)
+    SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                  "inverse_sqrt")
+    lr_scheduler_type: str = arg("cosine", f"learning-rate schedule: {', '.join(SCHEDULERS)}")
     warmup_ratio: float = arg(0.0, "fraction of steps spent warming up")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     num_train_epochs: float = arg(1.0, "epochs over the dataset (ignored when max_steps > 0)")
@@ -124,6 +127,8 @@ class TrainConfig:
             _check(self.quantization_bit in (4, 8), "--quantization_bit must be 4 or 8")
             if self.finetuning_type == "lora":
                 self.finetuning_type = "qlora"
+            _check(self.finetuning_type == "qlora", f"--quantization_bit needs --finetuning_type lora or qlora "
+                   f"(a {self.quantization_bit}-bit base cannot be trained with finetuning_type {self.finetuning_type})")
         _check(self.finetuning_type in FINETUNING_TYPES,
                f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not {self.finetuning_type!r}")
         if self.finetuning_type == "qlora" and self.quantization_bit is None:
@@ -134,7 +139,20 @@ class TrainConfig:
                "--max_source_length and --max_target_length must be > 0")
         _check(self.per_device_train_batch_size > 0, "--per_device_train_batch_size must be > 0")
         _check(self.gradient_accumulation_steps > 0, "--gradient_accumulation_steps must be > 0")
+        for name in ("learning_rate", "lora_dropout", "warmup_ratio", "weight_decay", "num_train_epochs",
+                     "max_train_minutes"):  # the Python API bypasses the command line's number checks
+            _check(math.isfinite(getattr(self, name)), f"--{name} must be a finite number, not {getattr(self, name)}")
         _check(self.learning_rate > 0, "--learning_rate must be > 0")
+        _check(0 <= self.lora_dropout < 1, f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
+        _check(self.lora_alpha > 0, "--lora_alpha must be > 0")
+        _check(0 <= self.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+        _check(self.weight_decay >= 0, "--weight_decay must be >= 0")
+        _check(self.max_train_minutes >= 0, "--max_train_minutes must be >= 0 (0 = no limit)")
+        _check(self.max_samples >= 0, "--max_samples must be >= 0 (0 = all)")
+        _check(self.save_total_limit > 0, "--save_total_limit must be > 0 (--resume needs a checkpoint)")
+        _check(self.freeze_trainable_layers > 0, "--freeze_trainable_layers must be > 0")
+        _check(self.lr_scheduler_type in self.SCHEDULERS,
+               f"--lr_scheduler_type must be one of {', '.join(self.SCHEDULERS)}, not {self.lr_scheduler_type!r}")
         _check(self.max_steps == -1 or self.max_steps > 0,
                f"--max_steps must be > 0, or -1 to train for --num_train_epochs (not {self.max_steps})")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or --num_train_epochs above 0")
