@@ -57,8 +57,9 @@ def evaluate(cfg: EvalConfig | None = None, **options) -> dict:
 
 
 def run(recipe: str, force: bool = False, new: bool = False, run_dir: str | None = None,
-        runs_dir: str | None = None) -> dict:
-    """Every stage of a YAML recipe in one run folder (continuing an unfinished run); each stage's figures."""
+        runs_dir: str | None = None, **overrides) -> dict:
+    """Every stage of a YAML recipe in one run folder (continuing an unfinished run); each stage's figures.
+    Overrides use the command line's dotted names as keys: `run("r.yaml", **{"train.max_steps": 2})`."""
     from sqltune.pipeline import run_recipe
 
-    return run_recipe(recipe, force=force, new=new, run_dir=run_dir, root=runs_dir)
+    return run_recipe(recipe, force=force, new=new, run_dir=run_dir, root=runs_dir, overrides=overrides)

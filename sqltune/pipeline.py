@@ -274,12 +274,19 @@ def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[d
             cfg = stage_config(plan, "evaluate", run, pred=str(pred_file), gold=entry["gold"],
                                db_dir=plan.sections["evaluate"].get("db_dir", entry["db_dir"]),
                                tables=plan.sections["evaluate"].get("tables", entry["tables"]),
-                               questions=entry["file_name"], report=str(run / "eval" / label), quiet=True)
+                               questions=entry["file_name"], report=str(run / "eval" / label), quiet=True,
+                               max_samples=plan.sections["evaluate"].get("max_samples", predicted_prefix(plan)))
             step(f"evaluate_{label}", cfg, [ident("prepare"), ident(f"predict_{label}")])
     if not dry:
         with atomic_write(run / "config.yaml") as handle:
             handle.write(resolved_yaml(plan, run, configs))
     return results, configs
+
+
+def predicted_prefix(plan: RunPlan) -> int:
+    """How many dev records predict answers (its `max_samples`), so evaluate scores that same prefix."""
+    values = recipe_values({**plan.shared, "predict": plan.sections["predict"]}, "predict", STAGES["predict"].config)
+    return int(values.get("max_samples") or 0)
 
 
 def resolved_yaml(plan: RunPlan, run: Path, configs: dict) -> str:

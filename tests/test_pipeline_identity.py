@@ -272,3 +272,11 @@ def test_force_reruns_every_stage_afresh(recipe, tmp_path, calls):
     assert main(["run", str(recipe), "--run_dir", str(run), "--force"]) == 0
     assert all(c.overwrite for n, c in calls if n == "predict")
     assert ran(run, calls) == {label: "ok" for label in ALL}
+
+
+def test_evaluate_scores_the_prefix_predict_answered(recipe, tmp_path, calls):
+    """Pins: `predict.max_samples: N` in a recipe made evaluate fail ("has N lines but ... gold has M"): the run now
+    passes the same prefix to evaluate."""
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--run_dir", str(run), "--predict.max_samples", "5"]) == 0
+    assert [c.max_samples for n, c in calls if n == "evaluate"] == [5, 5]
