@@ -202,6 +202,12 @@ class PredictConfig:
     tensor_parallel_size: int = arg(1, "vllm: GPUs the model is split over")
     gpu_memory_utilization: float = arg(0.9, "vllm: fraction of GPU memory it may use")
     max_model_len: int = arg(0, "vllm: longest prompt + answer in tokens (0 = max_source_length + max_new_tokens)")
+    num_samples: int = arg(0, "with --vote execution: candidates sampled per question (at least 2)")
+    vote: str = arg("none", "none, or execution: run every candidate on the question's database and write one of "
+                            "the largest group of equal results (ties: the larger summed log-probability)")
+    include_greedy: bool = arg(True, "with --vote execution: the greedy answer is a candidate too")
+    retry_on_error: int = arg(0, "with --vote none: sample up to K answers when the greedy SQL fails to run, and "
+                                 "write the most probable one that runs")
     seed: int = arg(42, "random seed for sampling")
     overwrite: bool = arg(False, "start again even if `out` holds predictions of another run (the old files are "
                                  "replaced only when the new run is complete)")
@@ -227,6 +233,15 @@ class PredictConfig:
         _check(self.max_model_len >= 0, "--max_model_len must be >= 0 (0 = max_source_length + max_new_tokens)")
         _check(not (self.backend == "vllm" and self.num_beams > 1),
                "--num_beams > 1 needs --backend hf (vLLM's generate does no beam search)")
+        _check(self.vote in ("none", "execution"), f"--vote must be none or execution, not {self.vote!r}")
+        _check(self.num_samples >= 0 and self.retry_on_error >= 0, "--num_samples and --retry_on_error must be >= 0")
+        _check(self.vote == "none" or self.num_samples >= 2, "--vote execution needs --num_samples 2 or more")
+        _check(self.num_samples < 2 or self.vote == "execution",
+               f"--num_samples {self.num_samples} needs --vote execution (candidates are only sampled to vote)")
+        _check(not (self.retry_on_error and self.vote != "none"),
+               "--retry_on_error is for --vote none (a vote already samples candidates)")
+        _check(self.num_beams == 1 or (self.vote == "none" and not self.retry_on_error),
+               "--num_beams > 1 cannot be combined with --vote or --retry_on_error (candidates are sampled)")
 
 
 # --------------------------------------------------------------------------------------------- evaluate

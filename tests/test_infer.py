@@ -9,6 +9,7 @@ import torch
 
 from sqltune.cli import main
 from sqltune.config import MergeConfig, PredictConfig, TrainConfig
+from sqltune.errors import SqltuneError
 from sqltune.infer import predict as predict_mod
 from sqltune.infer.extract import extract_sql
 from sqltune.infer.merge import merge
@@ -171,3 +172,69 @@ def test_examples_per_second_is_the_headline(tiny_model, prepared_demo, tmp_path
     assert main(args) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("predict:"))
     assert line.startswith("predict: examples_per_s=") and "tokens_per_s=" in line
+
+
+def _canned(greedy_sql="SELECT nothing FROM nowhere"):
+    """Candidates that run on any database: the greedy one fails, two samples agree (2 = 1 + 1), one differs."""
+    from sqltune.infer.vote import make_candidate
+
+    def candidates(self, prompts, n, include_greedy, end):
+        greedy = [make_candidate(greedy_sql, -1.0, "greedy", 4)] if include_greedy else []
+        samples = [make_candidate("SELECT 3", -0.5, "sample", 2), make_candidate("SELECT 1 + 1", -2.0, "sample", 4),
+                   make_candidate("SELECT 2", -1.5, "sample", 2)][:n]
+        return [greedy + samples for _ in prompts]
+
+    return candidates
+
+
+def test_vote_writes_the_largest_group_and_keeps_every_candidate(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    """Pins: predict had no --vote execution (issue #16): the largest group of equal results wins and its most
+    probable member is written; the raw line keeps every candidate and the vote; a rerun resumes."""
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    out = tmp_path / "v.sql"
+    settings = dict(num_samples=3, vote="execution", max_samples=4)
+    figures = predict(pcfg(tiny_model, prepared_demo, out, **settings))
+    assert out.read_text().splitlines() == ["SELECT 2"] * 4
+    raw = [json.loads(line) for line in (tmp_path / "v.sql.raw.jsonl").read_text().splitlines()]
+    assert raw[0]["vote"]["method"] == "execution" and len(raw[0]["vote"]["candidates"]) == 4
+    assert raw[0]["raw"] == "SELECT 2" and raw[0]["new_tokens"] == 12 and figures["no_candidate_ran"] == 0
+    meta = json.loads((tmp_path / "v.sql.meta.json").read_text())
+    assert meta["vote"] == "execution" and meta["num_samples"] == 3
+    assert predict(pcfg(tiny_model, prepared_demo, out, **settings))["generated"] == 0
+
+
+def test_retry_on_error_samples_only_when_greedy_fails(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    """Pins: predict had no --retry_on_error: a failing greedy SQL is replaced by the most probable sample that
+    runs; a greedy SQL that runs is kept and nothing is sampled."""
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "r.sql", retry_on_error=3, max_samples=2))
+    assert (tmp_path / "r.sql").read_text().splitlines() == ["SELECT 3"] * 2
+    raw = json.loads((tmp_path / "r.sql.raw.jsonl").read_text().splitlines()[0])
+    assert raw["vote"]["method"] == "retry" and raw["vote"]["retried"] == 3
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned("SELECT 5"))
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "k.sql", retry_on_error=3, max_samples=2))
+    assert (tmp_path / "k.sql").read_text().splitlines() == ["SELECT 5"] * 2
+    assert json.loads((tmp_path / "k.sql.raw.jsonl").read_text().splitlines()[0])["vote"]["retried"] == 0
+
+
+def test_vote_on_the_tiny_model_falls_back_to_greedy(tiny_model, prepared_demo, tmp_path):
+    """Pins the whole path with a real model: when no candidate runs (a random model writes no SQL) the greedy
+    answer is written, so the file equals the greedy run's."""
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "g.sql", max_samples=3))
+    figures = predict(pcfg(tiny_model, prepared_demo, tmp_path / "v.sql", max_samples=3, num_samples=2,
+                           vote="execution", temperature=0.8))
+    assert (tmp_path / "v.sql").read_text() == (tmp_path / "g.sql").read_text()
+    assert figures["no_candidate_ran"] == 3
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(vote="execution"), "--num_samples 2 or more"),
+    (dict(num_samples=4), "needs --vote execution"),
+    (dict(vote="majority", num_samples=4), "--vote must be none or execution"),
+    (dict(vote="execution", num_samples=4, retry_on_error=2), "--retry_on_error is for --vote none"),
+    (dict(retry_on_error=2, num_beams=2), "--num_beams > 1 cannot"),
+])
+def test_vote_settings_are_checked(settings, message):
+    """Pins: contradictory vote settings must be one line, not a silent greedy run."""
+    with pytest.raises(SqltuneError, match=message):
+        PredictConfig(**settings)

@@ -115,7 +115,8 @@ def _argv(tiny_model, prepared_demo, out, *extra):
 
 
 def _snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+    """The prediction files of a folder (a command's trace span, written beside its output, left out)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "trace.jsonl"}
 
 
 def test_overwrite_with_a_mistyped_model_keeps_the_old_predictions(tiny_model, prepared_demo, tmp_path, capsys):

@@ -27,9 +27,18 @@ def fake_vllm(monkeypatch):
             calls["llm"].append(kwargs)
 
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):
-            calls["generate"].append({"prompts": prompts, "lora_request": lora_request})
-            out = types.SimpleNamespace(text="SELECT count(*) FROM t", token_ids=[1, 2, 3])
-            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+            calls["generate"].append({"prompts": prompts, "params": params, "lora_request": lora_request})
+            outs = []
+            for p in params if isinstance(params, list) else [params] * len(prompts):
+                if "logprobs" not in p:  # a plain greedy request
+                    answers = [("SELECT count(*) FROM t", None)]
+                elif p["temperature"] == 0:  # the vote's greedy candidate, which fails to run
+                    answers = [("SELECT nothing FROM nowhere", -1.0)]
+                else:  # samples: 2 = 1 + 1 is the largest group
+                    answers = [("SELECT 3", -0.5), ("SELECT 1 + 1", -2.0), ("SELECT 2", -1.5)][:p["n"]]
+                outs.append(types.SimpleNamespace(outputs=[
+                    types.SimpleNamespace(text=t, token_ids=[1, 2, 3], cumulative_logprob=lp) for t, lp in answers]))
+            return outs
 
     def sampling_params(**kwargs):
         calls["params"].append(kwargs)
@@ -132,3 +141,19 @@ def test_flash_attention_without_the_package_is_refused_first(tiny_model, prepar
                  "flash_attention_2"]) == 2
     assert "flash_attn" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_vllm_vote_asks_for_every_candidate_in_one_call(tiny_model, prepared_demo, tmp_path, fake_vllm):
+    """Pins: --vote execution with vLLM: greedy and sampled candidates of all prompts go in one `generate` call
+    (n samples per request, log-probabilities asked for), and the vote's winner is written."""
+    predict(PredictConfig(model_name_or_path=str(tiny_model), dataset="demo_dev", dataset_dir=str(prepared_demo),
+                          out=str(tmp_path / "v.sql"), template="chatml", backend="vllm", max_samples=4,
+                          num_samples=3, vote="execution", temperature=0.0))
+    (call,) = fake_vllm["generate"]
+    assert len(call["prompts"]) == 8 and call["prompts"][:4] == call["prompts"][4:]
+    greedy, sample = call["params"][0], call["params"][4]
+    assert greedy["temperature"] == 0.0 and greedy["logprobs"] == 0
+    assert sample["n"] == 3 and sample["temperature"] == 0.7 and sample["logprobs"] == 0
+    assert (tmp_path / "v.sql").read_text().splitlines() == ["SELECT 2"] * 4
+    raw = json.loads((tmp_path / "v.sql.raw.jsonl").read_text().splitlines()[0])
+    assert [c["logprob"] for c in raw["vote"]["candidates"]] == [-1.0, -0.5, -2.0, -1.5]

@@ -27,6 +27,11 @@ generated together, each with the model's own earlier SQL of its interaction as 
 
 Backends: `hf` (transformers, batches of batch_size) and `vllm` (all remaining prompts in one `generate` call, which
 vLLM batches continuously; lines are written when it returns).
+
+Beyond greedy (sqltune.infer.vote): `--vote execution --num_samples N` samples N candidates per question (plus the
+greedy one), runs them on the question's database and writes one of the largest group of equal results;
+`--retry_on_error K` samples K answers only when the greedy SQL fails to run. The raw line keeps every candidate and
+the vote; the chosen SQL is also the history of later turns with `--history predicted`.
 """
 
 from __future__ import annotations
@@ -336,6 +341,13 @@ class HFGenerator:
             results.append((self.tokenizer.decode(keep[:n], skip_special_tokens=True), n))
         return results
 
+    def candidates(self, prompts: list[list[int]], n: int, include_greedy: bool, end: str | None) -> list[list[dict]]:
+        """Per prompt: the greedy candidate (when asked) then n samples, with their log-probabilities."""
+        from sqltune.infer.vote import generate_candidates
+
+        return generate_candidates(self.model, self.tokenizer, prompts, self.stop, n, self.cfg.temperature,
+                                   self.cfg.top_p, include_greedy, self.cfg.max_new_tokens, end=end)
+
 
 def check_vllm() -> None:
     """vLLM importable and a CUDA GPU present (checked before any output is touched)."""
@@ -382,14 +394,34 @@ class VLLMGenerator:
             from vllm.lora.request import LoRARequest
 
             self.lora = LoRARequest("adapter", 1, str(adapter))
+        self.cfg, self.sampling = cfg, SamplingParams
+        self.stop = stop_token_ids(tokenizer, template, _generation_config(model))
         self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                     seed=cfg.seed,
-                                     stop_token_ids=stop_token_ids(tokenizer, template, _generation_config(model)))
+                                     seed=cfg.seed, stop_token_ids=self.stop)
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params, lora_request=self.lora,
                                  use_tqdm=True)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
+
+    def candidates(self, prompts: list[list[int]], n: int, include_greedy: bool, end: str | None) -> list[list[dict]]:
+        """Greedy and sampled candidates of every prompt in one `generate` call (a SamplingParams per request);
+        logprobs=0 makes vLLM fill cumulative_logprob (of the model's distribution, before temperature)."""
+        from sqltune.infer.vote import make_candidate, sampling_temperature
+
+        common = dict(max_tokens=self.cfg.max_new_tokens, stop_token_ids=self.stop, seed=self.cfg.seed, logprobs=0)
+        kinds = ([("greedy", self.sampling(temperature=0.0, **common))] if include_greedy else []) + \
+            ([("sample", self.sampling(n=n, temperature=sampling_temperature(self.cfg.temperature),
+                                       top_p=self.cfg.top_p, **common))] if n else [])
+        requests = [({"prompt_token_ids": p}, params) for _, params in kinds for p in prompts]
+        outs = self.llm.generate([r for r, _ in requests], [params for _, params in requests],
+                                 lora_request=self.lora, use_tqdm=True)
+        rows: list[list[dict]] = [[] for _ in prompts]
+        for k, (source, _) in enumerate(kinds):
+            for row, out in zip(rows, outs[k * len(prompts):(k + 1) * len(prompts)]):
+                row += [make_candidate(o.text, o.cumulative_logprob, source, len(o.token_ids), end)
+                        for o in out.outputs]
+        return rows
 
 
 def _generation_config(model: Path):
@@ -398,6 +430,52 @@ def _generation_config(model: Path):
 
 
 # ------------------------------------------------------------------------------------------- the stage
+def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path], executor, end: str | None
+             ) -> list[dict]:
+    """Per prompt: the raw text, the SQL to write, the tokens generated and (when voting or retrying) the record
+    of the candidates."""
+    if cfg.vote == "execution":
+        from sqltune.infer.vote import vote
+
+        rows = []
+        for cands, db in zip(gen.candidates(prompts, cfg.num_samples, cfg.include_greedy, end), dbs):
+            sql, record = vote(cands, db, executor)
+            rows.append({"raw": cands[record["chosen"]]["text"], "sql": sql, "vote": record,
+                         "new_tokens": sum(c["new_tokens"] or 0 for c in cands)})
+        return rows
+    if cfg.retry_on_error:
+        from sqltune.infer.vote import choose_retry
+
+        greedy = [c[0] for c in gen.candidates(prompts, 0, True, end)]
+        seen: list[dict] = [{} for _ in prompts]  # each greedy SQL runs once
+        first = [choose_retry(g, [], db, executor, _seen=s) for g, db, s in zip(greedy, dbs, seen)]
+        failing = [i for i, (_, record) in enumerate(first) if record["fallback"]]
+        drawn = gen.candidates([prompts[i] for i in failing], cfg.retry_on_error, False, end) if failing else []
+        chosen = list(first)
+        for i, samples in zip(failing, drawn):
+            chosen[i] = choose_retry(greedy[i], samples, dbs[i], executor, _seen=seen[i])
+        return [{"raw": record["candidates"][record["chosen"]]["text"], "sql": sql, "vote": record,
+                 "new_tokens": sum(c["new_tokens"] or 0 for c in record["candidates"])} for sql, record in chosen]
+    return [{"raw": text, "sql": extract_sql(text, end), "new_tokens": n} for text, n in gen.generate(prompts)]
+
+
+def vote_databases(cfg: PredictConfig, records: list[dict], entry: dict) -> list[Path]:
+    """Each record's database, checked up front when candidates are to be run (one line naming the missing)."""
+    if cfg.vote == "none" and not cfg.retry_on_error:
+        return []
+    from sqltune.io import database_path
+
+    if not entry.get("db_dir"):
+        raise SqltuneError(f"--vote/--retry_on_error run candidates on the databases, but dataset {cfg.dataset!r} "
+                           "names no db_dir")
+    dbs = [database_path(entry["db_dir"], r.get("db_id", "")) for r in records]
+    missing = sorted({str(db) for db in dbs if not db.is_file()})
+    if missing:
+        raise SqltuneError(f"--vote/--retry_on_error need the databases; missing: {', '.join(missing[:3])}"
+                           + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    return dbs
+
+
 def _groups(records: list[dict], start: int, size: int, predicted: bool) -> list[list[int]]:
     """Record indices generated and written together: `size` records, or with predicted history `size` whole
     interactions."""
@@ -459,6 +537,7 @@ def predict(cfg: PredictConfig) -> dict:
     trained, where = training_record(model, adapter)
     template_name, length = prompt_settings(cfg, trained, where)
     mode = history_mode(cfg, records, entry)
+    dbs = vote_databases(cfg, records, entry)
     if cfg.backend == "vllm":
         check_vllm()
     else:
@@ -488,14 +567,14 @@ def predict(cfg: PredictConfig) -> dict:
         figures = {"records": len(records), "resumed_from": done, "generated": 0, "prompts_cut": 0, "history": mode}
         part_raw, part_meta = side_files(partial_of(out))
         if done < len(records):
-            speed = _generate(cfg, records, done, predicted, tokenizer, template, model, adapter, part_raw,
+            speed = _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, adapter, part_raw,
                               part_meta, meta, encode_prompt)
             figures = {"examples_per_s": speed.pop("examples_per_s"), **figures, **speed}  # the headline speed
         publish(out)
     return figures
 
 
-def _generate(cfg, records, done, predicted, tokenizer, template, model, adapter, part_raw, part_meta, meta,
+def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, adapter, part_raw, part_meta, meta,
               encode_prompt) -> dict:
     """Answer records[done:], appending each group's rows to the partial raw file; returns the figures."""
     gen = VLLMGenerator(cfg, tokenizer, template, model, adapter) if cfg.backend == "vllm" else \
@@ -505,34 +584,48 @@ def _generate(cfg, records, done, predicted, tokenizer, template, model, adapter
     answers: dict[int, str] = {}
     if predicted:  # earlier turns of the interaction being continued are already answered
         answers = {row["index"]: row["sql"] for row in read_jsonl(part_raw)} if done else {}
-    new_tokens = generated = cut_count = 0
+    new_tokens = generated = cut_count = fallbacks = 0
     fresh = done == 0
+    executor = None
+    if dbs:
+        from sqltune.infer.vote import make_executor
+
+        executor = make_executor()
     start = time.perf_counter()
     bar = tqdm(total=len(records), initial=done, desc="predict", unit="ex", dynamic_ncols=True)
-    for group in _groups(records, done, size, predicted):
-        rows = {}
-        for wave in _waves(records, group, predicted):
-            asked = [_with_predicted_history(records, i, answers) if predicted else records[i] for i in wave]
-            encoded = [encode_prompt(tokenizer, template, r, cfg.max_source_length) for r in asked]
-            results = gen.generate([ids for ids, _ in encoded])
-            for i, (ids, cut), (text, n) in zip(wave, encoded, results):
-                r = records[i]
-                sql = extract_sql(text, end)
-                answers[i] = sql
-                rows[i] = {"index": i, "db_id": r.get("db_id"),
-                           **{k: r[k] for k in ("interaction", "turn") if k in r},
-                           "raw": text, "sql": sql, "prompt_tokens": len(ids), "prompt_cut": cut, "new_tokens": n}
-                new_tokens += n
-                cut_count += cut
-        if fresh:  # the first batch is ready: only now are the files of an earlier partial run replaced
-            part_raw.unlink(missing_ok=True)
-            write_json(part_meta, meta)
-            fresh = False
-        append_once(part_raw, "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted(rows)),
-                    sync=True)
-        generated += len(group)
-        bar.update(len(group))
-    bar.close()
+    try:
+        for group in _groups(records, done, size, predicted):
+            rows = {}
+            for wave in _waves(records, group, predicted):
+                asked = [_with_predicted_history(records, i, answers) if predicted else records[i] for i in wave]
+                encoded = [encode_prompt(tokenizer, template, r, cfg.max_source_length) for r in asked]
+                results = _answers(gen, cfg, [ids for ids, _ in encoded], [dbs[i] for i in wave] if dbs else [],
+                                   executor, end)
+                for i, (ids, cut), res in zip(wave, encoded, results):
+                    r = records[i]
+                    answers[i] = res["sql"]
+                    rows[i] = {"index": i, "db_id": r.get("db_id"),
+                               **{k: r[k] for k in ("interaction", "turn") if k in r},
+                               "raw": res["raw"], "sql": res["sql"], "prompt_tokens": len(ids), "prompt_cut": cut,
+                               "new_tokens": res["new_tokens"], **({"vote": res["vote"]} if "vote" in res else {})}
+                    new_tokens += res["new_tokens"]
+                    cut_count += cut
+                    fallbacks += bool(res.get("vote", {}).get("fallback"))
+            if fresh:  # the first batch is ready: only now are the files of an earlier partial run replaced
+                part_raw.unlink(missing_ok=True)
+                write_json(part_meta, meta)
+                fresh = False
+            append_once(part_raw, "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted(rows)),
+                        sync=True)
+            generated += len(group)
+            bar.update(len(group))
+    finally:
+        bar.close()
+        if executor is not None:
+            executor.close()
     elapsed = max(time.perf_counter() - start, 1e-9)
-    return {"examples_per_s": round(generated / elapsed, 3), "generated": generated, "prompts_cut": cut_count,
-            "new_tokens": new_tokens, "generation_s": round(elapsed, 2), "tokens_per_s": round(new_tokens / elapsed, 1)}
+    figures = {"examples_per_s": round(generated / elapsed, 3), "generated": generated, "prompts_cut": cut_count,
+               "new_tokens": new_tokens, "generation_s": round(elapsed, 2), "tokens_per_s": round(new_tokens / elapsed, 1)}
+    if dbs:  # questions where no candidate ran, so the greedy answer was written
+        figures["no_candidate_ran"] = fallbacks
+    return figures
