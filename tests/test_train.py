@@ -131,13 +131,6 @@ def test_long_prompts_cut_schema_keep_question_and_answer(tiny_model, prepared_d
     assert ex["answer_cut"] and len(ex["input_ids"]) - n_prompt == 8
 
 
-class StopAfterSave:
-    """Simulates a kill right after the checkpoint at `step` is written."""
-
-    def __init__(self, step):
-        self.step = step
-
-
 def test_resume_gives_the_same_final_loss(tiny_model, prepared_demo, tmp_path):
     kw = dict(max_steps=6, save_steps=3, per_device_train_batch_size=2, lora_dropout=0.1, save_total_limit=5)
     full = train(config(tiny_model, prepared_demo, tmp_path / "full", **kw))
@@ -156,18 +149,50 @@ def test_resume_gives_the_same_final_loss(tiny_model, prepared_demo, tmp_path):
 
 
 def test_two_processes_end_with_identical_adapters(tiny_model, prepared_demo, tmp_path):
+    """Also pins issue #12 section 5 under torchrun: both ranks printed a `train:` summary with their own figures,
+    and warmup was computed without the number of processes (2x too long here: half the peak rate at step 2)."""
     torchrun = Path(sys.executable).parent / "torchrun"
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "sqltune", "train",
                            "--model_name_or_path", str(tiny_model), "--dataset", "demo_train", "--dataset_dir",
-                           str(prepared_demo), "--template", "chatml", "--output_dir", str(out), "--max_steps", "3",
-                           "--per_device_train_batch_size", "2", "--save_steps", "100", "--learning_rate", "1e-3"],
+                           str(prepared_demo), "--template", "chatml", "--output_dir", str(out), "--max_samples", "8",
+                           "--per_device_train_batch_size", "2", "--save_steps", "100", "--learning_rate", "1e-3",
+                           "--logging_steps", "1", "--warmup_ratio", "0.5"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     digests = [(out / f"rank{r}_weights.sha256").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     assert (out / "adapter_model.safetensors").is_file()
+    summaries = [line for line in proc.stdout.splitlines() if line.startswith("train:")]
+    assert len(summaries) == 1, proc.stdout
+    figures = dict(item.split("=", 1) for item in summaries[0][len("train: "):].split(", "))
+    # one epoch of 8 records over 2 processes: every token is seen once, by one process or the other
+    assert figures["processes"] == "2" and figures["steps"] == "2"
+    assert int(figures["tokens_seen"]) == int(figures["train_tokens"])
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["learning_rate"] for r in log if "loss" in r] == [0.0, 1e-3]  # warmup: 1 of the 2 real steps
+    assert float(figures["final_loss"]) == pytest.approx([r["loss"] for r in log if "loss" in r][-1])
+
+
+def _agree_worker(rank: int, init: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from sqltune.train.sft import agree
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        Path(results, f"rank{rank}").write_text(str(agree(rank == 0)))  # rank 0's clock says stop, rank 1's not
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_takes_rank_zeros_time_decision(tmp_path):
+    """Pins: max_train_minutes was decided per process, so ranks could stop at different steps and hang."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_worker, args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["True", "True"]
 
 
 def test_bad_inputs_are_one_line(tiny_model, prepared_demo, tmp_path, capsys):
