@@ -89,8 +89,10 @@ class TrainConfig:
     max_source_length: int = arg(1024, "prompt tokens kept (the schema is cut first; the question is kept)")
     max_target_length: int = arg(256, "answer tokens kept")
     output_dir: str = arg("output/adapter", "where the adapter (or full model), tokenizer and logs go")
-    overwrite_output_dir: bool = arg(False, "allow writing into an existing, non-empty output_dir")
-    resume: bool = arg(False, "continue from the latest checkpoint in output_dir")
+    overwrite_output_dir: bool = arg(False, "replace an existing, non-empty output_dir: the new run works in "
+                                            "<output_dir>.partial and replaces it only once complete")
+    resume: bool = arg(False, "continue the latest complete checkpoint (in <output_dir>.partial when an unfinished "
+                              "replacing run left it, else in output_dir); the settings must match the saved ones")
     per_device_train_batch_size: int = arg(1, "examples per device per step")
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     learning_rate: float = arg(2e-4, "peak learning rate")

@@ -63,8 +63,8 @@ def agree(flag: bool) -> bool:
 
 # how the run is carried out, not what it learns: these may change between a run and its resume
 EXECUTION_ONLY = {"resume", "overwrite_output_dir", "output_dir", "max_train_minutes", "logging_steps", "save_steps",
-                  "save_total_limit", "plot_loss", "report_to", "gradient_checkpointing", "model_name_or_path",
-                  "dataset_dir"}
+                  "save_total_limit", "plot_loss", "report_to", "gradient_checkpointing", "attn_implementation",
+                  "model_name_or_path", "dataset_dir"}  # the last two are compared resolved (model_path, dataset_path)
 
 
 def settings_changed(saved: dict, current: dict) -> list[str]:
@@ -278,7 +278,7 @@ def train(cfg: TrainConfig) -> dict:
         logging_nan_inf_filter=False,  # a non-finite loss must be seen, not averaged away
         disable_tqdm=not sys.stderr.isatty())  # in a log file: one progress line per logging step instead
     rank, world = _world()
-    if rank == 0:
+    if rank == 0:  # every process planned before the process group started, so before this changes anything
         for ckpt in skipped:
             print(f"train: {ckpt} is incomplete (killed while saving?): skipped and removed", file=sys.stderr)
         if checkpoint:
