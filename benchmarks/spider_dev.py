@@ -160,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                           "--schema_style", a.schema_style]
               + (["--drop_failing_gold"] if a.drop_failing_gold else []), log, env)
     registry = json.loads((data / "dataset_info.json").read_text())
-    dev_rows = [json.loads(line) for line in open(data / "spider_dev.jsonl")]
+    dev_rows = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
     db_dir = Path(registry["spider_dev"]["db_dir"])
     if not db_dir.is_absolute():
         db_dir = data / db_dir
     eligible = [i for i, r in enumerate(dev_rows) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]
     rng = random.Random(a.seed)
     dev_idx = sorted(rng.sample(eligible, a.dev_sample)) if 0 < a.dev_sample < len(eligible) else eligible
-    n_train = sum(1 for _ in open(data / "spider_train.jsonl"))
+    n_train = len((data / "spider_train.jsonl").read_text().splitlines())
     train_idx = sorted(random.Random(a.seed + 1).sample(range(n_train), min(a.train_examples, n_train)))
     sample_split(data, "spider_dev", "spider_devsample", dev_idx, with_gold=True)
     sample_split(data, "spider_train", "spider_trainsample", train_idx, with_gold=False)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "--quiet"] + evaluate, log, env)
         run_stage(f"evaluate_{label}_plug", ["evaluate", "--pred", str(pred), "--plug_value", "--quiet", "--report",
                                              str(out / f"eval_{label}_plug")] + evaluate, log, env)
-        raw = [json.loads(line) for line in open(out / f"{label}.sql.raw.jsonl")]
+        raw = [json.loads(line) for line in (out / f"{label}.sql.raw.jsonl").read_text().splitlines()]
         r = results[label] = {
             "name": name, "model": which, "decoding": f"vote@{n}" if how is voting else "greedy",
             "table": table(json.loads((out / f"eval_{label}" / "metrics.json").read_text())),

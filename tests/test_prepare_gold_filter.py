@@ -16,14 +16,18 @@ from sqltune.data.registry import lookup
 
 TRAIN = [
     ("zoo", "How many keepers?", "SELECT count(*) FROM keeper"),  # runs, one row
-    ("zoo", "Names of lions' keepers?", "SELECT k.name FROM keeper AS k JOIN animal AS a ON a.keeper_id = "
-                                        "k.keeper_id WHERE a.kind = 'lion'"),  # runs, rows
+    ("zoo", "Names of lions' keepers?", ("SELECT k.name FROM keeper AS k JOIN animal AS a ON a.keeper_id = "
+                                         "k.keeper_id WHERE a.kind = 'lion'")),  # runs, rows
     ("zoo", "Keepers named Zed?", "SELECT * FROM keeper WHERE name = 'Zed'"),  # no rows
     ("zoo", "Ages of keepers?", "SELECT age FROM keeper"),  # no such column
     ("zoo", "Drop it", "DROP TABLE keeper"),  # refused: read-only
     ("gone", "Anything?", "SELECT 1"),  # database missing
 ]
 DEV = [("zoo", "Keepers named Zed?", "SELECT * FROM keeper WHERE name = 'Zed'")]
+
+
+def _rows(items: list[tuple[str, str, str]]) -> str:
+    return json.dumps([{"db_id": d, "question": q, "query": s} for d, q, s in items])
 
 
 def _entry(db_id: str) -> dict:
@@ -49,9 +53,8 @@ def zoo(tmp_path) -> Path:
     conn.commit()
     conn.close()
     (root / "tables.json").write_text(json.dumps([_entry("zoo"), _entry("gone")]))
-    rows = lambda items: json.dumps([{"db_id": d, "question": q, "query": s} for d, q, s in items])  # noqa: E731
-    (root / "train_spider.json").write_text(rows(TRAIN))
-    (root / "dev.json").write_text(rows(DEV))
+    (root / "train_spider.json").write_text(_rows(TRAIN))
+    (root / "dev.json").write_text(_rows(DEV))
     return root
 
 
@@ -96,7 +99,6 @@ def test_slow_gold_counts_as_failing(zoo, tmp_path, monkeypatch):
 
     monkeypatch.setattr(prep, "GOLD_TIMEOUT", 0.05)
     slow = ("zoo", "Slow?", "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c")
-    (zoo / "train_spider.json").write_text(json.dumps([{"db_id": d, "question": q, "query": s}
-                                                       for d, q, s in [TRAIN[0], slow]]))
+    (zoo / "train_spider.json").write_text(_rows([TRAIN[0], slow]))
     figures = prepare(PrepareConfig(data_dir=str(zoo), out=str(tmp_path / "o"), drop_failing_gold=True))
     assert figures["train_dropped_failing_gold"] == 1 and figures["train_records"] == 1

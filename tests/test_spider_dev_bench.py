@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import spider_dev  # noqa: E402
+import spider_dev
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -24,8 +24,8 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
     out = tmp_path / "bench"
     assert spider_dev.main(["--spider", str(demo_dir), "--model", str(tiny_model), "--dev_sample", "6",
                             "--train_examples", "8", "--train_minutes", "1", "--max_new_tokens", "6",
-                            "--num_samples", "2", "--base_vote", "--schema_style", "ddl", "--lora_target",
-                            "q_proj,v_proj", "--out", str(out)]) == 0
+                            "--num_samples", "2", "--vote_batch_size", "6", "--base_vote", "--schema_style", "ddl",
+                            "--lora_target", "q_proj,v_proj", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["arms"] == ["base", "base_vote2", "finetuned", "finetuned_vote2"]
     assert results["dev_questions"] == 6 and results["train_examples"] == 8
@@ -39,7 +39,7 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
         assert r["wall_s"] > 0 and r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0
         assert results["stages"][f"predict_{arm}"]["wall_s"] == r["wall_s"]
         assert ("vote" in r) == arm.endswith("vote2")
-    raw = [json.loads(line) for line in open(out / "finetuned_vote2.sql.raw.jsonl")]
+    raw = [json.loads(line) for line in (out / "finetuned_vote2.sql.raw.jsonl").read_text().splitlines()]
     assert len(raw) == 6 and all(len(x["vote"]["candidates"]) == 3 for x in raw)  # greedy + 2 samples
     assert 0 <= results["results"]["finetuned_vote2"]["vote"]["all_failed"] <= 6
     section = (out / "section.md").read_text()
