@@ -15,7 +15,7 @@ def test_spider_dev_benchmark_code_path(demo_dir, tiny_model, tmp_path):
     out = tmp_path / "bench"
     assert spider_dev.main(["--spider", str(demo_dir), "--model", str(tiny_model), "--dev_sample", "12",
                             "--train_examples", "16", "--train_minutes", "1", "--max_new_tokens", "6",
-                            "--out", str(out)]) == 0
+                            "--num_samples", "0", "--out", str(out)]) == 0  # greedy arms; votes: test_spider_dev_bench
     results = json.loads((out / "results.json").read_text())
     assert results["dev_questions"] == 12 and results["train_examples"] == 16
     assert set(results["results"]) == {"base", "finetuned"}
