@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import Killed, training_killed_after_save
+
 from sqltune.cli import main
 from sqltune.config import TrainConfig
 from sqltune.loading import load_model, load_tokenizer

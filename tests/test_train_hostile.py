@@ -7,12 +7,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import Killed, training_killed_after_save
+from test_train import config
+
 from sqltune.cli import main
 from sqltune.config import TrainConfig
 from sqltune.train.sft import train
-from test_train import config
 
 
 def cli(model, data, out, *extra):
@@ -73,7 +73,7 @@ def test_a_typo_never_deletes_the_previous_adapter(own_inputs, tmp_path, capsys)
 
 def test_old_output_is_replaced_only_by_a_complete_one(tiny_model, prepared_demo, tmp_path):
     """Pins: --overwrite_output_dir removed the finished adapter at the start, so a run killed later left nothing.
-    Now the new run works beside it (`<out>.partial`), --resume continues there, and the finish renames it into place."""
+    Now the new run works beside it (`<out>.partial`), --resume continues there, the finish renames it into place."""
     out = tmp_path / "adapter"
     kw = dict(max_steps=2, save_steps=1, per_device_train_batch_size=2)
     train(config(tiny_model, prepared_demo, out, **kw))

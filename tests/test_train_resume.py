@@ -7,11 +7,11 @@ import json
 
 import pytest
 import yaml
-
 from conftest import Killed, training_killed_after_save
+from test_train import config
+
 from sqltune.cli import main
 from sqltune.train.sft import train
-from test_train import config
 
 KW = dict(max_steps=6, save_steps=3, per_device_train_batch_size=2, save_total_limit=5)
 
