@@ -48,7 +48,8 @@ def _iso(t: float) -> str:
 @contextmanager
 def span(trace_path, run_id: str | None, stage: str, **extra):
     """Time a block and record it; the yielded dict collects its key figures. `trace_path` may be a function called
-    at the end (the place can depend on what the block wrote; None: nowhere); run_id None: the trace folder's name."""
+    at the end with the block's status (the place can depend on what the block wrote; None: nowhere); run_id None:
+    the trace folder's name."""
     figures: dict = {}
     start = time.time()
     status, error = "ok", None
@@ -63,20 +64,23 @@ def span(trace_path, run_id: str | None, stage: str, **extra):
     finally:
         end = time.time()
         keep = {k: v for k, v in figures.items() if isinstance(v, (int, float, str, bool)) or v is None}
-        path = trace_path() if callable(trace_path) else trace_path
+        path = trace_path(status) if callable(trace_path) else trace_path
         if path is not None:
             append_span(path, {"run_id": run_id or path.parent.name, "stage": stage, "start": _iso(start),
                                "end": _iso(end), "duration_s": round(end - start, 3), "status": status,
                                "figures": keep, "error": error, **extra})
 
 
-def command_trace(cfg) -> Path | None:
+def command_trace(cfg, status: str = "ok") -> Path | None:
     """Where a stage command run on its own records its span: the current run's trace when `sqltune run` started
-    it, else beside its output (the output folder, or the folder holding an output file). None when that folder
-    does not exist (the stage failed before writing anything; its error was printed) or there is no output."""
+    it, else beside its output (the output folder, or the folder holding an output file). None when the stage
+    failed (its error was printed, and its output folder may be one it refused, such as an input folder), when that
+    folder does not exist, or when there is no output."""
     target = os.environ.get(ENV_TRACE)
     if target:
         return Path(target)
+    if status == "failed":
+        return None
     for name in ("output_dir", "report", "out"):
         place = Path(getattr(cfg, name, "") or "")
         if place != Path(""):
@@ -90,7 +94,7 @@ def command_trace(cfg) -> Path | None:
 def command_span(stage: str, cfg):
     """A span for a stage command, written where `command_trace` says once the stage has finished."""
     extra = {} if os.environ.get(ENV_TRACE) else {"kind": "command"}
-    with span(lambda: command_trace(cfg), None, stage, **extra) as figures:
+    with span(lambda status: command_trace(cfg, status), None, stage, **extra) as figures:
         yield figures
 
 

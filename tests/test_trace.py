@@ -168,3 +168,13 @@ def test_closed_pipe_ends_trace_show_quietly(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert err == "" and proc.returncode == 141, err
+
+
+def test_a_refused_stage_writes_no_trace_into_an_input(tiny_model, prepared_demo, capsys):
+    """Pins: `train --output_dir <the model folder>` was refused, yet its failed span was still appended to
+    `<model folder>/trace.jsonl`, adding a file to an input. A failed standalone stage writes no span."""
+    before = sorted(p.name for p in tiny_model.iterdir())
+    assert main(["train", "--model_name_or_path", str(tiny_model), "--dataset", "demo_train", "--dataset_dir",
+                 str(prepared_demo), "--output_dir", str(tiny_model), "--max_steps", "1"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_model.iterdir()) == before
