@@ -114,7 +114,7 @@ def test_num_beams_with_vllm_is_one_line(tiny_model, prepared_demo, tmp_path, ca
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attn_implementation_reaches_the_model(tiny_model, prepared_demo, tmp_path, monkeypatch, attn):
     """Pins: predict had no --attn_implementation; the model was always loaded with transformers' default."""
-    import sqltune.loading as loading
+    from sqltune import loading
 
     seen = {}
     original = loading.load_model

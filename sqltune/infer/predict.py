@@ -169,16 +169,13 @@ def output_lock(out: Path):
     (removing it would let a third process lock a different file of the same name)."""
     path = out.with_name(out.name + ".lock")
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a")
-    try:
+    with open(path, "a") as handle:  # closing the file releases the lock
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise SqltuneError(f"another predict is writing {out} (it holds {path}): wait for it to finish or "
                                "choose another --out") from None
         yield
-    finally:
-        handle.close()
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -198,8 +195,8 @@ def _differences(old: dict | None, new: dict) -> str:
     if old is None:
         return "it has no readable meta file"
     names = {"model_sha256": "model", "adapter_sha256": "adapter", "records_sha256": "records"}
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return "different " + ", ".join(names.get(k, k) for k in keys)
+    keys = [names.get(k, k) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "different " + ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
 
 def _valid_rows(raw: Path, records: list[dict], predicted: bool) -> int:
@@ -233,9 +230,8 @@ def _valid_rows(raw: Path, records: list[dict], predicted: bool) -> int:
 def resume_point(out: Path, meta: dict, records: list[dict], overwrite: bool, predicted: bool) -> int | None:
     """Records this run has already answered in its partial files; None when `out` is finished with these settings.
     A finished output or partial run of other settings is an error unless `overwrite`."""
-    raw, meta_path = side_files(out)
-    part = partial_of(out)
-    part_raw, part_meta = side_files(part)
+    meta_path = side_files(out)[1]
+    part_raw, part_meta = side_files(partial_of(out))
     if overwrite:
         return 0
     if out.is_file() and _identity(_meta_of(meta_path)) == _identity(meta):
@@ -625,7 +621,8 @@ def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, ad
             executor.close()
     elapsed = max(time.perf_counter() - start, 1e-9)
     figures = {"examples_per_s": round(generated / elapsed, 3), "generated": generated, "prompts_cut": cut_count,
-               "new_tokens": new_tokens, "generation_s": round(elapsed, 2), "tokens_per_s": round(new_tokens / elapsed, 1)}
+               "new_tokens": new_tokens, "generation_s": round(elapsed, 2),
+               "tokens_per_s": round(new_tokens / elapsed, 1)}
     if dbs:  # questions where no candidate ran, so the greedy answer was written
         figures["no_candidate_ran"] = fallbacks
     return figures
