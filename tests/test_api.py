@@ -75,3 +75,15 @@ def test_help_texts_speak_to_users(capsys):
         main(command)
         out = capsys.readouterr().out
         assert "dbgpt" not in out and "tests use" not in out
+
+
+def test_train_stays_the_api_function_after_the_training_package_loads():
+    """Pins: `from sqltune import train` gave the `sqltune.train` package (TypeError: 'module' object is not
+    callable) once any training code had been imported."""
+    import sqltune
+    import sqltune.train.sft  # noqa: F401
+
+    assert callable(sqltune.train) and sqltune.train.__module__ == "sqltune"
+    from sqltune.train.sft import train as stage  # the package itself is still importable
+
+    assert callable(stage)
