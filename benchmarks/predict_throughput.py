@@ -1,28 +1,43 @@
-"""Batched generation against one-prompt-at-a-time generation, on the same model and prompts, in one run.
+"""Generation throughput of `sqltune predict`'s generator in float32 and bfloat16 at batch sizes 1, 16 and 64, on the
+same prompts and device, in one run.
 
-Both arms use sqltune's generator (left padding, greedy); the batched arm must produce exactly the same SQL.
+Each (dtype, batch) arm generates greedily for the same --prompts prompts (demo dev records) with sqltune's
+generator (left padding, stop at the template's end marker); the model is loaded once per dtype and warmed up at
+every batch size before timing. Tokens/s counts generated tokens (up to the stop token). Printed per arm: tokens/s,
+seconds, and how many answers equal the same dtype's batch-1 answers (batched greedy decoding need not be
+bit-identical: padding changes the floating-point sums, most of all in bfloat16). On CUDA, peak memory per dtype.
 
-    python benchmarks/predict_throughput.py [--model smollm2-135m-instruct] [--prompts 32] [--batch 16]
+    python benchmarks/predict_throughput.py --device cpu [--model smollm2-135m-instruct] [--prompts 64]
+    python benchmarks/predict_throughput.py --device cuda --model /path/to/model_folder
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--template", default="chatml")
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--batches", default="1,16,64", help="comma list of batch sizes")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma list: float32, bfloat16")
     p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32 or bfloat16")
     p.add_argument("--work", default="")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    if a.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    import torch
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("predict_throughput: --device cuda but no CUDA device is visible")
+        return 2
 
     from sqltune.config import PredictConfig, PrepareConfig
     from sqltune.data.prepare import prepare
@@ -33,27 +48,39 @@ def main() -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="sqltune-predict-bench-"))
     if not (work / "data" / "dataset_info.json").is_file():
         prepare(PrepareConfig(source="demo", out=str(work / "data"), name="demo"))
-    records = list(read_jsonl(work / "data" / "demo_dev.jsonl"))[: a.prompts]
-    gen = HFGenerator(PredictConfig(model_name_or_path=a.model, template=a.template, max_new_tokens=a.max_new_tokens,
-                                    dtype=a.dtype))
-    prompts = [encode_prompt(gen.tokenizer, gen.template, r, 1024)[0] for r in records]
-    gen.generate(prompts[:2])  # warm-up
-
-    start = time.perf_counter()
-    single = [gen.generate([p])[0] for p in prompts]
-    t_single = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = [r for i in range(0, len(prompts), a.batch) for r in gen.generate(prompts[i:i + a.batch])]
-    t_batched = time.perf_counter() - start
-
-    tokens_single = sum(n for _, n in single)
-    tokens_batched = sum(n for _, n in batched)
-    same = sum(s[0] == b[0] for s, b in zip(single, batched))
-    print(f"model {a.model} ({a.dtype}), {len(prompts)} prompts, max_new_tokens {a.max_new_tokens}, batch {a.batch}")
-    print(f"one at a time: {tokens_single} tokens in {t_single:.1f} s = {tokens_single / t_single:.1f} tokens/s")
-    print(f"batched:       {tokens_batched} tokens in {t_batched:.1f} s = {tokens_batched / t_batched:.1f} tokens/s")
-    print(f"speed-up: {(tokens_batched / t_batched) / (tokens_single / t_single):.2f}x; identical greedy outputs: "
-          f"{same}/{len(prompts)}")
+    records = list(read_jsonl(work / "data" / "demo_dev.jsonl"))
+    records = (records * (a.prompts // max(1, len(records)) + 1))[: a.prompts]
+    batches = [int(b) for b in a.batches.split(",") if b.strip()]
+    rows = []
+    for dtype in [d.strip() for d in a.dtypes.split(",") if d.strip()]:
+        gen = HFGenerator(PredictConfig(model_name_or_path=a.model, template=a.template,
+                                        max_new_tokens=a.max_new_tokens, dtype=dtype))
+        prompts = [encode_prompt(gen.tokenizer, gen.template, r, 1024)[0] for r in records]
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        reference = None
+        for b in batches:
+            gen.generate(prompts[:b])  # warm-up at this batch size
+            start = time.perf_counter()
+            out = [r for i in range(0, len(prompts), b) for r in gen.generate(prompts[i:i + b])]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            reference = reference or out
+            tokens = sum(n for _, n in out)
+            same = sum(x[0] == y[0] for x, y in zip(out, reference))
+            rows.append((dtype, b, tokens / seconds, seconds, same))
+            print(f"{dtype:<9} batch {b:>3}: {tokens / seconds:8.1f} tokens/s  {seconds:6.1f} s  "
+                  f"same answers as batch {batches[0]}: {same}/{len(prompts)}", flush=True)
+        if torch.cuda.is_available():
+            print(f"{dtype:<9} peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB")
+        del gen
+    device = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"model {a.model} on {device}, {len(records)} prompts, max_new_tokens {a.max_new_tokens}")
+    for b in batches:
+        by = {d: t for d, bb, t, _, _ in rows if bb == b}
+        if "float32" in by and "bfloat16" in by:
+            print(f"batch {b:>3}: bfloat16 / float32 = {by['bfloat16'] / by['float32']:.2f}x")
     return 0
 
 

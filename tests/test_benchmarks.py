@@ -24,3 +24,48 @@ def test_spider_dev_benchmark_code_path(demo_dir, tiny_model, tmp_path):
         assert results["stages"][stage]["wall_s"] >= 0
     assert "| all | 12 |" in (out / "section.md").read_text()
     assert len((out / "dev_questions.txt").read_text().split()) == 12
+
+
+def test_train_throughput_arms_code_path(tiny_model, prepared_demo, tmp_path, capsys):
+    """Every arm (plain Trainer + DataCollatorForSeq2Seq, sqltune default, --packing, --bf16) trains the same real
+    tokens; the summary's last line is the headline speed-up; one arm also runs through its own process."""
+    import train_throughput as tt
+
+    common = ["--model", str(tiny_model), "--data", str(prepared_demo), "--dataset", "demo_train", "--steps", "3",
+              "--batch", "2", "--max_source_length", "96", "--max_target_length", "32", "--work", str(tmp_path)]
+    runs = {}
+    for arm in tt.arms_for("cpu"):
+        assert tt.main(common + ["--arm", arm]) == 0
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")][-1]
+        runs[arm] = [json.loads(line[len("RESULT "):])]
+    assert set(runs) == {"baseline", "default", "packing", "bf16"}
+    assert len({r[0]["real_tokens"] for r in runs.values()}) == 1
+    assert all(r[0]["tokens_per_s"] > 0 and r[0]["steps"] == 3 for r in runs.values())
+    assert abs(runs["default"][0]["loss"] - runs["baseline"][0]["loss"]) < 0.02 * runs["baseline"][0]["loss"]
+    lines = tt.summary(runs)
+    assert lines[-1].startswith("speed-up over a plain Trainer (DataCollatorForSeq2Seq): ") and lines[-1].endswith("x")
+    args = tt.main.__globals__["argparse"].Namespace(
+        device="cpu", model=str(tiny_model), template="chatml", steps=2, batch=2, max_source_length=96,
+        max_target_length=32, work=str(tmp_path), data=str(prepared_demo), dataset="demo_train")
+    assert tt.spawn(args, "default", 1)["real_tokens"] > 0
+
+
+def test_eval_speed_code_path(demo_dir, prepared_demo, capsys):
+    """Warm-up, alternating rounds and the median, on the demo data (gold against itself: identical figures)."""
+    import eval_speed
+
+    gold = prepared_demo / "demo_dev_gold.sql"
+    assert eval_speed.main(["--pred", str(gold), "--gold", str(gold), "--db_dir", str(demo_dir / "database"),
+                            "--tables", str(demo_dir / "tables.json"), "--workers", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "figures identical: True" in out and out.strip().splitlines()[-1].startswith("speed-up: ")
+
+
+def test_predict_throughput_code_path(tiny_model, tmp_path, capsys):
+    """float32 and bfloat16 at several batch sizes; batched answers compared with batch 1's."""
+    import predict_throughput
+
+    assert predict_throughput.main(["--device", "cpu", "--model", str(tiny_model), "--prompts", "4", "--batches",
+                                    "1,4", "--max_new_tokens", "4", "--work", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "float32   batch   1" in out and "bfloat16  batch   4" in out and "batch   4: bfloat16 / float32 =" in out

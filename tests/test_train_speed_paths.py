@@ -165,10 +165,10 @@ def test_packed_and_unpacked_losses_are_equal(tiny_model, prepared_demo, attn, o
 
 
 def train_config(tiny_model, prepared_demo, out, **kw):
-    values = dict(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
-                  template="chatml", output_dir=str(out), max_steps=4, logging_steps=1, save_steps=100,
-                  per_device_train_batch_size=4, learning_rate=1e-3, lora_dropout=0.0, max_samples=16,
-                  group_by_length=False)
+    values = {"model_name_or_path": str(tiny_model), "dataset": "demo_train", "dataset_dir": str(prepared_demo),
+              "template": "chatml", "output_dir": str(out), "max_steps": 4, "logging_steps": 1, "save_steps": 100,
+              "per_device_train_batch_size": 4, "learning_rate": 1e-3, "lora_dropout": 0.0, "max_samples": 16,
+              "group_by_length": False}
     values.update(kw)
     return TrainConfig(**values)
 
@@ -186,7 +186,7 @@ def test_packing_trains_to_the_same_losses(tiny_model, prepared_demo, tmp_path):
 
 def test_bf16_lora_on_cpu_reaches_the_fp32_loss(tiny_model, prepared_demo, tmp_path):
     """--bf16 on a CPU loads the base in bfloat16 (autocast for the rest) and ends near the float32 run's losses."""
-    fast = dict(learning_rate=2e-2, max_steps=8, max_samples=32)  # the loss falls by ~0.3 in 8 steps
+    fast = {"learning_rate": 2e-2, "max_steps": 8, "max_samples": 32}  # the loss falls by ~0.3 in 8 steps
     fp32 = train(train_config(tiny_model, prepared_demo, tmp_path / "fp32", **fast))
     bf16 = train(train_config(tiny_model, prepared_demo, tmp_path / "bf16", bf16=True, **fast))
     for key in ("first_loss", "final_loss", "train_loss"):

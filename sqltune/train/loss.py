@@ -19,6 +19,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 28  # float32 logits of one chunk: 256 MiB

@@ -101,7 +101,7 @@ def available_memory() -> tuple[int, str] | None:
     import torch
 
     if torch.cuda.is_available():
-        rank = int(os.environ.get("LOCAL_RANK", 0))
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
         free, _ = torch.cuda.mem_get_info(rank)
         return free, f"GPU cuda:{rank} ({torch.cuda.get_device_name(rank)})"
     try:
