@@ -12,8 +12,6 @@ YAML recipe.
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 
 from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, TrainConfig, build
 
@@ -66,15 +64,3 @@ def run(recipe: str, force: bool = False, new: bool = False, run_dir: str | None
 
     return run_recipe(recipe, force=force, new=new, run_dir=run_dir, root=runs_dir, overrides=overrides)
 
-
-class _Package(types.ModuleType):
-    """Keeps `sqltune.train` the stage function: importing the training package `sqltune.train` (which every
-    training run does) would otherwise make the import system overwrite the attribute with the subpackage."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in __all__ and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
