@@ -11,9 +11,7 @@ YAML recipe.
 
 from __future__ import annotations
 
-import dataclasses
-
-from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, TrainConfig, build
+from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, TrainConfig
 
 __version__ = "0.1.0"
 __all__ = ["prepare", "train", "merge", "predict", "evaluate", "run", "PrepareConfig", "TrainConfig",
@@ -21,14 +19,9 @@ __all__ = ["prepare", "train", "merge", "predict", "evaluate", "run", "PrepareCo
 
 
 def _call(name: str, cfg, options: dict) -> dict:
-    from sqltune.stages import STAGES
+    from sqltune.stages import call
 
-    stage = STAGES[name]
-    if cfg is None:
-        cfg = build(stage.config, options, where=f"sqltune.{name}()")
-    elif options:
-        cfg = build(stage.config, {**dataclasses.asdict(cfg), **options}, where=f"sqltune.{name}()")
-    return stage.run(cfg)
+    return call(name, cfg, options)
 
 
 def prepare(cfg: PrepareConfig | None = None, **options) -> dict:

@@ -58,3 +58,18 @@ STAGES = {s.name: s for s in (
     Stage("evaluate", "Spider/BIRD execution and exact-match accuracy per hardness", EvalConfig, run_evaluate),
 )}
 ORDER = tuple(STAGES)
+
+
+def call(name: str, cfg=None, options: dict | None = None) -> dict:
+    """Run stage `name` from the Python API: its config object, keyword options with the flags' names, or both
+    (the options replace the config's values); unknown names are one line with a hint."""
+    import dataclasses
+
+    from sqltune.config import build
+
+    stage = STAGES[name]
+    if cfg is None:
+        cfg = build(stage.config, options or {}, where=f"sqltune.{name}()")
+    elif options:
+        cfg = build(stage.config, {**dataclasses.asdict(cfg), **options}, where=f"sqltune.{name}()")
+    return stage.run(cfg)

@@ -10,9 +10,9 @@ import types
 
 class _CallablePackage(types.ModuleType):
     def __call__(self, cfg=None, **options) -> dict:
-        from sqltune import _call
+        from sqltune.stages import call
 
-        return _call("train", cfg, options)
+        return call("train", cfg, options)
 
 
 sys.modules[__name__].__class__ = _CallablePackage

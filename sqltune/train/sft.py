@@ -29,7 +29,7 @@ from sqltune.errors import SqltuneError
 from sqltune.io import atomic_write, write_json
 from sqltune.loading import load_model, load_tokenizer, resolve
 from sqltune.templates import get_template
-from sqltune.train import folders
+import sqltune.train.folders as folders
 from sqltune.train.data import Collator, load_records, tokenize_records
 from sqltune.train.setup import missing_gradients, setup_trainable
 
