@@ -121,7 +121,8 @@ class TrainConfig:
     fsdp_config: str = arg("", "FSDP settings file (JSON) passed to the Trainer with --fsdp")
     attn_implementation: str = arg("sdpa", "attention kernel: sdpa, flash_attention_2 (needs flash_attn) or eager")
     packing: bool = arg(False, "padding-free batches: the examples of a batch back to back in one row, position ids "
-                               "restarting per example, no attention across examples")
+                               "restarting per example, no attention across examples (on a GPU best with "
+                               "flash_attention_2; with sdpa/eager a per-example mask spans the whole row)")
     report_to: str = arg("none", "transformers report_to (none, tensorboard, wandb, ...)")
 
     def __post_init__(self):
