@@ -31,7 +31,9 @@ from sqltune.loading import load_model, load_tokenizer, resolve
 from sqltune.templates import get_template
 import sqltune.train.folders as folders
 from sqltune.train.data import Collator, load_records, tokenize_records
-from sqltune.train.setup import missing_gradients, setup_trainable
+from sqltune.train.loss import install_label_only_loss
+from sqltune.train.memory import preflight
+from sqltune.train.setup import gradient_check, parallel_args, setup_trainable, train_dtype
 
 TRAIN_LOG = "trainer_log.jsonl"
 RESOLVED_CONFIG = "sqltune_train.yaml"
@@ -153,7 +155,7 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int):
             if self.checked or model is None:
                 return
             self.checked = True
-            bad = missing_gradients(model)
+            bad = gradient_check(args, model)  # None under DeepSpeed/FSDP; fp16 overflow steps are not counted
             if bad:
                 raise SqltuneError(f"{len(bad)} trainable parameters got no gradient in the first step "
                                    f"(first: {bad[0]}); training would silently learn nothing")
@@ -252,8 +254,11 @@ def train(cfg: TrainConfig) -> dict:
                                              cfg.max_target_length)
 
     quant = cfg.quantization_bit if cfg.finetuning_type == "qlora" else None
-    dtype = torch.bfloat16 if (cfg.bf16 and cfg.finetuning_type in ("lora", "qlora")) else torch.float32
-    model = setup_trainable(load_model(model_path, quant, dtype=dtype), cfg)
+    dtype = train_dtype(cfg)
+    if (warning := preflight(cfg, model_path, dtype.itemsize)) and _world()[0] == 0:
+        print(f"train: {warning}", file=sys.stderr)
+    model = setup_trainable(load_model(model_path, quant, dtype=dtype, attn_implementation=cfg.attn_implementation),
+                            cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise SqltuneError("no parameter is trainable with these settings")
@@ -261,6 +266,7 @@ def train(cfg: TrainConfig) -> dict:
         model.gradient_checkpointing_enable()
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    data_figures["loss_kernel"] = install_label_only_loss(model)  # no full-vocabulary logits (sqltune/train/loss.py)
 
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     args = TrainingArguments(  # creating it starts torch.distributed under torchrun
@@ -269,10 +275,10 @@ def train(cfg: TrainConfig) -> dict:
         lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # a fraction of the real number of steps, which counts the processes
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps, logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit, bf16=cfg.bf16,
-        fp16=cfg.fp16, seed=cfg.seed, data_seed=cfg.seed, report_to=cfg.report_to, remove_unused_columns=False,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed, data_seed=cfg.seed, report_to=cfg.report_to, remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        length_column_name="length", deepspeed=cfg.deepspeed or None, ddp_find_unused_parameters=False,
+        length_column_name="length", **parallel_args(cfg), ddp_find_unused_parameters=False,
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_first_step=True,
         include_num_input_tokens_seen="non_padding",  # summed over processes, kept in checkpoints
         logging_nan_inf_filter=False,  # a non-finite loss must be seen, not averaged away
@@ -287,7 +293,7 @@ def train(cfg: TrainConfig) -> dict:
         with atomic_write(work / RESOLVED_CONFIG) as handle:  # at the start, so a resume can compare settings
             yaml.safe_dump(resolved, handle, sort_keys=False)
     _barrier()
-    collator = Collator(tokenizer.pad_token_id)
+    collator = Collator(tokenizer.pad_token_id, packing=cfg.packing)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                       callbacks=_callbacks(cfg, work, resume_step))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; JsonlLog prints readable lines
