@@ -159,3 +159,16 @@ def test_progress_in_a_log_is_one_line_per_logging_step(tiny_model, prepared_dem
     assert all(" loss " in line and " lr " in line and " tokens/s " in line for line in lines)
     assert "it/s" not in captured.err and "{'loss'" not in captured.out
     assert [line for line in captured.out.splitlines() if line.startswith("train:")] != []
+
+
+def test_output_holding_the_fsdp_config_is_refused(own_inputs, tmp_path, capsys):
+    """Pins: the FSDP settings file was not among train's inputs, so `--output_dir` holding it with
+    `--overwrite_output_dir` would replace that folder, config included."""
+    model, data = own_inputs
+    folder = tmp_path / "settings"
+    folder.mkdir()
+    (folder / "fsdp.json").write_text("{}")
+    assert main(cli(model, data, folder, "--overwrite_output_dir", "--fsdp", "full_shard",
+                    "--fsdp_config", str(folder / "fsdp.json"))) == 2
+    one_line(capsys, "choose another --output_dir")
+    assert (folder / "fsdp.json").read_text() == "{}"

@@ -94,6 +94,8 @@ def _inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:
         inputs[f"dataset file {Path(entry['file_name']).name}"] = Path(entry["file_name"])
     if cfg.deepspeed:
         inputs["DeepSpeed config"] = Path(cfg.deepspeed)
+    if cfg.fsdp_config:
+        inputs["FSDP config"] = Path(cfg.fsdp_config)
     return inputs
 
 
