@@ -131,3 +131,15 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SqltuneError(f"malformed JSON in {path} at line {lineno}: {exc.msg}") from None
+
+
+def refuse_overlap(out: str | Path, inputs: dict[str, Path], option: str, stage: str) -> None:
+    """Refuse an output that is, contains or lies inside one of a stage's inputs (paths resolved, links followed):
+    replacing the output would destroy the input."""
+    target = Path(out).expanduser().resolve()
+    for what, path in inputs.items():
+        src = Path(path).expanduser().resolve()
+        if target == src or target in src.parents or src in target.parents:
+            relation = "is" if target == src else ("contains" if target in src.parents else "lies inside")
+            raise SqltuneError(f"{option} {out} {relation} the {what} {path}: choose another --{option} "
+                               f"({stage} never writes into its inputs)")

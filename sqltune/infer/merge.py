@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqltune.config import MergeConfig
 from sqltune.errors import SqltuneError
-from sqltune.io import temp_dir
+from sqltune.io import refuse_overlap, temp_dir
 from sqltune.loading import gpu_device_map, load_model, load_tokenizer, resolve
 
 _MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
@@ -64,6 +64,7 @@ def merge(cfg: MergeConfig) -> dict:
     adapter = check_adapter(cfg.adapter)
     base = resolve(cfg.model_name_or_path or adapter_base(adapter))
     out = Path(cfg.out)
+    refuse_overlap(out, {"base model folder": base, "adapter folder": adapter}, "out", "merge")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite_output_dir:
         raise SqltuneError(f"{out} exists and is not empty (pass --overwrite_output_dir to replace it)")
     base_config = json.loads((base / "config.json").read_text())

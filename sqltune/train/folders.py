@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from sqltune.errors import SqltuneError
+from sqltune.io import refuse_overlap
 
 FINISHED = "train_figures.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
@@ -74,14 +75,8 @@ def resumable(out: str | Path) -> bool:
 
 
 def check_overlap(out: Path, inputs: dict[str, Path]) -> None:
-    """Refuse an output folder that is, contains or lies inside an input (paths resolved, links followed)."""
-    target = out.expanduser().resolve()
-    for what, path in inputs.items():
-        src = Path(path).expanduser().resolve()
-        if target == src or target in src.parents or src in target.parents:
-            relation = "is" if target == src else ("contains" if target in src.parents else "lies inside")
-            raise SqltuneError(f"output_dir {out} {relation} the {what} {path}: choose another --output_dir "
-                               "(training never writes into its inputs)")
+    """Refuse an output folder that is, contains or lies inside an input."""
+    refuse_overlap(out, inputs, "output_dir", "training")
 
 
 def plan(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path | None, list[Path]]:
