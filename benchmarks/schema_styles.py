@@ -1,0 +1,89 @@
+"""Zero-shot EX of one model with each schema style, on the same seeded Spider dev questions (issue #16, section 2).
+
+For every style: prepare Spider with it, take the same seeded sample of dev questions whose database exists, predict
+greedily with the base model (the recipe's template and prompt length), evaluate. Prints one row per style (EX, EM,
+mean prompt tokens, prompts cut) and writes results.json and table.md into --out. Accuracy only: stages run one
+after another (no timing ratio is claimed).
+
+    python benchmarks/schema_styles.py [--spider ../shared/spider] [--model qwen2.5-coder-0.5b-instruct]
+                                       [--dev_sample 50] [--styles words,ddl,ddl+rows,mschema] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spider_dev import ROOT, run_stage, sample_split  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--spider", default=str(ROOT.parent / "shared" / "spider"))
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--template", default="chatml")
+    p.add_argument("--styles", default="words,ddl,ddl+rows,mschema")
+    p.add_argument("--dev_sample", type=int, default=50)
+    p.add_argument("--sample_rows", type=int, default=3)
+    p.add_argument("--max_source_length", type=int, default=512)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/schema_styles")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    env = {**os.environ, "SQLTUNE_RUNS_DIR": str(out / "runs")}
+    log: dict = {}
+    rows = []
+    chosen: list[int] | None = None
+    for style in [s.strip() for s in a.styles.split(",") if s.strip()]:
+        data = out / style.replace("+", "_") / "data"
+        run_stage(f"prepare_{style}", ["prepare", "--source", "spider", "--data_dir", a.spider, "--out", str(data),
+                                       "--schema_style", style, "--sample_rows", str(a.sample_rows),
+                                       "--splits", "dev"], log, env)
+        entry = json.loads((data / "dataset_info.json").read_text())["spider_dev"]
+        db_dir = Path(entry["db_dir"]) if Path(entry["db_dir"]).is_absolute() else data / entry["db_dir"]
+        if chosen is None:  # the same questions for every style (dev records keep the source order)
+            dev = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
+            eligible = [i for i, r in enumerate(dev) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]
+            chosen = sorted(random.Random(a.seed).sample(eligible, a.dev_sample)) \
+                if 0 < a.dev_sample < len(eligible) else eligible
+        sample_split(data, "spider_dev", "spider_devsample", chosen, with_gold=True)
+        pred = out / style.replace("+", "_") / "pred.sql"
+        run_stage(f"predict_{style}", ["predict", "--model_name_or_path", a.model, "--dataset", "spider_devsample",
+                                       "--dataset_dir", str(data), "--out", str(pred), "--overwrite", "--template",
+                                       a.template, "--max_source_length", str(a.max_source_length),
+                                       "--max_new_tokens", str(a.max_new_tokens), "--batch_size",
+                                       str(a.batch_size)], log, env)
+        report = out / style.replace("+", "_") / "eval"
+        run_stage(f"evaluate_{style}", ["evaluate", "--pred", str(pred), "--gold",
+                                        str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir),
+                                        "--tables", str(Path(a.spider) / "tables.json"), "--report", str(report),
+                                        "--quiet"], log, env)
+        metrics = json.loads((report / "metrics.json").read_text())
+        raw = [json.loads(line) for line in pred.with_name(pred.name + ".raw.jsonl").read_text().splitlines()]
+        rows.append({"style": style, "count": metrics["count"], "ex": metrics["ex"], "em": metrics["em"],
+                     "mean_prompt_tokens": round(sum(r["prompt_tokens"] for r in raw) / max(1, len(raw)), 1),
+                     "prompts_cut": sum(bool(r.get("prompt_cut")) for r in raw)})
+    lines = ["| schema style | count | EX | EM | mean prompt tokens | prompts cut |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['style']} | {r['count']} | {r['ex']:.3f} | {r['em']:.3f} | {r['mean_prompt_tokens']} | "
+              f"{r['prompts_cut']} |" for r in rows]
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"model": a.model, "dev_questions": len(chosen or []),
+                                                  "seed": a.seed, "rows": rows, "stages": log}, indent=2) + "\n")
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    best = max(rows, key=lambda r: (r["ex"], r["em"]))
+    print(f"best zero-shot schema style: {best['style']} (EX {best['ex']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
