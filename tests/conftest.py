@@ -93,3 +93,24 @@ def training_killed_after_save(step: int):
         yield
     finally:
         sft._callbacks = original
+
+
+@contextmanager
+def predict_killed_at_batch(batch: int):
+    """Within the block, `sqltune predict` is interrupted (KeyboardInterrupt) when it starts its `batch`-th batch."""
+    import sqltune.infer.predict as predict_mod
+
+    original = predict_mod.HFGenerator.generate
+    calls = {"n": 0}
+
+    def dies(self, prompts):
+        calls["n"] += 1
+        if calls["n"] == batch:
+            raise KeyboardInterrupt
+        return original(self, prompts)
+
+    predict_mod.HFGenerator.generate = dies
+    try:
+        yield
+    finally:
+        predict_mod.HFGenerator.generate = original

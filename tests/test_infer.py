@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import predict_killed_at_batch
 
 from sqltune.cli import main
 from sqltune.config import MergeConfig, PredictConfig, TrainConfig
@@ -85,19 +86,8 @@ def test_resume_after_interruption(tiny_model, prepared_demo, tmp_path, monkeypa
     whole = tmp_path / "whole.sql"
     predict(pcfg(tiny_model, prepared_demo, whole))
     out = tmp_path / "cut.sql"
-    original = predict_mod.HFGenerator.generate
-    calls = {"n": 0}
-
-    def dies_on_third_batch(self, prompts):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, prompts)
-
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", dies_on_third_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with predict_killed_at_batch(3), pytest.raises(KeyboardInterrupt):
         predict(pcfg(tiny_model, prepared_demo, out))
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", original)
     assert not out.exists()  # the .sql appears only when complete; the lines so far are in the partial raw file
     partial = tmp_path / "cut.sql.partial.raw.jsonl"
     assert partial.read_text().count("\n") == 8

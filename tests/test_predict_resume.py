@@ -8,11 +8,11 @@ import os
 import shutil
 
 import pytest
+from conftest import predict_killed_at_batch
 
 from sqltune.cli import main
 from sqltune.config import MergeConfig, PredictConfig, TrainConfig
 from sqltune.errors import SqltuneError
-from sqltune.infer import predict as predict_mod
 from sqltune.infer.merge import merge
 from sqltune.infer.predict import predict
 from sqltune.train.sft import train
@@ -149,19 +149,8 @@ def test_interrupted_overwrite_keeps_the_finished_output(tiny_model, prepared_de
     out = tmp_path / "o.sql"
     predict(cfg(tiny_model, prepared_demo, out))
     before = _snapshot(tmp_path)
-    original = predict_mod.HFGenerator.generate
-    calls = {"n": 0}
-
-    def dies_on_second_batch(self, prompts):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(self, prompts)
-
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", dies_on_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with predict_killed_at_batch(2), pytest.raises(KeyboardInterrupt):
         predict(cfg(tiny_model, prepared_demo, out, max_new_tokens=5, batch_size=2, overwrite=True))
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", original)
     now = _snapshot(tmp_path)
     assert {k: v for k, v in now.items() if k in before} == before  # the finished output is untouched
     figures = predict(cfg(tiny_model, prepared_demo, out, max_new_tokens=5, batch_size=2))
