@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         r["generation_tokens_per_s"] = round(r["new_tokens"] / max(stage["wall_s"], 1e-9), 1)
         if how is voting:
             r["vote"] = vote_figures(raw)
+        write_partial(out, results, log)
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
     summary = {"command": "python benchmarks/spider_dev.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "model": a.model, "schema_style": a.schema_style,
@@ -235,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "section.md").write_text(render(summary))
     print(render(summary))
     return 0
+
+
+def write_partial(out: Path, results: dict, log: dict) -> None:
+    """Keep each finished arm's figures on disk, so a run stopped later still shows what it measured."""
+    (out / "partial_results.json").write_text(json.dumps({"stages": log, "results": results}, indent=2) + "\n")
 
 
 def plot(s: dict, path: Path) -> None:
