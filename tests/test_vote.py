@@ -231,6 +231,37 @@ def test_sample_log_probabilities_are_the_models_not_the_tempered_ones(tiny, pro
             assert sample["logprob"] == pytest.approx(row[0]["logprob"], abs=1e-3)
 
 
+def test_samples_read_each_prompt_once_and_match_plain_sampling(tiny, prompts):
+    """Pins the shared-prompt sampling: the prompts (of different lengths, so left-padded) are read once, not once
+    per sample, and with the same seed the samples and their log-probabilities are those of plain
+    generate(num_return_sequences=n)."""
+    import torch
+
+    from sqltune.infer.vote import _generate, _left_pad
+
+    model, tok, _, stop = tiny
+    ids = [p[:40 + 7 * i] for i, p in enumerate(prompts[0][:3])]
+    assert len({len(p) for p in ids}) == 3
+    rows_read = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, a, out: rows_read.append(tuple(out.shape[:2])))
+    try:
+        torch.manual_seed(7)
+        shared = _generate(model, tok, ids, stop, 4, 0.9, 1.0, 10, "sample", None)
+    finally:
+        hook.remove()
+    assert rows_read[0] == (3, max(len(p) for p in ids) - 1)  # one read of every prompt
+    assert all(shape == (12, 1) for shape in rows_read[1:])  # then one token per sample and step
+    pad_ids, mask = _left_pad(ids, tok.pad_token_id)
+    torch.manual_seed(7)
+    plain = model.generate(input_ids=pad_ids, attention_mask=mask, do_sample=True, num_return_sequences=4,
+                           temperature=0.9, top_p=None, top_k=None, max_new_tokens=10, eos_token_id=stop,
+                           pad_token_id=tok.pad_token_id)[:, pad_ids.shape[1]:].tolist()
+    for k, row in enumerate(r for group in shared for r in group):
+        tokens = plain[k]
+        cut = next((j for j, t in enumerate(tokens) if t in stop or t == tok.pad_token_id), len(tokens))
+        assert row["text"] == tok.decode(tokens[:cut], skip_special_tokens=True)
+
+
 def test_retry_on_error_samples_once_for_failing_prompts(tiny, prompts, prepared_demo, monkeypatch):
     """A random model's SQL fails: the failing prompts are re-sampled in one batched call, and when no sample
     runs either, the greedy SQL is kept."""

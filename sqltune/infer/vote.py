@@ -89,8 +89,38 @@ def _left_pad(prompts: list[list[int]], pad: int):
     return ids, mask
 
 
-def _generate(model, tokenizer, prompts, stop_ids, n, temperature, top_p, max_new_tokens, source, end
-              ) -> list[list[dict]]:
+def _cache_argument(model) -> str:
+    """The keyword transformers takes the KV cache by (`cache` since 5.2x, `past_key_values` before)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _shared_prompt(model, ids, mask, n: int):
+    """Read each prompt once and copy its KV cache to its n samples.
+
+    generate(num_return_sequences=n) repeats every prompt n times before reading it, so a vote@8 reads each
+    ~500-token prompt 8 times; on a CPU that prefill is most of the cost. Here all but the prompt's last token are
+    read once, the cache is repeated n times, and generate reads only the last token onwards. Positions follow the
+    attention mask as generate's own do, so the samples' distributions are the unshared ones (tested).
+    """
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        cache = DynamicCache()
+    key = _cache_argument(model)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+          **{key: cache})
+    cache.batch_repeat_interleave(n)
+    return ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), {key: cache}
+
+
+def _generate(model, tokenizer, prompts, stop_ids, n, temperature, top_p, max_new_tokens, source, end,
+              share_prompt: bool = True) -> list[list[dict]]:
     """n sequences per prompt (greedy when temperature is 0) as candidates, grouped per prompt."""
     import torch
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
@@ -105,15 +135,20 @@ def _generate(model, tokenizer, prompts, stop_ids, n, temperature, top_p, max_ne
     # recorder, so it sees the distribution before them
     kwargs = {"max_new_tokens": max_new_tokens, "num_beams": 1, "eos_token_id": list(stop_ids) or None,
               "pad_token_id": pad, "temperature": None, "top_p": None, "top_k": None, "logits_processor": processors}
+    ids, mask = ids.to(device), mask.to(device)
     if temperature > 0:
         processors.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-        kwargs.update(do_sample=True, num_return_sequences=n)
+        kwargs.update(do_sample=True)
     else:
         kwargs.update(do_sample=False)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        if temperature > 0 and n > 1:
+            ids, mask, cached = _shared_prompt(model, ids, mask, n) if share_prompt and ids.shape[1] > 1 else \
+                (ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), {})
+            kwargs.update(cached)
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         logprobs = recorder.finish(out).tolist()
     new = out[:, ids.shape[1]:].tolist()
     rows = []
@@ -131,10 +166,11 @@ def _generate(model, tokenizer, prompts, stop_ids, n, temperature, top_p, max_ne
 
 def generate_candidates(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], num_samples: int,
                         temperature: float, top_p: float, include_greedy: bool, max_new_tokens: int,
-                        end: str | None = None) -> list[list[dict]]:
+                        end: str | None = None, share_prompt: bool = True) -> list[list[dict]]:
     """Per prompt: the greedy candidate first (when include_greedy), then `num_samples` samples from one batched
-    call (num_return_sequences). `prompts` are token ids, unpadded (left padding is done here); temperature 0 means
-    SAMPLING_TEMPERATURE; `end` is passed to extract_sql."""
+    call, each prompt read once and its cache shared by its samples (`share_prompt=False`: generate's own
+    num_return_sequences, kept for the benchmark). `prompts` are token ids, unpadded (left padding is done here);
+    temperature 0 means SAMPLING_TEMPERATURE; `end` is passed to extract_sql."""
     if num_samples < 0 or (num_samples == 0 and not include_greedy):
         raise SqltuneError("generate_candidates needs num_samples > 0 or include_greedy")
     out = [[] for _ in prompts]
@@ -144,7 +180,8 @@ def generate_candidates(model, tokenizer, prompts: list[list[int]], stop_ids: li
             row += cands
     if num_samples:
         for row, cands in zip(out, _generate(model, tokenizer, prompts, stop_ids, num_samples,
-                                             sampling_temperature(temperature), top_p, max_new_tokens, "sample", end)):
+                                             sampling_temperature(temperature), top_p, max_new_tokens, "sample", end,
+                                             share_prompt)):
             row += cands
     return out
 
