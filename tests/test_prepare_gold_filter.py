@@ -80,6 +80,17 @@ def test_failing_gold_train_records_are_dropped_and_counted(zoo, tmp_path, capsy
         assert conn.execute("SELECT count(*) FROM keeper").fetchone() == (2,)
 
 
+def test_records_without_database_are_counted_after_the_drop(zoo, tmp_path, capsys):
+    """Pins the count of kept records whose database is missing: the drop removes them, so it is 0 and the split's
+    line says nothing of them (it used to count them before the drop: "2 records (...; 1 whose database is
+    missing")."""
+    figures = prepare(PrepareConfig(data_dir=str(zoo), out=str(tmp_path / "o"), drop_failing_gold=True))
+    assert figures["train_records_without_database"] == 0
+    assert figures["missing_databases"] == ["gone"]
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("prepare: spider_train: 2 records"))
+    assert "missing" not in line
+
+
 def test_default_keeps_every_record(zoo, tmp_path):
     out = tmp_path / "prepared"
     figures = prepare(PrepareConfig(data_dir=str(zoo), out=str(out)))

@@ -154,7 +154,6 @@ def prepare(cfg: PrepareConfig) -> dict:
         history = "gold" if split == "train" else cfg.history
         records, cut = [], 0
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
-        without_db = sum(ex.db_id in no_db for ex in part.examples)
         dropped = None
         if cfg.drop_failing_gold and split == "train":
             why = failing_gold(part, bar_off)
@@ -164,6 +163,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             kinds = {k: sum(v == k for v in why.values()) for k in ("error", "no rows", "no database")}
             say(f"{name}: dropped {dropped} records whose gold query fails or returns no rows ("
                 + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
+        without_db = sum(ex.db_id in no_db for ex in part.examples)  # of the records kept
         for ex in tqdm(part.examples, desc=f"prepare {name}", unit="q", leave=False, mininterval=1.0, disable=bar_off):
             blocks = schema_of(part, ex.db_id)
             if count is not None:
