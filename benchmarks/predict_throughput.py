@@ -7,8 +7,13 @@ every batch size before timing. Tokens/s counts generated tokens (up to the stop
 seconds, and how many answers equal the same dtype's batch-1 answers (batched greedy decoding need not be
 bit-identical: padding changes the floating-point sums, most of all in bfloat16). On CUDA, peak memory per dtype.
 
+With --vote N, the vote's sampling is timed instead: N samples per prompt, --vote_batch prompts per call, each prompt
+read once with its cache shared by its samples (what `predict --vote` does) against generate's own
+num_return_sequences, which reads every prompt N times; the arms alternate, --repeats times, the same seed for both.
+
     python benchmarks/predict_throughput.py --device cpu [--model smollm2-135m-instruct] [--prompts 64]
     python benchmarks/predict_throughput.py --device cuda --model /path/to/model_folder
+    python benchmarks/predict_throughput.py --vote 8 --records PREPARED.jsonl --model qwen2.5-coder-0.5b-instruct
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma list: float32, bfloat16")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--work", default="")
+    p.add_argument("--records", default="", help="prepared JSONL to take prompts from (default: demo dev records)")
+    p.add_argument("--max_source_length", type=int, default=1024)
+    p.add_argument("--vote", type=int, default=0, help="time vote@N sampling, shared prompt against repeated")
+    p.add_argument("--vote_batch", type=int, default=2, help="prompts per sampling call with --vote")
+    p.add_argument("--repeats", type=int, default=2, help="alternations of the two --vote arms")
     a = p.parse_args(argv)
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
@@ -45,11 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     from sqltune.io import read_jsonl
     from sqltune.templates import encode_prompt
 
-    work = Path(a.work or tempfile.mkdtemp(prefix="sqltune-predict-bench-"))
-    if not (work / "data" / "dataset_info.json").is_file():
-        prepare(PrepareConfig(source="demo", out=str(work / "data"), name="demo"))
-    records = list(read_jsonl(work / "data" / "demo_dev.jsonl"))
+    if a.records:
+        records = list(read_jsonl(Path(a.records)))
+    else:
+        work = Path(a.work or tempfile.mkdtemp(prefix="sqltune-predict-bench-"))
+        if not (work / "data" / "dataset_info.json").is_file():
+            prepare(PrepareConfig(source="demo", out=str(work / "data"), name="demo"))
+        records = list(read_jsonl(work / "data" / "demo_dev.jsonl"))
     records = (records * (a.prompts // max(1, len(records)) + 1))[: a.prompts]
+    if a.vote:
+        return vote_arms(a, records)
     batches = [int(b) for b in a.batches.split(",") if b.strip()]
     rows = []
     for dtype in [d.strip() for d in a.dtypes.split(",") if d.strip()]:
@@ -81,6 +96,50 @@ def main(argv: list[str] | None = None) -> int:
         by = {d: t for d, bb, t, _, _ in rows if bb == b}
         if "float32" in by and "bfloat16" in by:
             print(f"batch {b:>3}: bfloat16 / float32 = {by['bfloat16'] / by['float32']:.2f}x")
+    return 0
+
+
+def vote_arms(a, records: list[dict]) -> int:
+    """Sampling for the vote: shared prompt cache against generate's num_return_sequences, arms alternated."""
+    import torch
+
+    from sqltune.config import PredictConfig
+    from sqltune.infer.predict import HFGenerator
+    from sqltune.infer.vote import generate_candidates
+    from sqltune.templates import encode_prompt
+
+    dtype = a.dtypes.split(",")[0].strip()
+    gen = HFGenerator(PredictConfig(model_name_or_path=a.model, template=a.template, dtype=dtype))
+    prompts = [encode_prompt(gen.tokenizer, gen.template, r, a.max_source_length)[0] for r in records]
+    b = a.vote_batch
+
+    def sample(share: bool, some: list[list[int]]) -> list[list[dict]]:
+        return [row for i in range(0, len(some), b)
+                for row in generate_candidates(gen.model, gen.tokenizer, some[i:i + b], gen.stop, a.vote, 0.7, 1.0,
+                                               False, a.max_new_tokens, share_prompt=share)]
+
+    sample(True, prompts[:b]), sample(False, prompts[:b])  # warm-up
+    seconds = {True: [], False: []}
+    same = 0
+    for _ in range(a.repeats):
+        for share in (False, True):
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            out = sample(share, prompts)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds[share].append(time.perf_counter() - start)
+            texts = [[c["text"] for c in row] for row in out]
+            same = texts if share is False else sum(x == y for x, y in zip(texts, same))
+    device = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    tokens = sum(len(p) for p in prompts) / len(prompts)
+    print(f"model {a.model} ({dtype}) on {device}, {len(prompts)} prompts (mean {tokens:.0f} tokens), vote@{a.vote}, "
+          f"{b} prompts per call, max_new_tokens {a.max_new_tokens}, {a.repeats} alternations")
+    for share, name in ((False, "prompt repeated per sample"), (True, "prompt read once, cache shared")):
+        print(f"{name:<31}: " + ", ".join(f"{s:.1f} s" for s in seconds[share]))
+    print(f"prompts whose samples are identical in both arms (same seed): {same}/{len(prompts)}")
+    ratio = min(seconds[False]) / min(seconds[True])
+    print(f"vote@{a.vote} sampling, shared prompt over repeated prompt (best of each): {ratio:.2f}x")
     return 0
 
 

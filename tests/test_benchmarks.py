@@ -69,3 +69,14 @@ def test_predict_throughput_code_path(tiny_model, tmp_path, capsys):
                                     "1,4", "--max_new_tokens", "4", "--work", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "float32   batch   1" in out and "bfloat16  batch   4" in out and "batch   4: bfloat16 / float32 =" in out
+
+
+def test_predict_throughput_vote_arms_code_path(tiny_model, tmp_path, capsys):
+    """--vote N times the vote's sampling with the prompt read once against read once per sample."""
+    import predict_throughput
+
+    assert predict_throughput.main(["--device", "cpu", "--model", str(tiny_model), "--prompts", "3", "--vote", "3",
+                                    "--max_new_tokens", "4", "--work", str(tmp_path), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "identical in both arms (same seed): 3/3" in out
+    assert out.strip().splitlines()[-1].startswith("vote@3 sampling, shared prompt over repeated prompt")
