@@ -17,6 +17,14 @@ from typing import Any, Iterable, Iterator
 from sqltune.errors import SqltuneError
 
 
+def logging_to_file() -> bool:
+    """True when stderr is not a terminal (a log file, a pipe): carriage-return progress bars would show only their
+    first frame there, so stages print one progress line per step instead."""
+    import sys
+
+    return not sys.stderr.isatty()
+
+
 def umask() -> int:
     """The process umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)

@@ -17,9 +17,9 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 def quiet_progress_in_logs() -> None:
     """In a log file (stderr not a terminal) carriage-return progress bars show only their first frame: turn off
     transformers' loading bars there; stages print their own progress lines."""
-    import sys
+    from sqltune.io import logging_to_file
 
-    if not sys.stderr.isatty():
+    if logging_to_file():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

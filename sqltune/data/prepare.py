@@ -25,6 +25,7 @@ from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
 from sqltune.errors import SqltuneError
 from sqltune.eval.safe_sqlite import QueryError, connect, run_query
+from sqltune.io import logging_to_file
 
 GOLD_TIMEOUT, GOLD_MAX_ROWS = 30.0, 100_000  # the evaluator's default bounds (evaluate --timeout, --max_rows)
 
@@ -147,7 +148,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     files: dict[str, str] = {}
     entries: dict[str, dict] = {}
     missing_dbs: set[str] = set()
-    bar_off = not sys.stderr.isatty()  # a log would show a frozen 0 %; one line per split is said instead
+    bar_off = logging_to_file()  # a log would show a frozen 0 %; one line per split is said instead
     for split, part in data.splits.items():
         name = f"{cfg.name}_{split}"
         multi_turn = any(ex.interaction >= 0 for ex in part.examples)

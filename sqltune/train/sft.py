@@ -26,7 +26,7 @@ import yaml
 from sqltune.config import TrainConfig, to_dict
 from sqltune.data.registry import lookup_many
 from sqltune.errors import SqltuneError
-from sqltune.io import atomic_write, write_json
+from sqltune.io import atomic_write, logging_to_file, write_json
 from sqltune.loading import load_model, load_tokenizer, resolve
 from sqltune.templates import get_template
 import sqltune.train.folders as folders
@@ -109,7 +109,7 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int):
     from transformers import TrainerCallback
 
     log_path = work / TRAIN_LOG
-    progress = not sys.stderr.isatty()
+    progress = logging_to_file()
 
     class JsonlLog(TrainerCallback):
         """Appends each logged step to trainer_log.jsonl (a resumed run first drops the lines after its checkpoint);
@@ -284,7 +284,7 @@ def train(cfg: TrainConfig) -> dict:
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_first_step=True,
         include_num_input_tokens_seen="non_padding",  # summed over processes, kept in checkpoints
         logging_nan_inf_filter=False,  # a non-finite loss must be seen, not averaged away
-        disable_tqdm=not sys.stderr.isatty())  # in a log file: one progress line per logging step instead
+        disable_tqdm=logging_to_file())  # in a log file: one progress line per logging step instead
     rank, world = _world()
     if rank == 0:  # every process planned before the process group started, so before this changes anything
         for ckpt in skipped:
