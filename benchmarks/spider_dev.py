@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
                "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
                "temperature": a.temperature, "top_p": a.top_p, "bf16": a.bf16, "lora_target": a.lora_target,
+               "train_batch_size": a.train_batch_size, "train_minutes": a.train_minutes,
                "arms": [label for label, *_ in arms], "train": train_figures, "stages": log, "results": results,
                "total_wall_min": round((time.time() - started) / 60, 1)}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -275,9 +276,14 @@ def render(s: dict) -> str:
     first = arms[0]["table"]
     t = s["train"]
     dropped = s.get("train_dropped_failing_gold")
+    batch = s.get("train_batch_size")
+    seen = min(t["records"], t["steps"] * batch) if batch else None
+    trained = (f"{t['records']} train records" if seen is None or seen == t["records"] else
+               f"{seen} of {t['records']} sampled train records (stopped by the {s['train_minutes']:g}-minute "
+               "budget)")
     lines = [f"Model `{s['model']}`, schema style `{s['schema_style']}`; {s['dev_questions']} dev questions (seeded "
              f"sample, databases present); LoRA ({s['lora_target']}{', bf16' if s['bf16'] else ''}) on "
-             f"{t['records']} train records, {t['steps']} steps ({t['train_runtime_s'] / 60:.1f} min, "
+             f"{trained}, {t['steps']} steps ({t['train_runtime_s'] / 60:.1f} min, "
              f"{t['tokens_per_s']} training tokens/s)"
              + (f"; {dropped} train records with failing or empty gold left out before sampling" if dropped else "")
              + ".", "",

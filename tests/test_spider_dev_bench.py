@@ -78,6 +78,17 @@ def test_table_and_chart_from_results(tmp_path):
     assert (tmp_path / "ex.png").read_bytes().startswith(PNG)
 
 
+def test_a_run_stopped_by_its_time_budget_says_how_many_records_it_saw():
+    """Pins the training line of the section: a run the time budget stopped at 207 steps x batch 4 saw 828 of its
+    1000 sampled records, and says so (it used to say "on 1000 train records")."""
+    s = _summary([("base", "base greedy", False)])
+    s.update(train_batch_size=4, train_minutes=45.0)
+    s["train"].update(records=1000, steps=207)
+    assert "on 828 of 1000 sampled train records (stopped by the 45-minute budget), 207 steps" in spider_dev.render(s)
+    s["train"].update(steps=250)
+    assert "on 1000 train records, 250 steps" in spider_dev.render(s)
+
+
 def test_vote_figures_read_the_raw_records():
     raw = [{"sql": "a", "vote": {"fallback": None, "candidates": [{"source": "greedy", "sql": "a"}]}},
            {"sql": "b", "vote": {"fallback": None, "candidates": [{"source": "greedy", "sql": "a"},
