@@ -178,7 +178,7 @@ def spawn(a, arm: str, round_: int) -> dict:
     cmd += [x for k in ("device", "model", "template", "steps", "batch", "max_source_length", "max_target_length")
             for x in (f"--{k}", str(getattr(a, k)))]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         raise SystemExit(f"train_throughput: arm {arm} failed:\n{proc.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])

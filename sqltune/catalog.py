@@ -82,8 +82,8 @@ def _install(model: CatalogModel) -> None:
                               capture_output=True, text=True)
     importlib.invalidate_caches()
     if proc.returncode != 0:
-        lines = [l.strip() for l in proc.stderr.splitlines() if l.strip() and not l.startswith("WARNING")]
-        if any("DO NOT MATCH THE HASHES" in l for l in lines):
+        lines = [x.strip() for x in proc.stderr.splitlines() if x.strip() and not x.startswith("WARNING")]
+        if any("DO NOT MATCH THE HASHES" in x for x in lines):
             raise SqltuneError(f"could not install {names}: a downloaded wheel does not match its pinned sha256 "
                                "(nothing was installed)")
         raise SqltuneError(f"could not install {names}: {(lines or ['pip failed'])[-1]}")

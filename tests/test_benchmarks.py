@@ -36,7 +36,7 @@ def test_train_throughput_arms_code_path(tiny_model, prepared_demo, tmp_path, ca
     runs = {}
     for arm in tt.arms_for("cpu"):
         assert tt.main(common + ["--arm", arm]) == 0
-        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")][-1]
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
         runs[arm] = [json.loads(line[len("RESULT "):])]
     assert set(runs) == {"baseline", "default", "packing", "bf16"}
     assert len({r[0]["real_tokens"] for r in runs.values()}) == 1

@@ -160,7 +160,7 @@ def test_examples_per_second_is_the_headline(tiny_model, prepared_demo, tmp_path
             "--max_samples", "4"]
     capsys.readouterr()
     assert main(args) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("predict:"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("predict:"))
     assert line.startswith("predict: examples_per_s=") and "tokens_per_s=" in line
 
 

@@ -136,7 +136,9 @@ def test_real_dev_sets(tmp_path, capsys, source, count, interactions):
     starts = [i for i, r in enumerate(dev) if r["turn"] == 0]
     assert [len(b) for b in blocks] == [b - a for a, b in zip(starts, starts[1:] + [len(dev)])]
     published = gold_blocks(folder / "dev_gold.txt")
-    fold = lambda block: [" ".join(line.split()) for line in block]
+    def fold(block):
+        return [" ".join(line.split()) for line in block]
+
     if source == "sparc":
         assert blocks == published  # SParC's published blocks follow dev.json one to one
     else:

@@ -118,8 +118,8 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int):
         def on_train_begin(self, args, state, control, **kw):
             self.last = (time.monotonic(), state.num_input_tokens_seen)
             if state.is_world_process_zero and log_path.is_file():
-                keep = [l for l in log_path.read_text().splitlines() if l.strip() and
-                        json.loads(l).get("step", 0) <= resume_step]
+                keep = [x for x in log_path.read_text().splitlines() if x.strip() and
+                        json.loads(x).get("step", 0) <= resume_step]
                 with atomic_write(log_path) as handle:
                     handle.write("".join(k + "\n" for k in keep))
 
@@ -218,7 +218,7 @@ def plot_loss(log_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()] if log_path.is_file() else []
+    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.is_file() else []
     points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     if not points:
         return
