@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in [d.strip() for d in a.dtypes.split(",") if d.strip()]:
         gen = HFGenerator(PredictConfig(model_name_or_path=a.model, template=a.template,
                                         max_new_tokens=a.max_new_tokens, dtype=dtype))
-        prompts = [encode_prompt(gen.tokenizer, gen.template, r, 1024)[0] for r in records]
+        prompts = [encode_prompt(gen.tokenizer, gen.template, r, a.max_source_length)[0] for r in records]
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         reference = None
@@ -90,13 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             print(f"{dtype:<9} peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MB")
         del gen
-    device = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"model {a.model} on {device}, {len(records)} prompts, max_new_tokens {a.max_new_tokens}")
+    print(f"model {a.model} on {device_name(a)}, {len(records)} prompts, max_new_tokens {a.max_new_tokens}")
     for b in batches:
         by = {d: t for d, bb, t, _, _ in rows if bb == b}
         if "float32" in by and "bfloat16" in by:
             print(f"batch {b:>3}: bfloat16 / float32 = {by['bfloat16'] / by['float32']:.2f}x")
     return 0
+
+
+def device_name(a) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
 
 
 def vote_arms(a, records: list[dict]) -> int:
@@ -120,7 +125,7 @@ def vote_arms(a, records: list[dict]) -> int:
 
     sample(True, prompts[:b]), sample(False, prompts[:b])  # warm-up
     seconds = {True: [], False: []}
-    same = 0
+    texts: dict[bool, list[list[str]]] = {}
     for _ in range(a.repeats):
         for share in (False, True):
             torch.manual_seed(0)
@@ -129,11 +134,10 @@ def vote_arms(a, records: list[dict]) -> int:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds[share].append(time.perf_counter() - start)
-            texts = [[c["text"] for c in row] for row in out]
-            same = texts if share is False else sum(x == y for x, y in zip(texts, same))
-    device = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+            texts[share] = [[c["text"] for c in row] for row in out]
+    same = sum(x == y for x, y in zip(texts[False], texts[True]))  # the last round's samples
     tokens = sum(len(p) for p in prompts) / len(prompts)
-    print(f"model {a.model} ({dtype}) on {device}, {len(prompts)} prompts (mean {tokens:.0f} tokens), vote@{a.vote}, "
+    print(f"model {a.model} ({dtype}) on {device_name(a)}, {len(prompts)} prompts (mean {tokens:.0f} tokens), vote@{a.vote}, "
           f"{b} prompts per call, max_new_tokens {a.max_new_tokens}, {a.repeats} alternations")
     for share, name in ((False, "prompt repeated per sample"), (True, "prompt read once, cache shared")):
         print(f"{name:<31}: " + ", ".join(f"{s:.1f} s" for s in seconds[share]))

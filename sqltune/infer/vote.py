@@ -144,10 +144,11 @@ def _generate(model, tokenizer, prompts, stop_ids, n, temperature, top_p, max_ne
     else:
         kwargs.update(do_sample=False)
     with torch.inference_mode():
-        if temperature > 0 and n > 1:
-            ids, mask, cached = _shared_prompt(model, ids, mask, n) if share_prompt and ids.shape[1] > 1 else \
-                (ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), {})
+        if temperature > 0 and n > 1 and share_prompt and ids.shape[1] > 1:
+            ids, mask, cached = _shared_prompt(model, ids, mask, n)
             kwargs.update(cached)
+        elif temperature > 0:
+            kwargs["num_return_sequences"] = n
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         logprobs = recorder.finish(out).tolist()
     new = out[:, ids.shape[1]:].tolist()
