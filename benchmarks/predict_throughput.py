@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vote_batch", type=int, default=2, help="prompts per sampling call with --vote")
     p.add_argument("--repeats", type=int, default=2, help="alternations of the two --vote arms")
     a = p.parse_args(argv)
+    if a.records and not Path(a.records).is_file():
+        print(f"predict_throughput: --records {a.records} not found (a prepared JSONL, e.g. data/spider_dev.jsonl)")
+        return 2
+    if a.vote == 1 or a.vote < 0:
+        print("predict_throughput: --vote must be 0 (greedy arms) or at least 2")
+        return 2
     if a.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     import torch

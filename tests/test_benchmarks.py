@@ -80,3 +80,14 @@ def test_predict_throughput_vote_arms_code_path(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "identical in both arms (same seed): 3/3" in out
     assert out.strip().splitlines()[-1].startswith("vote@3 sampling, shared prompt over repeated prompt")
+
+
+def test_predict_throughput_bad_options_are_one_line(tmp_path, capsys):
+    """A missing --records file or --vote 1 is one line and exit 2, before any model is loaded."""
+    import predict_throughput
+
+    assert predict_throughput.main(["--records", str(tmp_path / "none.jsonl")]) == 2
+    assert predict_throughput.main(["--vote", "1"]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"predict_throughput: --records {tmp_path / 'none.jsonl'} not found (a prepared JSONL, e.g. "
+                   "data/spider_dev.jsonl)", "predict_throughput: --vote must be 0 (greedy arms) or at least 2"]
