@@ -7,6 +7,7 @@ after another (no timing ratio is claimed).
 
     python benchmarks/schema_styles.py [--spider ../shared/spider] [--model qwen2.5-coder-0.5b-instruct]
                                        [--dev_sample 50] [--styles words,ddl,ddl+rows,mschema] [--out DIR]
+                                       [--max_source_length 512] [--predict_dtype auto]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_source_length", type=int, default=512)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--predict_dtype", default="auto", help="predict --dtype: auto, float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/schema_styles")
     a = p.parse_args(argv)
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "--dataset_dir", str(data), "--out", str(pred), "--overwrite", "--template",
                                        a.template, "--max_source_length", str(a.max_source_length),
                                        "--max_new_tokens", str(a.max_new_tokens), "--batch_size",
-                                       str(a.batch_size)], log, env)
+                                       str(a.batch_size), "--dtype", a.predict_dtype], log, env)
         report = out / style.replace("+", "_") / "eval"
         run_stage(f"evaluate_{style}", ["evaluate", "--pred", str(pred), "--gold",
                                         str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir),
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['prompts_cut']} |" for r in rows]
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"model": a.model, "dev_questions": len(chosen or []),
-                                                  "seed": a.seed, "rows": rows, "stages": log}, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps({"command": "python benchmarks/schema_styles.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "model": a.model, "dev_questions": len(chosen or []),
+        "seed": a.seed, "max_source_length": a.max_source_length, "predict_dtype": a.predict_dtype, "rows": rows,
+        "stages": log}, indent=2) + "\n")
     (out / "table.md").write_text(table + "\n")
     print(table)
     best = max(rows, key=lambda r: (r["ex"], r["em"]))

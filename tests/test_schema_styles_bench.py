@@ -14,8 +14,11 @@ import schema_styles
 def test_every_style_on_the_same_questions(demo_dir, tiny_model, tmp_path, capsys):
     out = tmp_path / "styles"
     assert schema_styles.main(["--spider", str(demo_dir), "--model", str(tiny_model), "--dev_sample", "5",
-                               "--max_new_tokens", "4", "--max_source_length", "256", "--out", str(out)]) == 0
+                               "--max_new_tokens", "4", "--max_source_length", "256", "--predict_dtype", "float32",
+                               "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["max_source_length"] == 256 and results["predict_dtype"] == "float32"
+    assert "--max_source_length 256" in results["command"]  # a figure names the command that made it
     assert [r["style"] for r in results["rows"]] == ["words", "ddl", "ddl+rows", "mschema"]
     assert all(r["count"] == 5 for r in results["rows"])
     golds = {(out / s / "data" / "spider_devsample_gold.sql").read_text() for s in ("words", "ddl", "ddl_rows",
