@@ -1,8 +1,11 @@
 """Spider dev with one command: base greedy, LoRA-tuned greedy and tuned vote@N (base vote@N with --base_vote).
 
-    python benchmarks/spider_dev.py [--spider ../shared/spider] [--model qwen2.5-coder-0.5b-instruct]
-                                    [--dev_sample 300] [--train_examples 720] [--train_minutes 60] [--num_samples 8]
-                                    [--schema_style <recipe's>] [--lora_target all] [--bf16] [--base_vote] [--out DIR]
+    python benchmarks/spider_dev.py [--spider ../shared/spider] [--dev_sample 300] [--num_samples 8] [--base_vote]
+                                    [--train_examples N] [--train_minutes M] [--schema_style S] [--[no-]bf16] [--out DIR]
+
+With no options it measures the recipe, configs/spider_qwen05.yaml: its model, template, prompt cap, schema style,
+drop_failing_gold, train sample size, time budget, LoRA settings, bf16 and prediction dtype and batch are the
+defaults here (--help shows them).
 
 1. prepare Spider with the recipe's prompt (configs/spider_qwen05.yaml: its schema style, and train records whose
    gold query fails or returns no rows left out, as its `drop_failing_gold` says);
@@ -37,11 +40,12 @@ RECIPE = ROOT / "configs" / "spider_qwen05.yaml"
 LEVELS = ("easy", "medium", "hard", "extra", "all")
 
 
-def recipe_prepare() -> dict:
-    """The recipe's prepare section: the benchmark measures the prompt the recipe trains with."""
+def recipe() -> dict:
+    """The recipe (configs/spider_qwen05.yaml): the benchmark's defaults are its settings, so that running it with no
+    options measures what `sqltune run` of the recipe trains and predicts."""
     import yaml
 
-    return (yaml.safe_load(RECIPE.read_text()) or {}).get("prepare") or {}
+    return yaml.safe_load(RECIPE.read_text()) or {}
 
 
 def run_stage(label: str, args: list[str], log: dict, env: dict) -> dict:
@@ -113,37 +117,50 @@ def vote_fields_missing() -> list[str]:
     return [name for name in ("num_samples", "vote") if name not in have]
 
 
-def main(argv: list[str] | None = None) -> int:
-    recipe = recipe_prepare()
+def build_parser() -> argparse.ArgumentParser:
+    """Options whose defaults are the recipe's settings (the dev sample and vote arms are the benchmark's own)."""
+    whole = recipe()
+    prep, train, pred = (whole.get(k) or {} for k in ("prepare", "train", "predict"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spider", default=str(ROOT.parent / "shared" / "spider"))
-    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--template", default="chatml")
-    p.add_argument("--schema_style", default=recipe.get("schema_style", "words"),
+    p.add_argument("--model", default=whole.get("model_name_or_path", "qwen2.5-coder-0.5b-instruct"))
+    p.add_argument("--template", default=whole.get("template", "chatml"))
+    p.add_argument("--schema_style", default=prep.get("schema_style", "words"),
                    help="prompt's schema style (default: the recipe's)")
     p.add_argument("--drop_failing_gold", action=argparse.BooleanOptionalAction,
-                   default=bool(recipe.get("drop_failing_gold", False)),
+                   default=bool(prep.get("drop_failing_gold", False)),
                    help="leave out train records whose gold fails or returns no rows (default: as the recipe)")
     p.add_argument("--dev_sample", type=int, default=300)
-    p.add_argument("--train_examples", type=int, default=720)
-    p.add_argument("--train_minutes", type=float, default=60.0)
-    p.add_argument("--max_source_length", type=int, default=512)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call, greedy arms")
+    p.add_argument("--train_examples", type=int, default=train.get("max_samples", 720),
+                   help="seeded sample of train records (default: the recipe's max_samples)")
+    p.add_argument("--train_minutes", type=float, default=float(train.get("max_train_minutes", 60.0)),
+                   help="training time budget (default: the recipe's max_train_minutes)")
+    p.add_argument("--max_source_length", type=int, default=whole.get("max_source_length", 512))
+    p.add_argument("--max_new_tokens", type=int, default=pred.get("max_new_tokens", 128))
+    p.add_argument("--batch_size", type=int, default=pred.get("batch_size", 8),
+                   help="prompts per generate call, greedy arms")
     p.add_argument("--num_samples", type=int, default=8, help="sampled candidates of the vote arms (0: no vote arm)")
     p.add_argument("--vote_batch_size", type=int, default=2,
                    help="prompts per generate call in the vote arms (each holds num_samples sequences)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the vote arms")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus threshold of the vote arms")
     p.add_argument("--base_vote", action="store_true", help="also run the base model with vote@N")
-    p.add_argument("--predict_dtype", default="auto", help="predict --dtype: auto, float32 or bfloat16")
-    p.add_argument("--lora_rank", type=int, default=16)
-    p.add_argument("--lora_target", default="all", help="comma list of module names, or all (every linear layer)")
-    p.add_argument("--learning_rate", type=float, default=2e-4)
-    p.add_argument("--train_batch_size", type=int, default=4)
+    p.add_argument("--predict_dtype", default=pred.get("dtype", "auto"),
+                   help="predict --dtype: auto, float32 or bfloat16 (default: the recipe's)")
+    p.add_argument("--lora_rank", type=int, default=train.get("lora_rank", 16))
+    p.add_argument("--lora_target", default=train.get("lora_target", "all"),
+                   help="comma list of module names, or all (every linear layer)")
+    p.add_argument("--learning_rate", type=float, default=float(train.get("learning_rate", 2e-4)))
+    p.add_argument("--train_batch_size", type=int, default=train.get("per_device_train_batch_size", 4))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="train in bf16 (AMX on a recent x86 CPU, or a GPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=bool(train.get("bf16", False)),
+                   help="train in bf16 (AMX on a recent x86 CPU, or a GPU; default: the recipe's)")
     p.add_argument("--out", default=str(ROOT / "runs" / "spider_dev_bench"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.num_samples == 1 or a.num_samples < 0:
         raise SystemExit("spider_dev: --num_samples must be 0 (no vote arm) or at least 2")
