@@ -1,9 +1,9 @@
 """Zero-shot EX of one model with each schema style, on the same seeded Spider dev questions (issue #16, section 2).
 
 For every style: prepare Spider with it, take the same seeded sample of dev questions whose database exists, predict
-greedily with the base model (the recipe's template and prompt length), evaluate. Prints one row per style (EX, EM,
-mean prompt tokens, prompts cut) and writes results.json and table.md into --out. Accuracy only: stages run one
-after another (no timing ratio is claimed).
+greedily with the base model (by default the recipe's model, template, prompt length and batch), evaluate. Prints
+one row per style (EX, EM, mean prompt tokens, prompts cut) and writes results.json and table.md into --out.
+Accuracy only: stages run one after another (no timing ratio is claimed).
 
     python benchmarks/schema_styles.py [--spider ../shared/spider] [--model qwen2.5-coder-0.5b-instruct]
                                        [--dev_sample 50] [--styles words,ddl,ddl+rows,mschema] [--out DIR]
@@ -21,20 +21,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spider_dev import ROOT, run_stage, sample_split  # noqa: E402
+from spider_dev import ROOT, command_line, recipe, run_stage, sample_split  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    whole = recipe()  # the recipe's model, template, prompt cap and prediction batch are the defaults
+    pred = whole.get("predict") or {}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--spider", default=str(ROOT.parent / "shared" / "spider"))
-    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--template", default="chatml")
+    p.add_argument("--model", default=whole.get("model_name_or_path", "qwen2.5-coder-0.5b-instruct"))
+    p.add_argument("--template", default=whole.get("template", "chatml"))
     p.add_argument("--styles", default="words,ddl,ddl+rows,mschema")
     p.add_argument("--dev_sample", type=int, default=50)
     p.add_argument("--sample_rows", type=int, default=3)
-    p.add_argument("--max_source_length", type=int, default=512)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_source_length", type=int, default=whole.get("max_source_length", 512))
+    p.add_argument("--max_new_tokens", type=int, default=pred.get("max_new_tokens", 128))
+    p.add_argument("--batch_size", type=int, default=pred.get("batch_size", 8))
     p.add_argument("--predict_dtype", default="auto", help="predict --dtype: auto, float32 or bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/schema_styles")
@@ -78,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['prompts_cut']} |" for r in rows]
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"command": "python benchmarks/schema_styles.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "model": a.model, "dev_questions": len(chosen or []),
-        "seed": a.seed, "max_source_length": a.max_source_length, "predict_dtype": a.predict_dtype, "rows": rows,
-        "stages": log}, indent=2) + "\n")
+    summary = {"command": command_line("schema_styles.py", argv), "model": a.model, "dev_questions": len(chosen or []),
+               "seed": a.seed, "max_source_length": a.max_source_length, "predict_dtype": a.predict_dtype,
+               "rows": rows, "stages": log}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(table + "\n")
     print(table)
     best = max(rows, key=lambda r: (r["ex"], r["em"]))

@@ -48,6 +48,11 @@ def recipe() -> dict:
     return yaml.safe_load(RECIPE.read_text()) or {}
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command a results file was made by, as it would be typed (a figure names its command)."""
+    return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def run_stage(label: str, args: list[str], log: dict, env: dict) -> dict:
     """Run `python -m sqltune ARGS`, recording wall time and peak resident memory."""
     start = time.perf_counter()
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             r["vote"] = vote_figures(raw)
         write_partial(out, results, log)
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
-    summary = {"command": "python benchmarks/spider_dev.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    summary = {"command": command_line("spider_dev.py", argv),
                "model": a.model, "schema_style": a.schema_style,
                "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
                "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
