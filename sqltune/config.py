@@ -106,6 +106,10 @@ class TrainConfig:
     max_steps: int = arg(-1, "stop after this many optimizer steps (-1 = use num_train_epochs)")
     max_samples: int = arg(0, "train on a seeded random sample of N records (0 = all)")
     max_train_minutes: float = arg(0.0, "stop (and save) after this much training time (0 = no limit)")
+    schedule_to_budget: bool = arg(False, "with --max_train_minutes: the learning-rate schedule ends when the time "
+                                          "budget does, if that comes before the last step, so a run the budget "
+                                          "stops ends decayed instead of cut mid-schedule (the budget then counts "
+                                          "over resumes)")
     logging_steps: int = arg(10, "log the loss every N steps")
     save_steps: int = arg(500, "write a checkpoint every N steps")
     save_total_limit: int = arg(2, "checkpoints kept")
@@ -151,6 +155,8 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, f"--warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
         _check(self.weight_decay >= 0, "--weight_decay must be >= 0")
         _check(self.max_train_minutes >= 0, "--max_train_minutes must be >= 0 (0 = no limit)")
+        _check(not self.schedule_to_budget or self.max_train_minutes > 0,
+               "--schedule_to_budget needs --max_train_minutes (the time budget the schedule ends with)")
         _check(self.max_samples >= 0, "--max_samples must be >= 0 (0 = all)")
         _check(self.save_total_limit > 0, "--save_total_limit must be > 0 (--resume needs a checkpoint)")
         _check(self.freeze_trainable_layers > 0, "--freeze_trainable_layers must be > 0")

@@ -54,13 +54,64 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def agree(flag: bool) -> bool:
-    """Rank 0's decision on every process (so that all of them stop at the same step and none waits forever)."""
+def from_rank0(value):
+    """Rank 0's value on every process (so that all of them stop at the same step, follow the same schedule and none
+    waits forever)."""
     if not (dist := _distributed()):
-        return flag
-    box = [flag]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    return box[0]
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's decision on every process."""
+    return bool(from_rank0(flag))
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+class BudgetClock:
+    """Share of the time budget spent so far, over the whole run: the seconds of earlier sessions (saved in each
+    checkpoint) plus this session's, read by rank 0's clock for every process."""
+
+    def __init__(self, budget_s: float, spent_before_s: float = 0.0):
+        self.budget_s, self.spent_before_s = budget_s, spent_before_s
+        self.started: float | None = None
+        self.fraction = spent_before_s / budget_s
+
+    def start(self) -> None:
+        self.started = _now()
+
+    def spent_s(self) -> float:
+        return self.spent_before_s + (_now() - self.started if self.started is not None else 0.0)
+
+    def tick(self) -> float:
+        self.fraction = float(from_rank0(self.spent_s() / self.budget_s))
+        return self.fraction
+
+
+def follow_budget(scheduler, clock: BudgetClock, total_steps: int) -> None:
+    """Make the schedule run at max(step, budget share x total steps): it reaches its end with the time budget when
+    the budget ends first, and is unchanged when the steps do (every schedule sqltune offers is a LambdaLR)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if not isinstance(scheduler, LambdaLR):
+        raise SqltuneError(f"--schedule_to_budget cannot follow a {type(scheduler).__name__} learning-rate schedule")
+    scheduler.lr_lambdas = [(lambda step, f=f: f(max(step, clock.fraction * total_steps)))
+                            for f in scheduler.lr_lambdas]
+
+
+def spent_before(checkpoint: Path | None) -> float:
+    """Seconds of training a checkpoint's run had spent (0 without one, or when it did not follow a budget)."""
+    if not checkpoint:
+        return 0.0
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+    entry = saved.get("BudgetSchedule")
+    entry = entry[0] if isinstance(entry, list) and entry else entry
+    return float((entry or {}).get("attributes", {}).get("spent_s", 0.0))
 
 
 # how the run is carried out, not what it learns: these may change between a run and its resume
@@ -105,8 +156,9 @@ def progress_line(state, logs: dict, tokens_per_s: float) -> str:
             f"lr {logs.get('learning_rate', 0.0):.3g} tokens/s {tokens_per_s:.0f}")
 
 
-def _callbacks(cfg: TrainConfig, work: Path, resume_step: int):
+def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetClock | None):
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
     log_path = work / TRAIN_LOG
     progress = logging_to_file()
@@ -176,6 +228,24 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int):
                 work.mkdir(parents=True, exist_ok=True)
                 (work / f"rank{rank}_weights.sha256").write_text(h.hexdigest() + "\n")
 
+    class BudgetSchedule(TrainerCallback, ExportableState):
+        """With --schedule_to_budget: reads the budget clock after each optimizer step (before the schedule moves),
+        stops once the budget is spent, and saves the seconds spent in each checkpoint for a resume."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            clock.start()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            clock.tick()
+
+        def on_step_end(self, args, state, control, **kw):
+            if clock.fraction >= 1:
+                control.should_training_stop = True
+            return control
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"spent_s": clock.spent_s()}}
+
     class StepControl(TrainerCallback):
         """Stops once max_train_minutes have passed (rank 0's clock decides for every process; the final save still
         happens), and logs at every checkpoint and at the last step, so the log covers every step and the figures
@@ -184,16 +254,33 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int):
         started = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.started = time.monotonic()
+            self.started = _now()
 
         def on_step_end(self, args, state, control, **kw):
-            if cfg.max_train_minutes and agree(time.monotonic() - self.started > cfg.max_train_minutes * 60):
+            if (cfg.max_train_minutes and not clock
+                    and agree(_now() - self.started > cfg.max_train_minutes * 60)):
                 control.should_training_stop = True
             if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
                 control.should_log = True
             return control
 
-    return [JsonlLog(), FiniteLoss(), GradientCheck(), RankDigest(), StepControl()]
+    budget = [BudgetSchedule()] if clock else []  # before StepControl, which logs the step it stops at
+    return [JsonlLog(), FiniteLoss(), GradientCheck(), RankDigest(), *budget, StepControl()]
+
+
+def budget_trainer(clock: BudgetClock | None):
+    """The Trainer, with its learning-rate schedule following the time budget when there is a clock."""
+    from transformers import Trainer
+
+    class BudgetTrainer(Trainer):
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            fresh = self.lr_scheduler is None
+            scheduler = super().create_scheduler(num_training_steps, optimizer)
+            if clock and fresh:
+                follow_budget(scheduler, clock, num_training_steps)
+            return scheduler
+
+    return BudgetTrainer
 
 
 def run_figures(log_history: list[dict]) -> dict:
@@ -236,7 +323,7 @@ def plot_loss(log_path: Path, out: Path) -> None:
 def train(cfg: TrainConfig) -> dict:
     """Train and return the run's figures (on rank 0; other processes return {} so that one summary is printed)."""
     import torch
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, TrainingArguments, set_seed
 
     set_seed(cfg.seed)  # before the adapter is initialised, so a run is reproducible from its seed
     # every input first: nothing is written (or removed) before all of them are known good
@@ -296,8 +383,9 @@ def train(cfg: TrainConfig) -> dict:
             yaml.safe_dump(resolved, handle, sort_keys=False)
     _barrier()
     collator = Collator(tokenizer.pad_token_id, packing=cfg.packing)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                      callbacks=_callbacks(cfg, work, resume_step))
+    clock = BudgetClock(cfg.max_train_minutes * 60, spent_before(checkpoint)) if cfg.schedule_to_budget else None
+    trainer = budget_trainer(clock)(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                                    callbacks=_callbacks(cfg, work, resume_step, clock))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; JsonlLog prints readable lines
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
@@ -306,11 +394,17 @@ def train(cfg: TrainConfig) -> dict:
     runtime = result.metrics.get("train_runtime", 0.0) or 1e-9
     earlier = json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
     session_tokens = state.num_input_tokens_seen - earlier.get("num_input_tokens_seen", 0)
-    figures = {**run_figures(state.log_history), "steps": state.global_step, "resumed_from_step": resume_step,
+    final_lr = next((r["learning_rate"] for r in reversed(state.log_history) if "learning_rate" in r), None)
+    figures = {**run_figures(state.log_history), "steps": state.global_step, "planned_steps": state.max_steps,
+               "final_learning_rate": final_lr, "resumed_from_step": resume_step,
                "records": len(records), "trainable_params": trainable, "processes": world,
                "train_runtime_s": round(runtime, 2), "tokens_seen": state.num_input_tokens_seen,
                "tokens_per_s": round(session_tokens / runtime, 1), **data_figures}
     if trainer.is_world_process_zero():
+        if state.global_step < state.max_steps and not clock:
+            print(f"train: the time budget stopped training at step {state.global_step} of {state.max_steps}, "
+                  f"before its learning-rate schedule ended (last learning rate {final_lr}; "
+                  "--schedule_to_budget ends the schedule with the budget)", file=sys.stderr)
         tokenizer.save_pretrained(work)
         if cfg.plot_loss:
             plot_loss(work / TRAIN_LOG, work / "training_loss.png")
