@@ -122,6 +122,18 @@ def vote_fields_missing() -> list[str]:
     return [name for name in ("num_samples", "vote") if name not in have]
 
 
+def recipe_train_settings(lora_rank: int) -> list[str]:
+    """The recipe's train settings the benchmark has no option for (read like its defaults, so they cannot drift):
+    LoRA alpha as the recipe's multiple of the rank (--lora_rank keeps the ratio), answer length, warmup, schedule
+    and epochs."""
+    train = recipe().get("train") or {}
+    alpha = train.get("lora_alpha", 32) / train.get("lora_rank", 16) * lora_rank
+    return ["--lora_alpha", f"{alpha:g}", "--max_target_length", str(train.get("max_target_length", 128)),
+            "--warmup_ratio", str(train.get("warmup_ratio", 0.03)),
+            "--lr_scheduler_type", str(train.get("lr_scheduler_type", "cosine")),
+            "--num_train_epochs", str(train.get("num_train_epochs", 1))]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Options whose defaults are the recipe's settings (the dev sample and vote arms are the benchmark's own)."""
     whole = recipe()
@@ -157,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of module names, or all (every linear layer)")
     p.add_argument("--learning_rate", type=float, default=float(train.get("learning_rate", 2e-4)))
     p.add_argument("--train_batch_size", type=int, default=train.get("per_device_train_batch_size", 4))
+    p.add_argument("--schedule_to_budget", action=argparse.BooleanOptionalAction,
+                   default=bool(train.get("schedule_to_budget", False)),
+                   help="end the learning-rate schedule with the time budget if it comes first (default: the "
+                        "recipe's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=bool(train.get("bf16", False)),
                    help="train in bf16 (AMX on a recent x86 CPU, or a GPU; default: the recipe's)")
@@ -216,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
         if which not in models:
             run_stage("train", ["train", "--model_name_or_path", a.model, "--dataset", "spider_trainsample",
                                 "--output_dir", str(out / "adapter"), "--overwrite_output_dir",
-                                "--finetuning_type", "lora", "--lora_rank", str(a.lora_rank), "--lora_alpha",
-                                str(2 * a.lora_rank), "--lora_target", a.lora_target, "--learning_rate",
+                                "--finetuning_type", "lora", "--lora_rank", str(a.lora_rank),
+                                "--lora_target", a.lora_target, "--learning_rate",
                                 str(a.learning_rate), "--per_device_train_batch_size", str(a.train_batch_size),
-                                "--num_train_epochs", "1", "--max_target_length", "128", "--warmup_ratio", "0.03",
                                 "--max_train_minutes", str(a.train_minutes), "--logging_steps", "5",
                                 "--save_steps", "50", "--plot_loss", "--seed", str(a.seed)]
-                      + (["--bf16"] if a.bf16 else []) + common, log, env)
+                      + recipe_train_settings(a.lora_rank) + (["--bf16"] if a.bf16 else [])
+                      + (["--schedule_to_budget"] if a.schedule_to_budget else []) + common, log, env)
             run_stage("merge", ["merge", "--model_name_or_path", a.model, "--adapter", str(out / "adapter"),
                                 "--out", str(out / "merged"), "--overwrite_output_dir"], log, env)
             models["tuned"] = str(out / "merged")
@@ -252,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
                "temperature": a.temperature, "top_p": a.top_p, "bf16": a.bf16, "lora_target": a.lora_target,
                "train_batch_size": a.train_batch_size, "train_minutes": a.train_minutes,
+               "schedule_to_budget": a.schedule_to_budget,
                "arms": [label for label, *_ in arms], "train": train_figures, "stages": log, "results": results,
                "total_wall_min": round((time.time() - started) / 60, 1)}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

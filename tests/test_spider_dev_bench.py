@@ -125,3 +125,20 @@ def test_defaults_follow_the_recipe():
     assert (a.predict_dtype, a.batch_size, a.max_new_tokens) == (pred["dtype"], pred["batch_size"],
                                                                  pred["max_new_tokens"])
     assert not spider_dev.build_parser().parse_args(["--no-bf16"]).bf16
+
+
+def test_train_settings_without_options_follow_the_recipe():
+    """Pins: the train stage wrote lora_alpha = 2 x rank, answer length 128, warmup 0.03 and one epoch itself, which
+    equalled the recipe only by chance and would have drifted like the defaults did. Alpha keeps the recipe's ratio
+    to the rank, so --lora_rank 8 gives alpha 16 with the recipe's 16/32."""
+    train = spider_dev.recipe()["train"]
+    args = spider_dev.recipe_train_settings(train["lora_rank"])
+    settings = dict(zip(args[::2], args[1::2]))
+    assert float(settings["--lora_alpha"]) == train["lora_alpha"]
+    assert int(settings["--max_target_length"]) == train["max_target_length"]
+    assert float(settings["--warmup_ratio"]) == train["warmup_ratio"]
+    assert float(settings["--num_train_epochs"]) == train["num_train_epochs"]
+    assert settings["--lr_scheduler_type"] == train.get("lr_scheduler_type", "cosine")
+    half = dict(zip(*[iter(spider_dev.recipe_train_settings(train["lora_rank"] // 2))] * 2))
+    assert float(half["--lora_alpha"]) == train["lora_alpha"] / 2
+    assert spider_dev.build_parser().parse_args([]).schedule_to_budget == bool(train.get("schedule_to_budget", False))
