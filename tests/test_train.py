@@ -178,11 +178,11 @@ def test_two_processes_end_with_identical_adapters(tiny_model, prepared_demo, tm
 def _agree_worker(rank: int, init: str, results: str) -> None:
     import torch.distributed as dist
 
-    from sqltune.train.sft import agree
+    from sqltune.train.sft import from_rank0
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
-        Path(results, f"rank{rank}").write_text(str(agree(rank == 0)))  # rank 0's clock says stop, rank 1's not
+        Path(results, f"rank{rank}").write_text(str(from_rank0(rank == 0)))  # rank 0's clock says stop, rank 1's not
     finally:
         dist.destroy_process_group()
 

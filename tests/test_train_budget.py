@@ -20,8 +20,7 @@ KW = dict(max_steps=10, logging_steps=1, save_steps=100, per_device_train_batch_
 
 @pytest.fixture
 def minute_per_step(monkeypatch):
-    """The training clock moves one minute at each optimizer step (the budget clock's tick, or StepControl's check
-    at each step's end when no schedule follows the budget)."""
+    """The training clock moves one minute at each optimizer step (the budget clock's tick)."""
     now = [0.0]
     monkeypatch.setattr(sft, "_now", lambda: now[0])
     tick = sft.BudgetClock.tick
@@ -44,7 +43,7 @@ def test_budget_cut_schedule_is_said(tiny_model, prepared_demo, tmp_path, monkey
     stopped at step 207 of 250 at a third of its peak rate); now it says so, and the figures hold the planned steps."""
     now = [0.0]
 
-    def clock():  # StepControl reads the clock once at the start and once per step
+    def clock():  # the budget clock is read once at the start and once per step
         now[0] += 60.0
         return now[0]
 

@@ -64,11 +64,6 @@ def from_rank0(value):
     return box[0]
 
 
-def agree(flag: bool) -> bool:
-    """Rank 0's decision on every process."""
-    return bool(from_rank0(flag))
-
-
 def _now() -> float:
     return time.monotonic()
 
@@ -229,8 +224,9 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
                 (work / f"rank{rank}_weights.sha256").write_text(h.hexdigest() + "\n")
 
     class BudgetSchedule(TrainerCallback, ExportableState):
-        """With --schedule_to_budget: reads the budget clock after each optimizer step (before the schedule moves),
-        stops once the budget is spent, and saves the seconds spent in each checkpoint for a resume."""
+        """With --max_train_minutes: reads the budget clock after each optimizer step (before the schedule moves,
+        which follows it with --schedule_to_budget), stops once the budget is spent (the final save still happens),
+        and saves the seconds spent in each checkpoint for a resume."""
 
         def on_train_begin(self, args, state, control, **kw):
             clock.start()
@@ -247,19 +243,10 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
             return {"args": {}, "attributes": {"spent_s": clock.spent_s()}}
 
     class StepControl(TrainerCallback):
-        """Stops once max_train_minutes have passed (rank 0's clock decides for every process; the final save still
-        happens), and logs at every checkpoint and at the last step, so the log covers every step and the figures
-        of a resumed run cover the whole run."""
-
-        started = None
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.started = _now()
+        """Logs at every checkpoint and at the last step (also one the budget stops at), so the log covers every step
+        and the figures of a resumed run cover the whole run."""
 
         def on_step_end(self, args, state, control, **kw):
-            if (cfg.max_train_minutes and not clock
-                    and agree(_now() - self.started > cfg.max_train_minutes * 60)):
-                control.should_training_stop = True
             if control.should_save or control.should_training_stop or state.global_step >= state.max_steps:
                 control.should_log = True
             return control
@@ -383,8 +370,10 @@ def train(cfg: TrainConfig) -> dict:
             yaml.safe_dump(resolved, handle, sort_keys=False)
     _barrier()
     collator = Collator(tokenizer.pad_token_id, packing=cfg.packing)
-    clock = BudgetClock(cfg.max_train_minutes * 60, spent_before(checkpoint)) if cfg.schedule_to_budget else None
-    trainer = budget_trainer(clock)(model=model, args=args, train_dataset=dataset, data_collator=collator,
+    # one clock for the budget; only a schedule that follows it counts the time of earlier sessions
+    clock = (BudgetClock(cfg.max_train_minutes * 60, spent_before(checkpoint) if cfg.schedule_to_budget else 0.0)
+             if cfg.max_train_minutes else None)
+    trainer = budget_trainer(clock if cfg.schedule_to_budget else None)(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                     callbacks=_callbacks(cfg, work, resume_step, clock))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; JsonlLog prints readable lines
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -401,7 +390,7 @@ def train(cfg: TrainConfig) -> dict:
                "train_runtime_s": round(runtime, 2), "tokens_seen": state.num_input_tokens_seen,
                "tokens_per_s": round(session_tokens / runtime, 1), **data_figures}
     if trainer.is_world_process_zero():
-        if state.global_step < state.max_steps and not clock:
+        if state.global_step < state.max_steps and not cfg.schedule_to_budget:
             print(f"train: the time budget stopped training at step {state.global_step} of {state.max_steps}, "
                   f"before its learning-rate schedule ended (last learning rate {final_lr}; "
                   "--schedule_to_budget ends the schedule with the budget)", file=sys.stderr)
