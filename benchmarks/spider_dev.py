@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=whole.get("template", "chatml"))
     p.add_argument("--schema_style", default=prep.get("schema_style", "words"),
                    help="prompt's schema style (default: the recipe's)")
+    p.add_argument("--sample_rows", type=int, default=prep.get("sample_rows", 3),
+                   help="rows per table with ddl+rows, example values per column with mschema (default: the "
+                        "recipe's, else prepare's 3)")
     p.add_argument("--drop_failing_gold", action=argparse.BooleanOptionalAction,
                    default=bool(prep.get("drop_failing_gold", False)),
                    help="leave out train records whose gold fails or returns no rows (default: as the recipe)")
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     run_stage("prepare", ["prepare", "--source", "spider", "--data_dir", a.spider, "--out", str(data),
-                          "--schema_style", a.schema_style]
+                          "--schema_style", a.schema_style, "--sample_rows", str(a.sample_rows)]
               + (["--drop_failing_gold"] if a.drop_failing_gold else []), log, env)
     registry = json.loads((data / "dataset_info.json").read_text())
     dev_rows = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
     summary = {"command": command_line("spider_dev.py", argv),
                "model": a.model, "schema_style": a.schema_style,
-               "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
+               "sample_rows": a.sample_rows, "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
                "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
                "temperature": a.temperature, "top_p": a.top_p, "bf16": a.bf16, "lora_target": a.lora_target,
                "train_batch_size": a.train_batch_size, "train_minutes": a.train_minutes,

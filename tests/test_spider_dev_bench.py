@@ -24,16 +24,19 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
     out = tmp_path / "bench"
     assert spider_dev.main(["--spider", str(demo_dir), "--model", str(tiny_model), "--dev_sample", "6",
                             "--train_examples", "8", "--train_minutes", "1", "--max_new_tokens", "6",
-                            "--num_samples", "2", "--vote_batch_size", "6", "--base_vote", "--schema_style", "ddl",
+                            "--num_samples", "2", "--vote_batch_size", "6", "--base_vote", "--schema_style", "ddl+rows",
+                            "--sample_rows", "1",
                             "--lora_target", "q_proj,v_proj", "--no-bf16", "--predict_dtype", "auto",
                             "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["arms"] == ["base", "base_vote2", "finetuned", "finetuned_vote2"]
     assert results["dev_questions"] == 6 and results["train_examples"] == 8
-    assert results["schema_style"] == "ddl" and results["lora_target"] == "q_proj,v_proj"
+    assert results["schema_style"] == "ddl+rows" and results["lora_target"] == "q_proj,v_proj"
+    assert results["sample_rows"] == 1
+    assert "/* 1 example rows from" in (out / "data" / "spider_devsample.jsonl").read_text()
     assert isinstance(results["train_dropped_failing_gold"], int)  # the recipe drops failing gold
     registry = json.loads((out / "data" / "dataset_info.json").read_text())
-    assert registry["spider_devsample"]["schema_style"] == "ddl"
+    assert registry["spider_devsample"]["schema_style"] == "ddl+rows"
     for arm in results["arms"]:
         r = results["results"][arm]
         assert r["table"]["all"]["count"] == 6
