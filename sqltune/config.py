@@ -215,6 +215,8 @@ class PredictConfig:
     vote: str = arg("none", "none, or execution: run every candidate on the question's database and write one of "
                             "the largest group of equal results (ties: the larger summed log-probability)")
     include_greedy: bool = arg(True, "with --vote execution: the greedy answer is a candidate too")
+    prefer_rows: bool = arg(False, "with --vote execution: a result with rows beats any empty result, whatever "
+                                   "the group sizes (an empty answer wins only when nothing that runs has rows)")
     retry_on_error: int = arg(0, "with --vote none: sample up to K answers when the greedy SQL fails to run, and "
                                  "write the most probable one that runs")
     seed: int = arg(42, "random seed for sampling")
@@ -247,6 +249,7 @@ class PredictConfig:
         _check(self.vote == "none" or self.num_samples >= 2, "--vote execution needs --num_samples 2 or more")
         _check(self.num_samples < 2 or self.vote == "execution",
                f"--num_samples {self.num_samples} needs --vote execution (candidates are only sampled to vote)")
+        _check(not self.prefer_rows or self.vote == "execution", "--prefer_rows needs --vote execution")
         _check(not (self.retry_on_error and self.vote != "none"),
                "--retry_on_error is for --vote none (a vote already samples candidates)")
         _check(self.num_beams == 1 or (self.vote == "none" and not self.retry_on_error),

@@ -193,6 +193,26 @@ def test_vote_writes_the_largest_group_and_keeps_every_candidate(tiny_model, pre
     assert predict(pcfg(tiny_model, prepared_demo, out, **settings))["generated"] == 0
 
 
+def test_prefer_rows_reaches_the_vote(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    """Pins `--prefer_rows` from the config to the vote: two candidates with an empty result outvote one with a
+    row by default, and lose to it with prefer_rows; the meta (the run's identity) and the raw record say which."""
+    from sqltune.infer.vote import make_candidate
+
+    def candidates(self, prompts, n, include_greedy, end):
+        return [[make_candidate("SELECT 1 WHERE 0", -1.0, "greedy", 4), make_candidate("SELECT 2 WHERE 0", -1.0,
+                                                                                      "sample", 4),
+                 make_candidate("SELECT 7", -3.0, "sample", 2)] for _ in prompts]
+
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", candidates)
+    settings = dict(num_samples=2, vote="execution", max_samples=2)
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "v.sql", **settings))
+    assert (tmp_path / "v.sql").read_text().splitlines() == ["SELECT 1 WHERE 0"] * 2
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "r.sql", prefer_rows=True, **settings))
+    assert (tmp_path / "r.sql").read_text().splitlines() == ["SELECT 7"] * 2
+    assert json.loads((tmp_path / "r.sql.meta.json").read_text())["prefer_rows"] is True
+    assert json.loads((tmp_path / "r.sql.raw.jsonl").read_text().splitlines()[0])["vote"]["prefer_rows"] is True
+
+
 def test_retry_on_error_samples_only_when_greedy_fails(tiny_model, prepared_demo, tmp_path, monkeypatch):
     """Pins: predict had no --retry_on_error: a failing greedy SQL is replaced by the most probable sample that
     runs; a greedy SQL that runs is kept and nothing is sampled."""
@@ -223,6 +243,7 @@ def test_vote_on_the_tiny_model_falls_back_to_greedy(tiny_model, prepared_demo, 
     (dict(vote="majority", num_samples=4), "--vote must be none or execution"),
     (dict(vote="execution", num_samples=4, retry_on_error=2), "--retry_on_error is for --vote none"),
     (dict(retry_on_error=2, num_beams=2), "--num_beams > 1 cannot"),
+    (dict(prefer_rows=True), "--prefer_rows needs --vote execution"),
 ])
 def test_vote_settings_are_checked(settings, message):
     """Pins: contradictory vote settings must be one line, not a silent greedy run."""

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import spider_dev
+import vote_rules
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -50,6 +51,13 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
     assert "| all | 6 |" in section and "tuned vote@2 EX" in section and "base vote@2 EX" in section
     assert (out / "ex_by_hardness.png").read_bytes().startswith(PNG)
     assert len((out / "dev_questions.txt").read_text().split()) == 6
+    # benchmarks/vote_rules.py re-votes the stored candidates: the count rule gives the stored answers again
+    assert vote_rules.main(["--run", str(out), "--arm", "finetuned_vote2", "--spider", str(demo_dir)]) == 0
+    rules = json.loads((out / "vote_rules" / "results.json").read_text())
+    assert set(rules["rules"]) == {"count", "prefer_rows"} and rules["rules"]["count"]["changed_answers"] == 0
+    assert rules["rules"]["count"]["ex"] == results["results"]["finetuned_vote2"]["table"]["all"]["ex"]
+    with pytest.raises(SystemExit, match="base.sql.raw.jsonl is no execution vote"):
+        vote_rules.main(["--run", str(out), "--arm", "base", "--spider", str(demo_dir)])
 
 
 def _summary(arms: list[tuple[str, str, bool]]) -> dict:

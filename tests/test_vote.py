@@ -123,6 +123,22 @@ def test_all_fail_writes_the_greedy_candidate(db, executor):
     assert sql == "SELECT y FROM nowhere" and rec["fallback"] == "best_logprob"
 
 
+def test_prefer_rows_puts_empty_results_last(db, executor):
+    """Pins --prefer_rows: a group with rows beats a larger group whose result is empty (the default still counts
+    heads); when every candidate that runs is empty, the largest empty group still wins over the failures."""
+    many_empty = cands(("SELECT name FROM singer WHERE country = 'Chad'", -0.5),
+                       ("SELECT name FROM singer WHERE age > 99", -0.7),
+                       ("SELECT name FROM singer WHERE country = 'Peru'", -4.0))
+    assert vote(many_empty, db, executor)[0] == "SELECT name FROM singer WHERE country = 'Chad'"
+    sql, rec = vote(many_empty, db, executor, prefer_rows=True)
+    assert sql == "SELECT name FROM singer WHERE country = 'Peru'" and rec["prefer_rows"] is True
+    assert [(g["size"], g["rows"]) for g in rec["groups"]] == [(2, 0), (1, 1)]
+    only_empty = cands(("SELECT nme FROM singer", -0.1), ("SELECT name FROM singer WHERE id = 9", -3.0),
+                       ("SELECT name FROM singer WHERE id = 8", -2.0))
+    sql, rec = vote(only_empty, db, executor, prefer_rows=True)
+    assert sql == "SELECT name FROM singer WHERE id = 8" and rec["fallback"] is None
+
+
 def test_record_is_json_and_complete(db, executor):
     _, rec = vote(cands(("SELECT name FROM singer", -1.0), ("SELECT nothing", -2.0)), db, executor)
     back = json.loads(json.dumps(rec))

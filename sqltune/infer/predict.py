@@ -435,7 +435,7 @@ def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path],
 
         rows = []
         for cands, db in zip(gen.candidates(prompts, cfg.num_samples, cfg.include_greedy, end), dbs):
-            sql, record = vote(cands, db, executor)
+            sql, record = vote(cands, db, executor, prefer_rows=cfg.prefer_rows)
             rows.append({"raw": cands[record["chosen"]]["text"], "sql": sql, "vote": record,
                          "new_tokens": sum(c["new_tokens"] or 0 for c in cands)})
         return rows

@@ -254,8 +254,8 @@ def _fallback(candidates: list[dict]) -> int:
     return max(range(len(candidates)), key=lambda i: (_logprob(candidates[i]), -i))
 
 
-def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_distinct: bool = False
-         ) -> tuple[str, dict]:
+def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_distinct: bool = False,
+         prefer_rows: bool = False) -> tuple[str, dict]:
     """The SQL to write and a JSON-able record of the vote.
 
     Candidates that fail to run are dropped. The rest are grouped: two results are the same answer when
@@ -265,6 +265,10 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
     log-probability of its members (sizes being equal, this is the larger mean log-probability); then the group
     whose first member comes first. The winning group's most probable member is written. When every candidate
     fails, the greedy candidate is written (the most probable one when there is no greedy).
+
+    With `prefer_rows` a group whose result has rows beats every group with an empty result, whatever their
+    sizes: an empty result is the usual sign of a wrong filter value or join (execution-guided decoding, Wang et
+    al. 2018, treats it as a failure), yet it stays the answer when nothing that runs returns a row.
     """
     if not candidates:
         raise SqltuneError("vote needs at least one candidate")
@@ -286,10 +290,11 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
             groups.append({"key": key, "rows": result, "members": [i]})
             member_of.append(len(groups) - 1)
     summary = [{"id": g, "size": len(group["members"]), "members": group["members"], "signature": group["key"][1],
-                "logprob_sum": sum(_logprob(candidates[i]) for i in group["members"])}
+                "logprob_sum": sum(_logprob(candidates[i]) for i in group["members"]), "rows": len(group["rows"])}
                for g, group in enumerate(groups)]
     if summary:
-        best = max(summary, key=lambda s: (s["size"], s["logprob_sum"], -s["members"][0]))
+        best = max(summary, key=lambda s: (prefer_rows and s["rows"] > 0, s["size"], s["logprob_sum"],
+                                           -s["members"][0]))
         winner, fallback = best["id"], None
         chosen = max(best["members"], key=lambda i: (_logprob(candidates[i]), -i))
     else:
@@ -297,7 +302,7 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
         fallback = "greedy" if candidates[chosen].get("source") == "greedy" else "best_logprob"
     for s in summary:
         s["logprob_sum"] = s["logprob_sum"] if math.isfinite(s["logprob_sum"]) else None
-    record = {"method": "execution", "winner": winner, "chosen": chosen, "fallback": fallback, "groups": summary,
+    record = {"method": "execution", "prefer_rows": prefer_rows, "winner": winner, "chosen": chosen, "fallback": fallback, "groups": summary,
               "candidates": [_record(c, r, g) for c, r, g in zip(candidates, results, member_of)]}
     return candidates[chosen]["sql"], record
 

@@ -1,0 +1,101 @@
+"""Re-vote a spider_dev run's stored candidates under each vote rule, with no model (issue #16, section 1).
+
+The vote arm of `benchmarks/spider_dev.py` keeps every candidate of every question in `<arm>.sql.raw.jsonl`. This
+runs the vote again on those same candidates, once per rule, evaluates each answer file the same way the arm was
+evaluated, and prints EX per rule with the questions each rule turned right and wrong against the stored vote:
+
+- `count`: the largest group of equal results wins (`predict --vote execution`); it must give the stored answers
+  again (checked: a difference is printed);
+- `prefer_rows`: a group whose result has rows beats any group with an empty result (`--prefer_rows`).
+
+    python benchmarks/vote_rules.py --run runs/spider_dev_v03 [--arm finetuned_vote8] [--spider ../shared/spider]
+
+Writes `<run>/vote_rules/<arm>_<rule>.sql`, each rule's evaluation report and results.json there. Execution only
+(the candidates' SQL runs with the evaluator's safe executor); nothing is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from spider_dev import ROOT, command_line, run_stage  # noqa: E402
+
+RULES = {"count": False, "prefer_rows": True}
+
+
+def revote(raw: list[dict], db_dir: Path, prefer_rows: bool) -> list[dict]:
+    """The raw records with `sql` chosen again from their stored candidates."""
+    from sqltune.infer.vote import make_executor, vote
+
+    executor = make_executor()
+    try:
+        rows = []
+        for r in raw:
+            cands = [{k: c.get(k) for k in ("source", "sql", "logprob", "new_tokens", "text")}
+                     for c in r["vote"]["candidates"]]
+            sql, _ = vote(cands, db_dir / r["db_id"] / f"{r['db_id']}.sqlite", executor, prefer_rows=prefer_rows)
+            rows.append({**r, "sql": sql})
+        return rows
+    finally:
+        executor.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a benchmarks/spider_dev.py --out folder with a vote arm")
+    p.add_argument("--arm", default="finetuned_vote8", help="the vote arm: <run>/<arm>.sql.raw.jsonl")
+    p.add_argument("--spider", default=str(ROOT.parent / "shared" / "spider"))
+    a = p.parse_args(argv)
+    from sqltune.infer.predict import sql_text
+
+    run = Path(a.run)
+    raw_path = run / f"{a.arm}.sql.raw.jsonl"
+    if not raw_path.is_file():
+        raise SystemExit(f"vote_rules: {raw_path} is missing (run benchmarks/spider_dev.py with a vote arm first)")
+    raw = [json.loads(line) for line in raw_path.read_text().splitlines() if line.strip()]
+    if not raw or any((r.get("vote") or {}).get("method") != "execution" for r in raw):
+        raise SystemExit(f"vote_rules: {raw_path} is no execution vote (every record needs its candidates)")
+    data = run / "data"
+    db_dir = Path(json.loads((data / "dataset_info.json").read_text())["spider_dev"]["db_dir"])
+    db_dir = db_dir if db_dir.is_absolute() else data / db_dir
+    out = run / "vote_rules"
+    out.mkdir(exist_ok=True)
+    stored = (run / f"{a.arm}.sql").read_text().splitlines()
+    evaluate = ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir), "--tables",
+                str(Path(a.spider) / "tables.json"), "--questions", str(data / "spider_devsample.jsonl"), "--quiet"]
+    env = {**os.environ, "SQLTUNE_RUNS_DIR": str(out / "runs")}
+    log: dict = {}
+    per_rule: dict = {}
+    stored_ex = [json.loads(line)["ex"] for line in
+                 (run / f"eval_{a.arm}" / "per_example.jsonl").read_text().splitlines()]
+    for rule, prefer_rows in RULES.items():
+        pred = out / f"{a.arm}_{rule}.sql"
+        pred.write_text(sql_text(revote(raw, db_dir, prefer_rows)))
+        changed = sum(x != y for x, y in zip(pred.read_text().splitlines(), stored))
+        run_stage(f"evaluate_{rule}", ["evaluate", "--pred", str(pred), "--report", str(out / f"eval_{rule}")]
+                  + evaluate, log, env)
+        ex = [json.loads(line)["ex"] for line in (out / f"eval_{rule}" / "per_example.jsonl").read_text().splitlines()]
+        per_rule[rule] = {"ex": round(sum(ex) / len(ex), 4), "right": sum(ex), "changed_answers": changed,
+                          "gained": sum(e and not s for e, s in zip(ex, stored_ex)),
+                          "lost": sum(s and not e for e, s in zip(ex, stored_ex))}
+    if per_rule["count"]["changed_answers"]:
+        print(f"vote_rules: the count rule differs from the stored vote on {per_rule['count']['changed_answers']} "
+              "questions (a candidate that timed out then, or code changed since)")
+    print(f"{a.arm} of {run}: {len(raw)} questions, stored vote EX {sum(stored_ex) / len(stored_ex):.3f}")
+    for rule, r in per_rule.items():
+        print(f"  {rule:12s} EX {r['ex']:.3f}  ({r['right']} right; {r['changed_answers']} answers differ from the "
+              f"stored vote: {r['gained']} turned right, {r['lost']} turned wrong)")
+    summary = {"command": command_line("vote_rules.py", argv), "run": str(run), "arm": a.arm,
+               "questions": len(raw), "stored_ex": round(sum(stored_ex) / len(stored_ex), 4), "rules": per_rule}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
