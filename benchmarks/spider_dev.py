@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per generate call in the vote arms (each holds num_samples sequences)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the vote arms")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus threshold of the vote arms")
+    p.add_argument("--prefer_rows", action=argparse.BooleanOptionalAction, default=bool(pred.get("prefer_rows")),
+                   help="vote arms: a result with rows beats any empty result (default: the recipe's)")
     p.add_argument("--base_vote", action="store_true", help="also run the base model with vote@N")
     p.add_argument("--predict_dtype", default=pred.get("dtype", "auto"),
                    help="predict --dtype: auto, float32 or bfloat16 (default: the recipe's)")
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     greedy = ["--batch_size", str(a.batch_size)]
     voting = ["--batch_size", str(a.vote_batch_size), "--num_samples", str(a.num_samples), "--vote", "execution",
               "--temperature", str(a.temperature), "--top_p", str(a.top_p), "--seed", str(a.seed)]
+    voting += ["--prefer_rows"] if a.prefer_rows else []
     evaluate = ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir), "--tables",
                 str(Path(a.spider) / "tables.json"), "--questions", str(data / "spider_devsample.jsonl")]
     n = a.num_samples
@@ -266,10 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         write_partial(out, results, log)
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
     summary = {"command": command_line("spider_dev.py", argv),
-               "model": a.model, "schema_style": a.schema_style,
-               "sample_rows": a.sample_rows, "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
+               "model": a.model, "schema_style": a.schema_style, "sample_rows": a.sample_rows,
+               "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
                "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
-               "temperature": a.temperature, "top_p": a.top_p, "bf16": a.bf16, "lora_target": a.lora_target,
+               "temperature": a.temperature, "top_p": a.top_p, "prefer_rows": a.prefer_rows, "bf16": a.bf16,
+               "lora_target": a.lora_target,
                "train_batch_size": a.train_batch_size, "train_minutes": a.train_minutes,
                "schedule_to_budget": a.schedule_to_budget,
                "arms": [label for label, *_ in arms], "train": train_figures, "stages": log, "results": results,

@@ -135,6 +135,7 @@ def test_defaults_follow_the_recipe():
         train["lora_rank"], train["lora_target"], train["learning_rate"], train["per_device_train_batch_size"])
     assert (a.predict_dtype, a.batch_size, a.max_new_tokens) == (pred["dtype"], pred["batch_size"],
                                                                  pred["max_new_tokens"])
+    assert a.prefer_rows == bool(pred.get("prefer_rows"))
     assert not spider_dev.build_parser().parse_args(["--no-bf16"]).bf16
 
 
