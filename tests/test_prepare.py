@@ -65,6 +65,30 @@ def test_token_budget_cuts_schema_and_counts(demo_dir, tmp_path):
         assert r["input"].startswith("###Input:")  # the question is never cut
 
 
+def test_rows_yield_before_tables_under_a_token_budget(demo_dir, tmp_path):
+    """Pins: with ddl+rows and --max_prompt_tokens, a schema over the budget used to lose whole tables from its end
+    (which the model then invents) while keeping every example row; now rows yield first (fewer per table, down to
+    none) and tables are cut only when the plain DDL does not fit either."""
+    full = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path / "full"), splits="dev",
+                                 schema_style="ddl+rows", sample_rows=3))
+    assert "dev_prompts_with_fewer_rows" not in full
+    plain = records(tmp_path / "full" / "spider_dev.jsonl")[0]["instruction"]
+    ddl = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path / "ddl"), splits="dev", schema_style="ddl"))
+    assert ddl["dev_records"] == full["dev_records"]
+    no_rows = records(tmp_path / "ddl" / "spider_dev.jsonl")[0]["instruction"]
+    budget = len(no_rows.split()) + 2  # the plain DDL fits, the DDL with rows does not
+    assert len(plain.split()) > budget
+    figures = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path / "fit"), splits="dev",
+                                    schema_style="ddl+rows", sample_rows=3, max_prompt_tokens=budget))
+    fitted = records(tmp_path / "fit" / "spider_dev.jsonl")[0]["instruction"]
+    assert len(fitted.split()) <= budget and fitted.count("CREATE TABLE") == no_rows.count("CREATE TABLE")
+    assert figures["dev_prompts_with_fewer_rows"] >= 1
+    tight = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path / "tight"), splits="dev",
+                                  schema_style="ddl+rows", sample_rows=3, max_prompt_tokens=20))
+    assert tight["dev_prompts_cut"] == tight["dev_records"]  # too tight for the plain DDL: tables go too
+    assert "example rows" not in (tmp_path / "tight" / "spider_dev.jsonl").read_text()
+
+
 def test_bird_evidence_in_prompt(tmp_path, demo_dir):
     data = tmp_path / "bird"
     (data / "dev_databases").mkdir(parents=True)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from sqltune.config import PrepareConfig
 from sqltune.data.examples import Example, Split
-from sqltune.data.prompts import fit_schema, make_record, make_turn_record
+from sqltune.data.prompts import fit_schema, make_instruction, make_record, make_turn_record
 from sqltune.data.registry import read_registry, register_many
 from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
@@ -27,6 +27,7 @@ from sqltune.errors import SqltuneError
 from sqltune.eval.safe_sqlite import QueryError, connect, run_query
 from sqltune.io import logging_to_file
 
+ROW_STYLES = ("ddl+rows", "mschema")  # styles that show sample_rows of data, which yield first to max_prompt_tokens
 GOLD_TIMEOUT, GOLD_MAX_ROWS = 30.0, 100_000  # the evaluator's default bounds (evaluate --timeout, --max_rows)
 
 
@@ -42,21 +43,34 @@ def token_counter(tokenizer_path: str) -> Callable[[str], int]:
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _schema_cache(cfg: PrepareConfig) -> Callable[[Split, str], list[str]]:
-    """Schema blocks per (split's tables and databases, db_id): BIRD's splits have different databases."""
-    cache: dict[tuple[str, str], list[str]] = {}
+def _schema_cache(cfg: PrepareConfig) -> Callable[[Split, str, int], list[str]]:
+    """Schema blocks per (split's tables and databases, db_id, rows shown): BIRD's splits have different
+    databases."""
+    cache: dict[tuple[str, str, int], list[str]] = {}
 
-    def get(split: Split, db_id: str) -> list[str]:
+    def get(split: Split, db_id: str, rows: int) -> list[str]:
         path = split.db_path(db_id)
-        key = (str(split.tables_file), str(path))
+        key = (str(split.tables_file), str(path), rows)
         if key not in cache:
             if db_id not in split.tables:
                 raise SqltuneError(f"database {db_id!r} is used by a question but has no schema in {split.tables_file}")
-            cache[key] = render_schema(split.tables[db_id], cfg.schema_style, path if path.is_file() else None,
-                                       cfg.sample_rows)
+            cache[key] = render_schema(split.tables[db_id], cfg.schema_style, path if path.is_file() else None, rows)
         return cache[key]
 
     return get
+
+
+def schema_that_fits(blocks_with: Callable[[int], list[str]], rows: int, budget: int,
+                     count: Callable[[str], int]) -> tuple[list[str], int, bool]:
+    """(blocks, rows shown, cut) for an instruction of at most `budget` tokens: example rows yield first (fewer
+    rows per table, down to none), then blocks are cut from the end (`fit_schema`). A cut schema loses whole tables
+    the model then invents; a row less costs only an example."""
+    blocks = blocks_with(rows)
+    while rows > 0 and count(make_instruction(blocks)) > budget:
+        rows -= 1
+        blocks = blocks_with(rows)
+    blocks, cut = fit_schema(blocks, budget, count)
+    return blocks, rows, cut
 
 
 def gold_line(sql: str) -> str:
@@ -153,7 +167,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         name = f"{cfg.name}_{split}"
         multi_turn = any(ex.interaction >= 0 for ex in part.examples)
         history = "gold" if split == "train" else cfg.history
-        records, cut = [], 0
+        records, cut, fewer_rows = [], 0, 0
+        rows_asked = cfg.sample_rows if cfg.schema_style in ROW_STYLES else 0
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
         dropped = None
         if cfg.drop_failing_gold and split == "train":
@@ -166,10 +181,13 @@ def prepare(cfg: PrepareConfig) -> dict:
                 + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         without_db = sum(ex.db_id in no_db for ex in part.examples)  # of the records kept
         for ex in tqdm(part.examples, desc=f"prepare {name}", unit="q", leave=False, mininterval=1.0, disable=bar_off):
-            blocks = schema_of(part, ex.db_id)
-            if count is not None:
-                blocks, was_cut = fit_schema(blocks, cfg.max_prompt_tokens, count)
+            if count is None:
+                blocks = schema_of(part, ex.db_id, rows_asked)
+            else:
+                blocks, rows, was_cut = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
+                                                         cfg.max_prompt_tokens, count)
                 cut += was_cut
+                fewer_rows += rows < rows_asked
             if ex.interaction >= 0:
                 records.append(make_turn_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.interaction,
                                                 ex.turn, history))
@@ -196,6 +214,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         figures[f"{split}_records_without_database"] = without_db
         if count is not None:
             figures[f"{split}_prompts_cut"] = cut
+            if cfg.schema_style in ROW_STYLES:
+                figures[f"{split}_prompts_with_fewer_rows"] = fewer_rows
         say(f"{name}: {len(records)} records ({cfg.schema_style}"
             + (f", history {history}" if multi_turn else "")
             + (f"; {without_db} whose database is missing from {part.db_dir}" if without_db else "") + ")")
