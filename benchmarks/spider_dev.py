@@ -134,6 +134,14 @@ def recipe_train_settings(lora_rank: int) -> list[str]:
             "--num_train_epochs", str(train.get("num_train_epochs", 1))]
 
 
+def model_folder(model: str) -> Path:
+    """The model's folder (a catalog name is resolved the way every stage resolves it): its tokenizer counts
+    prepare's --max_prompt_tokens."""
+    from sqltune.loading import resolve
+
+    return resolve(model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Options whose defaults are the recipe's settings (the dev sample and vote arms are the benchmark's own)."""
     whole = recipe()
@@ -147,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample_rows", type=int, default=prep.get("sample_rows", 3),
                    help="rows per table with ddl+rows, example values per column with mschema (default: the "
                         "recipe's, else prepare's 3)")
+    p.add_argument("--max_prompt_tokens", type=int, default=prep.get("max_prompt_tokens", 0),
+                   help="prepare's cap on the schema in the model's tokens: example rows yield first, then tables "
+                        "(0: none, the prompt is cut at --max_source_length; default: the recipe's)")
     p.add_argument("--drop_failing_gold", action=argparse.BooleanOptionalAction,
                    default=bool(prep.get("drop_failing_gold", False)),
                    help="leave out train records whose gold fails or returns no rows (default: as the recipe)")
@@ -201,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_stage("prepare", ["prepare", "--source", "spider", "--data_dir", a.spider, "--out", str(data),
                           "--schema_style", a.schema_style, "--sample_rows", str(a.sample_rows)]
+              + (["--max_prompt_tokens", str(a.max_prompt_tokens), "--tokenizer", str(model_folder(a.model))]
+                 if a.max_prompt_tokens else [])
               + (["--drop_failing_gold"] if a.drop_failing_gold else []), log, env)
     registry = json.loads((data / "dataset_info.json").read_text())
     dev_rows = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
@@ -270,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
     summary = {"command": command_line("spider_dev.py", argv),
                "model": a.model, "schema_style": a.schema_style, "sample_rows": a.sample_rows,
+               "max_prompt_tokens": a.max_prompt_tokens,
                "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
                "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
                "temperature": a.temperature, "top_p": a.top_p, "prefer_rows": a.prefer_rows, "bf16": a.bf16,

@@ -33,7 +33,7 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
     assert results["arms"] == ["base", "base_vote2", "finetuned", "finetuned_vote2"]
     assert results["dev_questions"] == 6 and results["train_examples"] == 8
     assert results["schema_style"] == "ddl+rows" and results["lora_target"] == "q_proj,v_proj"
-    assert results["sample_rows"] == 1
+    assert results["sample_rows"] == 1 and results["max_prompt_tokens"] == 0
     assert "/* 1 example rows from" in (out / "data" / "spider_devsample.jsonl").read_text()
     assert isinstance(results["train_dropped_failing_gold"], int)  # the recipe drops failing gold
     registry = json.loads((out / "data" / "dataset_info.json").read_text())
@@ -74,6 +74,23 @@ def _summary(arms: list[tuple[str, str, bool]]) -> dict:
             "train": {"records": 8, "steps": 2, "train_runtime_s": 60, "tokens_per_s": 9.0},
             "stages": {"prepare": {"wall_s": 1.0, "peak_rss_mb": 20}}, "results": results,
             "total_wall_min": 1.0, "command": "python benchmarks/spider_dev.py --x"}
+
+
+def test_max_prompt_tokens_reaches_prepare_with_the_models_tokenizer(tiny_model, tmp_path, monkeypatch):
+    """Pins --max_prompt_tokens: prepare gets the cap and the model's own folder to count tokens with (rows yield
+    first there, tested in test_prepare.py)."""
+    seen = []
+
+    def stage(label, args, log, env):
+        seen.append(args)
+        raise SystemExit("stop after prepare")
+
+    monkeypatch.setattr(spider_dev, "run_stage", stage)
+    with pytest.raises(SystemExit, match="stop after prepare"):
+        spider_dev.main(["--model", str(tiny_model), "--max_prompt_tokens", "680", "--out", str(tmp_path / "o")])
+    args = seen[0]
+    assert args[0] == "prepare" and args[args.index("--max_prompt_tokens") + 1] == "680"
+    assert Path(args[args.index("--tokenizer") + 1]) == Path(tiny_model)
 
 
 def test_table_and_chart_from_results(tmp_path):
