@@ -169,6 +169,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         history = "gold" if split == "train" else cfg.history
         records, cut, fewer_rows = [], 0, 0
         rows_asked = cfg.sample_rows if cfg.schema_style in ROW_STYLES else 0
+        fitted: dict[str, tuple[list[str], int, bool]] = {}  # per database: the budget fit depends on it alone
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
         dropped = None
         if cfg.drop_failing_gold and split == "train":
@@ -184,8 +185,10 @@ def prepare(cfg: PrepareConfig) -> dict:
             if count is None:
                 blocks = schema_of(part, ex.db_id, rows_asked)
             else:
-                blocks, rows, was_cut = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
-                                                         cfg.max_prompt_tokens, count)
+                if ex.db_id not in fitted:
+                    fitted[ex.db_id] = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
+                                                        cfg.max_prompt_tokens, count)
+                blocks, rows, was_cut = fitted[ex.db_id]
                 cut += was_cut
                 fewer_rows += rows < rows_asked
             if ex.interaction >= 0:
