@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spider_dev import ROOT, command_line, recipe, run_stage, sample_split  # noqa: E402
+from spider_dev import ROOT, command_line, dev_db_dir, recipe, run_stage, sample_split  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(f"prepare_{style}", ["prepare", "--source", "spider", "--data_dir", a.spider, "--out", str(data),
                                        "--schema_style", style, "--sample_rows", str(a.sample_rows),
                                        "--splits", "dev"], log, env)
-        entry = json.loads((data / "dataset_info.json").read_text())["spider_dev"]
-        db_dir = Path(entry["db_dir"]) if Path(entry["db_dir"]).is_absolute() else data / entry["db_dir"]
+        db_dir = dev_db_dir(data)
         if chosen is None:  # the same questions for every style (dev records keep the source order)
             dev = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
             eligible = [i for i, r in enumerate(dev) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]

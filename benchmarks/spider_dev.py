@@ -134,6 +134,18 @@ def recipe_train_settings(lora_rank: int) -> list[str]:
             "--num_train_epochs", str(train.get("num_train_epochs", 1))]
 
 
+def dev_db_dir(data: Path) -> Path:
+    """The databases of the prepared Spider dev split (the registry may hold a path relative to `data`)."""
+    db_dir = Path(json.loads((data / "dataset_info.json").read_text())["spider_dev"]["db_dir"])
+    return db_dir if db_dir.is_absolute() else data / db_dir
+
+
+def devsample_evaluation(data: Path, db_dir: Path, spider: str) -> list[str]:
+    """`sqltune evaluate` arguments (all but --pred and --report) for the sampled dev questions."""
+    return ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir), "--tables",
+            str(Path(spider) / "tables.json"), "--questions", str(data / "spider_devsample.jsonl")]
+
+
 def model_folder(model: str) -> Path:
     """The model's folder (a catalog name is resolved the way every stage resolves it): its tokenizer counts
     prepare's --max_prompt_tokens."""
@@ -217,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
               + (["--drop_failing_gold"] if a.drop_failing_gold else []), log, env)
     registry = json.loads((data / "dataset_info.json").read_text())
     dev_rows = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
-    db_dir = Path(registry["spider_dev"]["db_dir"])
-    if not db_dir.is_absolute():
-        db_dir = data / db_dir
+    db_dir = dev_db_dir(data)
     eligible = [i for i, r in enumerate(dev_rows) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]
     rng = random.Random(a.seed)
     dev_idx = sorted(rng.sample(eligible, a.dev_sample)) if 0 < a.dev_sample < len(eligible) else eligible
@@ -236,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     voting = ["--batch_size", str(a.vote_batch_size), "--num_samples", str(a.num_samples), "--vote", "execution",
               "--temperature", str(a.temperature), "--top_p", str(a.top_p), "--seed", str(a.seed)]
     voting += ["--prefer_rows"] if a.prefer_rows else []
-    evaluate = ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir), "--tables",
-                str(Path(a.spider) / "tables.json"), "--questions", str(data / "spider_devsample.jsonl")]
+    evaluate = devsample_evaluation(data, db_dir, a.spider)
     n = a.num_samples
     arms = [("base", "base greedy", "base", greedy)]
     if n and a.base_vote:

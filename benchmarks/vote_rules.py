@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spider_dev import ROOT, command_line, run_stage  # noqa: E402
+from spider_dev import ROOT, command_line, dev_db_dir, devsample_evaluation, run_stage  # noqa: E402
 
 RULES = {"count": False, "prefer_rows": True}
 
@@ -62,13 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if not raw or any((r.get("vote") or {}).get("method") != "execution" for r in raw):
         raise SystemExit(f"vote_rules: {raw_path} is no execution vote (every record needs its candidates)")
     data = run / "data"
-    db_dir = Path(json.loads((data / "dataset_info.json").read_text())["spider_dev"]["db_dir"])
-    db_dir = db_dir if db_dir.is_absolute() else data / db_dir
+    db_dir = dev_db_dir(data)
     out = run / "vote_rules"
     out.mkdir(exist_ok=True)
     stored = (run / f"{a.arm}.sql").read_text().splitlines()
-    evaluate = ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir), "--tables",
-                str(Path(a.spider) / "tables.json"), "--questions", str(data / "spider_devsample.jsonl"), "--quiet"]
+    evaluate = devsample_evaluation(data, db_dir, a.spider) + ["--quiet"]
     env = {**os.environ, "SQLTUNE_RUNS_DIR": str(out / "runs")}
     log: dict = {}
     per_rule: dict = {}
@@ -76,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                  (run / f"eval_{a.arm}" / "per_example.jsonl").read_text().splitlines()]
     for rule, prefer_rows in RULES.items():
         pred = out / f"{a.arm}_{rule}.sql"
-        pred.write_text(sql_text(revote(raw, db_dir, prefer_rows)))
-        changed = sum(x != y for x, y in zip(pred.read_text().splitlines(), stored))
+        text = sql_text(revote(raw, db_dir, prefer_rows))
+        pred.write_text(text)
+        changed = sum(x != y for x, y in zip(text.splitlines(), stored))
         run_stage(f"evaluate_{rule}", ["evaluate", "--pred", str(pred), "--report", str(out / f"eval_{rule}")]
                   + evaluate, log, env)
         ex = [json.loads(line)["ex"] for line in (out / f"eval_{rule}" / "per_example.jsonl").read_text().splitlines()]
