@@ -302,7 +302,8 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
         fallback = "greedy" if candidates[chosen].get("source") == "greedy" else "best_logprob"
     for s in summary:
         s["logprob_sum"] = s["logprob_sum"] if math.isfinite(s["logprob_sum"]) else None
-    record = {"method": "execution", "prefer_rows": prefer_rows, "winner": winner, "chosen": chosen, "fallback": fallback, "groups": summary,
+    record = {"method": "execution", "prefer_rows": prefer_rows, "winner": winner, "chosen": chosen,
+              "fallback": fallback, "groups": summary,
               "candidates": [_record(c, r, g) for c, r, g in zip(candidates, results, member_of)]}
     return candidates[chosen]["sql"], record
 

@@ -373,8 +373,9 @@ def train(cfg: TrainConfig) -> dict:
     # one clock for the budget; only a schedule that follows it counts the time of earlier sessions
     clock = (BudgetClock(cfg.max_train_minutes * 60, spent_before(checkpoint) if cfg.schedule_to_budget else 0.0)
              if cfg.max_train_minutes else None)
-    trainer = budget_trainer(clock if cfg.schedule_to_budget else None)(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                                    callbacks=_callbacks(cfg, work, resume_step, clock))
+    trainer_class = budget_trainer(clock if cfg.schedule_to_budget else None)
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                            callbacks=_callbacks(cfg, work, resume_step, clock))
     trainer.remove_callback(PrinterCallback)  # raw log dicts; JsonlLog prints readable lines
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
