@@ -47,9 +47,11 @@ class PrepareConfig:
     name: str = arg("", "dataset name prefix in the registry (default: the source name)")
     schema_style: str = arg("words", f"how the schema is stated in the prompt: {', '.join(SCHEMA_STYLES)}")
     sample_rows: int = arg(3, "rows per table shown with schema_style ddl+rows; example values per column with mschema")
-    max_prompt_tokens: int = arg(0, "cap on the instruction length in tokens (0 = no cap): example rows yield "
-                                       "first (fewer per table), then tables are cut from the end; both are counted")
-    tokenizer: str = arg("", "tokenizer folder used to count tokens for max_prompt_tokens (default: whitespace words)")
+    max_prompt_tokens: int = arg(0, "cap on the instruction length in tokens, evidence included (0 = no cap): "
+                                       "example rows yield first (fewer per table), then tables are cut from the end; "
+                                       "both are counted")
+    tokenizer: str = arg("", "tokenizer folder or catalog model name that counts tokens for max_prompt_tokens "
+                             "(default: whitespace words)")
     splits: str = arg("train,dev", "comma list of splits to prepare")
     history: str = arg("questions", "SParC/CoSQL non-train splits: `questions` puts the earlier questions in the "
                                     "input (no gold SQL in the prompt); `gold` gives earlier turns with their gold SQL "

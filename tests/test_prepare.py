@@ -12,7 +12,7 @@ from conftest import SHARED, SPIDER, needs_spider
 from sqltune.cli import main
 from sqltune.config import PrepareConfig
 from sqltune.data.prepare import prepare
-from sqltune.data.prompts import INSTRUCTION, question_of
+from sqltune.data.prompts import INSTRUCTION, make_instruction, question_of
 from sqltune.data.registry import lookup
 from sqltune.errors import SqltuneError
 
@@ -83,10 +83,37 @@ def test_rows_yield_before_tables_under_a_token_budget(demo_dir, tmp_path):
     fitted = records(tmp_path / "fit" / "spider_dev.jsonl")[0]["instruction"]
     assert len(fitted.split()) <= budget and fitted.count("CREATE TABLE") == no_rows.count("CREATE TABLE")
     assert figures["dev_prompts_with_fewer_rows"] >= 1
+    tight_budget = len(make_instruction([]).split()) + 3
     tight = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path / "tight"), splits="dev",
-                                  schema_style="ddl+rows", sample_rows=3, max_prompt_tokens=20))
+                                  schema_style="ddl+rows", sample_rows=3, max_prompt_tokens=tight_budget))
     assert tight["dev_prompts_cut"] == tight["dev_records"]  # too tight for the plain DDL: tables go too
     assert "example rows" not in (tmp_path / "tight" / "spider_dev.jsonl").read_text()
+    assert all(len(r["instruction"].split()) <= tight_budget for r in records(tmp_path / "tight" / "spider_dev.jsonl"))
+
+
+def test_a_budget_below_the_fixed_instruction_is_one_error(demo_dir, tmp_path, capsys):
+    """Pins: a --max_prompt_tokens smaller than the instruction's own fixed text used to be accepted, and every
+    prompt came out longer than the cap while prepare said it had cut them to fit; now it stops with one line."""
+    with pytest.raises(SqltuneError, match="leaves no room for the schema"):
+        prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path / "o"), splits="dev", max_prompt_tokens=20))
+    code, _, err = run_cli(["prepare", "--data_dir", str(demo_dir), "--out", str(tmp_path / "o"), "--splits", "dev",
+                            "--max_prompt_tokens", "20"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "fixed text alone is 42 tokens" in err
+    assert not (tmp_path / "o" / "spider_dev.jsonl").exists()
+
+
+def test_fewer_rows_counts_only_schemas_that_lost_rows(demo_dir, tmp_path):
+    """Pins: with no database file there are no rows to show, yet a ddl+rows schema over the budget used to be
+    counted in dev_prompts_with_fewer_rows (the row level was lowered although the text did not change)."""
+    data = tmp_path / "no_databases"
+    data.mkdir()
+    for name in ("tables.json", "dev.json"):
+        shutil.copy(demo_dir / name, data / name)
+    budget = len(make_instruction([]).split()) + 3
+    figures = prepare(PrepareConfig(data_dir=str(data), out=str(tmp_path / "o"), splits="dev",
+                                    schema_style="ddl+rows", sample_rows=3, max_prompt_tokens=budget))
+    assert figures["dev_records_without_database"] == figures["dev_records"] == figures["dev_prompts_cut"]
+    assert figures["dev_prompts_with_fewer_rows"] == 0
 
 
 def test_bird_evidence_in_prompt(tmp_path, demo_dir):
@@ -102,6 +129,31 @@ def test_bird_evidence_in_prompt(tmp_path, demo_dir):
     row = records(tmp_path / "out" / "bird_dev.jsonl")[0]
     assert "expensive means price > 400" in row["instruction"]
     assert (tmp_path / "out" / "bird_dev_difficulty.txt").read_text() == "simple\n"
+
+
+def test_the_token_budget_counts_the_evidence(tmp_path, demo_dir):
+    """Pins: --max_prompt_tokens used to fit the schema to the instruction without BIRD's evidence, so an instruction
+    with evidence came out over the cap and was not counted as cut; now the evidence counts, and the schema is fitted
+    per database and evidence, and an evidence too long for any schema is counted as over the budget."""
+    data = tmp_path / "bird"
+    (data / "dev_databases").mkdir(parents=True)
+    shutil.copy(demo_dir / "tables.json", data / "dev_tables.json")
+    shutil.copytree(demo_dir / "database" / "shop", data / "dev_databases" / "shop")
+    question = {"db_id": "shop", "question": "Expensive products?", "SQL": "SELECT name FROM product WHERE price > 400",
+                "difficulty": "simple"}
+    (data / "dev.json").write_text(json.dumps([
+        {**question, "question_id": 0, "evidence": "expensive means price > 400"},
+        {**question, "question_id": 1, "evidence": ""},
+        {**question, "question_id": 2, "evidence": "long " * 200}]))
+    prepare(PrepareConfig(source="bird", data_dir=str(data), out=str(tmp_path / "full"), splits="dev"))
+    plain = records(tmp_path / "full" / "bird_dev.jsonl")[1]["instruction"]
+    budget = len(plain.split())  # fits without the evidence, not with it
+    figures = prepare(PrepareConfig(source="bird", data_dir=str(data), out=str(tmp_path / "out"), splits="dev",
+                                    max_prompt_tokens=budget))
+    rows = records(tmp_path / "out" / "bird_dev.jsonl")
+    assert all(len(r["instruction"].split()) <= budget for r in rows[:2])
+    assert "expensive means price > 400" in rows[0]["instruction"] and rows[1]["instruction"] == plain
+    assert figures["dev_prompts_cut"] == 2 and figures["dev_prompts_over_budget"] == 1  # its evidence cannot fit
 
 
 def run_cli(args, capsys):
@@ -301,3 +353,22 @@ def test_out_inside_the_source_folder_is_refused(tmp_path, demo_dir):
         with pytest.raises(SqltuneError, match="inside the source folder"):
             prepare(PrepareConfig(data_dir=str(data), out=str(out)))
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_the_token_budget_counts_in_the_given_tokenizer(demo_dir, tiny_model, tmp_path, capsys):
+    """Pins --tokenizer: the budget is counted in the model's tokens, not words; a folder with no tokenizer in it
+    used to end in `internal error: OSError ...`, now one line that says what is wrong."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    budget = 120
+    figures = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(tmp_path / "o"), splits="dev",
+                                    max_prompt_tokens=budget, tokenizer=str(tiny_model)))
+    lengths = [len(tok(r["instruction"], add_special_tokens=False)["input_ids"])
+               for r in records(tmp_path / "o" / "spider_dev.jsonl")]
+    assert max(lengths) <= budget and figures["dev_prompts_cut"] >= 1
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["prepare", "--data_dir", str(demo_dir), "--out", str(tmp_path / "e"), "--splits", "dev",
+                            "--max_prompt_tokens", "100", "--tokenizer", str(tmp_path / "empty")], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "cannot load a tokenizer from" in last and "internal error" not in err

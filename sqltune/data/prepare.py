@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from sqltune.config import PrepareConfig
 from sqltune.data.examples import Example, Split
-from sqltune.data.prompts import fit_schema, make_instruction, make_record, make_turn_record
+from sqltune.data.prompts import fit_schema, fits, make_instruction, make_record, make_turn_record
 from sqltune.data.registry import read_registry, register_many
 from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
@@ -31,15 +31,14 @@ ROW_STYLES = ("ddl+rows", "mschema")  # styles that show sample_rows of data, wh
 GOLD_TIMEOUT, GOLD_MAX_ROWS = 30.0, 100_000  # the evaluator's default bounds (evaluate --timeout, --max_rows)
 
 
-def token_counter(tokenizer_path: str) -> Callable[[str], int]:
-    """Count tokens with the given tokenizer, or whitespace words when none is given."""
-    if not tokenizer_path:
+def token_counter(tokenizer: str) -> Callable[[str], int]:
+    """Count tokens with the given tokenizer (a folder or a catalog name), or whitespace words when none is given."""
+    if not tokenizer:
         return lambda text: len(text.split())
-    from transformers import AutoTokenizer  # only when asked: prepare stays light otherwise
+    from sqltune.loading import load_tokenizer, resolve  # transformers only when asked: prepare stays light
 
-    if not Path(tokenizer_path).is_dir():
-        raise SqltuneError(f"tokenizer folder not found: {tokenizer_path}")
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    folder = Path(tokenizer).expanduser()
+    tok = load_tokenizer(folder if folder.is_dir() else resolve(tokenizer))
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
 
@@ -61,16 +60,17 @@ def _schema_cache(cfg: PrepareConfig) -> Callable[[Split, str, int], list[str]]:
 
 
 def schema_that_fits(blocks_with: Callable[[int], list[str]], rows: int, budget: int,
-                     count: Callable[[str], int]) -> tuple[list[str], int, bool]:
-    """(blocks, rows shown, cut) for an instruction of at most `budget` tokens: example rows yield first (fewer
-    rows per table, down to none), then blocks are cut from the end (`fit_schema`). A cut schema loses whole tables
-    the model then invents; a row less costs only an example."""
-    blocks = blocks_with(rows)
-    while rows > 0 and count(make_instruction(blocks)) > budget:
+                     count: Callable[[str], int], evidence: str = "") -> tuple[list[str], bool, bool]:
+    """(blocks, fewer rows shown, cut) for an instruction (evidence included) of at most `budget` tokens: example
+    rows yield first (fewer rows per table, down to none), then blocks are cut from the end (`fit_schema`). A cut
+    schema loses whole tables the model then invents; a row less costs only an example. "Fewer rows" means the
+    schema text lost rows it would have shown (a database that is absent or empty has none to lose)."""
+    asked = blocks = blocks_with(rows)
+    while rows > 0 and not fits(blocks, budget, count, evidence):
         rows -= 1
         blocks = blocks_with(rows)
-    blocks, cut = fit_schema(blocks, budget, count)
-    return blocks, rows, cut
+    blocks, cut = fit_schema(blocks, budget, count, evidence)
+    return blocks, blocks_with(rows) != asked, cut
 
 
 def gold_line(sql: str) -> str:
@@ -154,6 +154,10 @@ def prepare(cfg: PrepareConfig) -> dict:
     read_registry(out)  # a broken registry is reported before anything is written
     schema_of = _schema_cache(cfg)
     count = token_counter(cfg.tokenizer) if cfg.max_prompt_tokens else None
+    if count is not None and not fits(["x"], cfg.max_prompt_tokens, count):
+        fixed = count(make_instruction([]))
+        raise SqltuneError(f"--max_prompt_tokens {cfg.max_prompt_tokens} leaves no room for the schema: the "
+                           f"instruction's fixed text alone is {fixed} tokens")
     figures: dict = {"source": cfg.source, "schema_style": cfg.schema_style}
     if data.missing_splits:
         missing = ", ".join(data.missing_splits)
@@ -167,9 +171,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         name = f"{cfg.name}_{split}"
         multi_turn = any(ex.interaction >= 0 for ex in part.examples)
         history = "gold" if split == "train" else cfg.history
-        records, cut, fewer_rows = [], 0, 0
+        records, cut, fewer_rows, over = [], 0, 0, 0
         rows_asked = cfg.sample_rows if cfg.schema_style in ROW_STYLES else 0
-        fitted: dict[str, tuple[list[str], int, bool]] = {}  # per database: the budget fit depends on it alone
+        fitted: dict[tuple[str, str], tuple[list[str], bool, bool]] = {}
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
         dropped = None
         if cfg.drop_failing_gold and split == "train":
@@ -185,12 +189,14 @@ def prepare(cfg: PrepareConfig) -> dict:
             if count is None:
                 blocks = schema_of(part, ex.db_id, rows_asked)
             else:
-                if ex.db_id not in fitted:
-                    fitted[ex.db_id] = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
-                                                        cfg.max_prompt_tokens, count)
-                blocks, rows, was_cut = fitted[ex.db_id]
+                key = (ex.db_id, ex.evidence)  # the fit depends on the database and the evidence beside it alone
+                if key not in fitted:
+                    fitted[key] = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
+                                                   cfg.max_prompt_tokens, count, ex.evidence)
+                blocks, fewer, was_cut = fitted[key]
                 cut += was_cut
-                fewer_rows += rows < rows_asked
+                fewer_rows += fewer
+                over += not fits(blocks, cfg.max_prompt_tokens, count, ex.evidence)
             if ex.interaction >= 0:
                 records.append(make_turn_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.interaction,
                                                 ex.turn, history))
@@ -219,6 +225,10 @@ def prepare(cfg: PrepareConfig) -> dict:
             figures[f"{split}_prompts_cut"] = cut
             if cfg.schema_style in ROW_STYLES:
                 figures[f"{split}_prompts_with_fewer_rows"] = fewer_rows
+            if over:
+                figures[f"{split}_prompts_over_budget"] = over
+                say(f"{name}: {over} instructions are longer than --max_prompt_tokens {cfg.max_prompt_tokens} even "
+                    "with their schema cut to a word: their evidence alone does not fit")
         say(f"{name}: {len(records)} records ({cfg.schema_style}"
             + (f", history {history}" if multi_turn else "")
             + (f"; {without_db} whose database is missing from {part.db_dir}" if without_db else "") + ")")

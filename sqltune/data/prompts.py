@@ -44,23 +44,31 @@ def make_instruction(schema_blocks: list[str], evidence: str = "") -> str:
     return text
 
 
-def fit_schema(blocks: list[str], budget: int, count: Callable[[str], int]) -> tuple[list[str], bool]:
-    """Drop schema blocks from the end (keys, then later tables) until the instruction fits `budget` tokens.
+def fit_schema(blocks: list[str], budget: int, count: Callable[[str], int], evidence: str = ""
+               ) -> tuple[list[str], bool]:
+    """Drop schema blocks from the end (keys, then later tables) until the instruction, evidence included, fits
+    `budget` tokens.
 
-    Returns the kept blocks and whether anything was cut. The first block is cut word by word if it alone is
-    too long, so the result always fits.
+    Returns the kept blocks and whether anything was cut. The first block is cut word by word if it alone is too
+    long; the result fits unless the text around the schema (the fixed instruction and the evidence) alone is
+    longer than the budget, which the caller checks with `fits`.
     """
-    if budget <= 0 or count(make_instruction(blocks)) <= budget:
+    if budget <= 0 or fits(blocks, budget, count, evidence):
         return blocks, False
     kept = list(blocks)
-    while len(kept) > 1 and count(make_instruction(kept)) > budget:
+    while len(kept) > 1 and not fits(kept, budget, count, evidence):
         kept.pop()
-    if count(make_instruction(kept)) > budget:
+    if not fits(kept, budget, count, evidence):
         words = kept[0].split(" ")
-        while len(words) > 1 and count(make_instruction([" ".join(words)])) > budget:
+        while len(words) > 1 and not fits([" ".join(words)], budget, count, evidence):
             words = words[: max(1, len(words) * 9 // 10)]
         kept = [" ".join(words)]
     return kept, True
+
+
+def fits(blocks: list[str], budget: int, count: Callable[[str], int], evidence: str = "") -> bool:
+    """Whether the instruction built from these blocks (and evidence) is at most `budget` tokens."""
+    return count(make_instruction(blocks, evidence)) <= budget
 
 
 def make_record(db_id: str, schema_blocks: list[str], question: str, sql: str,
