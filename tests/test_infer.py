@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 
 import pytest
 import torch
@@ -211,6 +213,67 @@ def test_prefer_rows_reaches_the_vote(tiny_model, prepared_demo, tmp_path, monke
     assert (tmp_path / "r.sql").read_text().splitlines() == ["SELECT 7"] * 2
     assert json.loads((tmp_path / "r.sql.meta.json").read_text())["prefer_rows"] is True
     assert json.loads((tmp_path / "r.sql.raw.jsonl").read_text().splitlines()[0])["vote"]["prefer_rows"] is True
+
+
+def test_a_vote_on_changed_databases_is_not_resumed(tiny_model, prepared_demo, demo_dir, tmp_path, monkeypatch):
+    """Pins: a vote's choice depends on the databases' rows, but predict's identity held only the records, so a
+    rerun on changed databases (same records, same --out) said `generated=0` and kept the old votes."""
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    data = tmp_path / "prepared"
+    shutil.copytree(prepared_demo, data)
+    shutil.copytree(demo_dir / "database", tmp_path / "db")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    registry["demo_dev"]["db_dir"] = str(tmp_path / "db")
+    (data / "dataset_info.json").write_text(json.dumps(registry))
+    settings = dict(num_samples=3, vote="execution", max_samples=2, dataset_dir=str(data))
+    out = tmp_path / "v.sql"
+    assert predict(pcfg(tiny_model, prepared_demo, out, **settings))["generated"] == 2
+    assert predict(pcfg(tiny_model, prepared_demo, out, **settings))["generated"] == 0  # unchanged: resumed
+    db_id = json.loads((data / "demo_dev.jsonl").read_text().splitlines()[0])["db_id"]
+    with sqlite3.connect(tmp_path / "db" / db_id / f"{db_id}.sqlite") as conn:
+        table = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        conn.execute(f"DELETE FROM {table}")
+    with pytest.raises(SqltuneError, match="another run .*different databases"):
+        predict(pcfg(tiny_model, prepared_demo, out, **settings))
+
+
+def test_an_option_newer_than_the_meta_reads_as_its_default(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    """Pins: a vote run whose meta was written before --prefer_rows existed (no such key) could not be resumed:
+    `different prefer_rows`, though its default is the rule that run used."""
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    out = tmp_path / "v.sql"
+    settings = dict(num_samples=3, vote="execution", max_samples=2)
+    predict(pcfg(tiny_model, prepared_demo, out, **settings))
+    meta_path = tmp_path / "v.sql.meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["prefer_rows"]
+    meta_path.write_text(json.dumps(meta))
+    assert predict(pcfg(tiny_model, prepared_demo, out, **settings))["generated"] == 0
+    with pytest.raises(SqltuneError, match="different prefer_rows"):
+        predict(pcfg(tiny_model, prepared_demo, out, prefer_rows=True, **settings))
+
+
+def test_figures_after_a_resume_cover_the_whole_output(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    """Pins: after a resume, prompts_cut, new_tokens and no_candidate_ran counted only this session's records,
+    though printed beside `records` and kept in the pipeline's figures; they now total the whole output."""
+    from sqltune.infer.vote import make_candidate
+
+    calls = {"n": 0}
+
+    def none_run(self, prompts, n, include_greedy, end):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return [[make_candidate("SELECT x FROM nowhere", -1.0, "greedy", 4)]
+                + [make_candidate("SELECT y FROM nowhere", -2.0, "sample", 3)] * n for _ in prompts]
+
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", none_run)
+    settings = dict(num_samples=2, vote="execution", max_samples=4, batch_size=2, max_source_length=16)
+    with pytest.raises(KeyboardInterrupt):
+        predict(pcfg(tiny_model, prepared_demo, tmp_path / "v.sql", **settings))
+    figures = predict(pcfg(tiny_model, prepared_demo, tmp_path / "v.sql", **settings))
+    assert figures["resumed_from"] == 2 and figures["generated"] == 2
+    assert figures["no_candidate_ran"] == 4 and figures["prompts_cut"] == 4 and figures["new_tokens"] == 4 * 10
 
 
 def test_retry_on_error_samples_only_when_greedy_fails(tiny_model, prepared_demo, tmp_path, monkeypatch):

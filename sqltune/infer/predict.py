@@ -78,15 +78,27 @@ def folder_digest(folder: Path) -> str:
     """What a model or adapter folder holds, independent of how its path is spelled."""
     h = hashlib.sha256()
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.suffix not in MODEL_FILES:
-            continue
-        st = path.stat()
-        h.update(path.name.encode() + b"\0")
-        if st.st_size <= HASH_LIMIT:
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-        else:
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        if path.is_file() and not path.name.startswith(".") and path.suffix in MODEL_FILES:
+            _add_file(h, path)
     return h.hexdigest()
+
+
+def files_digest(paths: list[Path]) -> str:
+    """What the databases a vote or retry runs candidates on hold."""
+    h = hashlib.sha256()
+    for path in sorted({Path(p).resolve() for p in paths}):
+        _add_file(h, path)
+    return h.hexdigest()
+
+
+def _add_file(h, path: Path) -> None:
+    """A file's name and content into the digest; a file over HASH_LIMIT (weights) by its size and mtime."""
+    st = path.stat()
+    h.update(path.name.encode() + b"\0")
+    if st.st_size <= HASH_LIMIT:
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    else:
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
 
 
 def records_digest(records: list[dict]) -> str:
@@ -188,13 +200,19 @@ def _meta_of(path: Path) -> dict | None:
 
 
 def _identity(meta: dict | None) -> dict | None:
-    return None if meta is None else {k: v for k, v in meta.items() if k != "about"}
+    """The settings that decide the output. An option added since a meta was written is absent from it and read
+    as its default (a new option's default keeps the old behaviour), so adding one does not end every resume."""
+    if meta is None:
+        return None
+    defaults = {k: v for k, v in to_dict(PredictConfig()).items() if k not in NOT_IDENTITY}
+    return {**defaults, **{k: v for k, v in meta.items() if k != "about"}}
 
 
 def _differences(old: dict | None, new: dict) -> str:
     if old is None:
         return "it has no readable meta file"
-    names = {"model_sha256": "model", "adapter_sha256": "adapter", "records_sha256": "records"}
+    names = {"model_sha256": "model", "adapter_sha256": "adapter", "records_sha256": "records",
+             "databases_sha256": "databases"}
     keys = [names.get(k, k) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     return "different " + ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
 
@@ -550,6 +568,7 @@ def predict(cfg: PredictConfig) -> dict:
     meta = {**{k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}, "history": mode,
             "records": len(records), "records_sha256": records_digest(records), "model_sha256": folder_digest(model),
             "adapter_sha256": folder_digest(adapter) if adapter else None,
+            **({"databases_sha256": files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
             "about": {"dataset": cfg.dataset, "model": str(model.resolve()),
                       "adapter": str(adapter.resolve()) if adapter else "",
                       "training_record": str(where.resolve()) if where else ""}}
@@ -566,8 +585,19 @@ def predict(cfg: PredictConfig) -> dict:
             speed = _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, adapter, part_raw,
                               part_meta, meta, encode_prompt)
             figures = {"examples_per_s": speed.pop("examples_per_s"), **figures, **speed}  # the headline speed
+            figures.update(output_totals(list(read_jsonl(part_raw)), bool(dbs)))
         publish(out)
     return figures
+
+
+def output_totals(rows: list[dict], voted: bool) -> dict:
+    """Figures of the whole output, earlier sessions of a resumed run included: prompts cut, new tokens and, with a
+    vote, the questions where no candidate ran (the greedy answer was written)."""
+    totals = {"prompts_cut": sum(bool(r.get("prompt_cut")) for r in rows),
+              "new_tokens": sum(r.get("new_tokens") or 0 for r in rows)}
+    if voted:
+        totals["no_candidate_ran"] = sum(bool((r.get("vote") or {}).get("fallback")) for r in rows)
+    return totals
 
 
 def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, adapter, part_raw, part_meta, meta,
@@ -580,7 +610,7 @@ def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, ad
     answers: dict[int, str] = {}
     if predicted:  # earlier turns of the interaction being continued are already answered
         answers = {row["index"]: row["sql"] for row in read_jsonl(part_raw)} if done else {}
-    new_tokens = generated = cut_count = fallbacks = 0
+    new_tokens = generated = 0
     fresh = done == 0
     executor = None
     if dbs:
@@ -605,8 +635,6 @@ def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, ad
                                "raw": res["raw"], "sql": res["sql"], "prompt_tokens": len(ids), "prompt_cut": cut,
                                "new_tokens": res["new_tokens"], **({"vote": res["vote"]} if "vote" in res else {})}
                     new_tokens += res["new_tokens"]
-                    cut_count += cut
-                    fallbacks += bool(res.get("vote", {}).get("fallback"))
             if fresh:  # the first batch is ready: only now are the files of an earlier partial run replaced
                 part_raw.unlink(missing_ok=True)
                 write_json(part_meta, meta)
@@ -620,9 +648,5 @@ def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, ad
         if executor is not None:
             executor.close()
     elapsed = max(time.perf_counter() - start, 1e-9)
-    figures = {"examples_per_s": round(generated / elapsed, 3), "generated": generated, "prompts_cut": cut_count,
-               "new_tokens": new_tokens, "generation_s": round(elapsed, 2),
-               "tokens_per_s": round(new_tokens / elapsed, 1)}
-    if dbs:  # questions where no candidate ran, so the greedy answer was written
-        figures["no_candidate_ran"] = fallbacks
-    return figures
+    return {"examples_per_s": round(generated / elapsed, 3), "generated": generated, "generation_s": round(elapsed, 2),
+            "tokens_per_s": round(new_tokens / elapsed, 1)}  # this session's speed; predict adds the totals
