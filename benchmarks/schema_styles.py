@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spider_dev import ROOT, command_line, dev_db_dir, recipe, run_stage, sample_split  # noqa: E402
+from sqltune.io import read_jsonl  # noqa: E402
+from spider_dev import ROOT, command_line, dev_db_dir, devsample_evaluation, recipe, run_stage, sample_split  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "--splits", "dev"], log, env)
         db_dir = dev_db_dir(data)
         if chosen is None:  # the same questions for every style (dev records keep the source order)
-            dev = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
+            dev = list(read_jsonl(data / "spider_dev.jsonl"))
             eligible = [i for i, r in enumerate(dev) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]
             chosen = sorted(random.Random(a.seed).sample(eligible, a.dev_sample)) \
                 if 0 < a.dev_sample < len(eligible) else eligible
@@ -65,12 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "--max_new_tokens", str(a.max_new_tokens), "--batch_size",
                                        str(a.batch_size), "--dtype", a.predict_dtype], log, env)
         report = out / style.replace("+", "_") / "eval"
-        run_stage(f"evaluate_{style}", ["evaluate", "--pred", str(pred), "--gold",
-                                        str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir),
-                                        "--tables", str(Path(a.spider) / "tables.json"), "--report", str(report),
-                                        "--quiet"], log, env)
+        run_stage(f"evaluate_{style}", ["evaluate", "--pred", str(pred), "--report", str(report), "--quiet"]
+                  + devsample_evaluation(data), log, env)
         metrics = json.loads((report / "metrics.json").read_text())
-        raw = [json.loads(line) for line in pred.with_name(pred.name + ".raw.jsonl").read_text().splitlines()]
+        raw = list(read_jsonl(pred.with_name(pred.name + ".raw.jsonl")))
         rows.append({"style": style, "count": metrics["count"], "ex": metrics["ex"], "em": metrics["em"],
                      "mean_prompt_tokens": round(sum(r["prompt_tokens"] for r in raw) / max(1, len(raw)), 1),
                      "prompts_cut": sum(bool(r.get("prompt_cut")) for r in raw)})

@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from sqltune.io import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "spider_qwen05.yaml"
 LEVELS = ("easy", "medium", "hard", "extra", "all")
@@ -80,17 +82,24 @@ def run_stage(label: str, args: list[str], log: dict, env: dict) -> dict:
     return log[label]
 
 
+def lines_of(path: Path) -> list[str]:
+    """A file's lines split on "\\n" alone, as the evaluator reads them: a U+2028 or NEL inside a question or a
+    string literal is text, where str.splitlines() would end the line there."""
+    text = path.read_text(encoding="utf-8")
+    return text[:-1].split("\n") if text.endswith("\n") else text.split("\n") if text else []
+
+
 def sample_split(data: Path, source: str, name: str, indices: list[int], with_gold: bool) -> None:
     """Write a registered subset of a prepared split (records and, for dev, the gold lines)."""
     from sqltune.data.registry import lookup, register
 
     entry = lookup(data, source)
-    rows = Path(entry["file_name"]).read_text().splitlines()
+    rows = lines_of(Path(entry["file_name"]))
     (data / f"{name}.jsonl").write_text("".join(rows[i] + "\n" for i in indices))
     new = {k: v for k, v in entry.items() if k not in ("file_name", "gold", "dropped_failing_gold")}
     new.update(file_name=data / f"{name}.jsonl", records=len(indices))
     if with_gold:
-        gold = Path(entry["gold"]).read_text().splitlines()
+        gold = lines_of(Path(entry["gold"]))
         (data / f"{name}_gold.sql").write_text("".join(gold[i] + "\n" for i in indices))
         new["gold"] = data / f"{name}_gold.sql"
     register(data, name, new)
@@ -135,15 +144,21 @@ def recipe_train_settings(lora_rank: int) -> list[str]:
 
 
 def dev_db_dir(data: Path) -> Path:
-    """The databases of the prepared Spider dev split (the registry may hold a path relative to `data`)."""
-    db_dir = Path(json.loads((data / "dataset_info.json").read_text())["spider_dev"]["db_dir"])
-    return db_dir if db_dir.is_absolute() else data / db_dir
+    """The databases of the prepared Spider dev split."""
+    return _registered(data, "db_dir")
 
 
-def devsample_evaluation(data: Path, db_dir: Path, spider: str) -> list[str]:
-    """`sqltune evaluate` arguments (all but --pred and --report) for the sampled dev questions."""
-    return ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(db_dir), "--tables",
-            str(Path(spider) / "tables.json"), "--questions", str(data / "spider_devsample.jsonl")]
+def _registered(data: Path, key: str) -> Path:
+    """A path the registry of `data` holds for the Spider dev split (it may be relative to `data`)."""
+    path = Path(json.loads((data / "dataset_info.json").read_text())["spider_dev"][key])
+    return path if path.is_absolute() else data / path
+
+
+def devsample_evaluation(data: Path) -> list[str]:
+    """`sqltune evaluate` arguments (all but --pred and --report) for the sampled dev questions, with the databases
+    and tables.json the run was prepared from."""
+    return ["--gold", str(data / "spider_devsample_gold.sql"), "--db_dir", str(dev_db_dir(data)), "--tables",
+            str(_registered(data, "tables")), "--questions", str(data / "spider_devsample.jsonl")]
 
 
 def model_folder(model: str) -> Path:
@@ -228,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                  if a.max_prompt_tokens else [])
               + (["--drop_failing_gold"] if a.drop_failing_gold else []), log, env)
     registry = json.loads((data / "dataset_info.json").read_text())
-    dev_rows = [json.loads(line) for line in (data / "spider_dev.jsonl").read_text().splitlines()]
+    dev_rows = list(read_jsonl(data / "spider_dev.jsonl"))
     db_dir = dev_db_dir(data)
     eligible = [i for i, r in enumerate(dev_rows) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]
     rng = random.Random(a.seed)
     dev_idx = sorted(rng.sample(eligible, a.dev_sample)) if 0 < a.dev_sample < len(eligible) else eligible
-    n_train = len((data / "spider_train.jsonl").read_text().splitlines())
+    n_train = len(list(read_jsonl(data / "spider_train.jsonl")))
     train_idx = sorted(random.Random(a.seed + 1).sample(range(n_train), min(a.train_examples, n_train)))
     sample_split(data, "spider_dev", "spider_devsample", dev_idx, with_gold=True)
     sample_split(data, "spider_train", "spider_trainsample", train_idx, with_gold=False)
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     voting = ["--batch_size", str(a.vote_batch_size), "--num_samples", str(a.num_samples), "--vote", "execution",
               "--temperature", str(a.temperature), "--top_p", str(a.top_p), "--seed", str(a.seed)]
     voting += ["--prefer_rows"] if a.prefer_rows else []
-    evaluate = devsample_evaluation(data, db_dir, a.spider)
+    evaluate = devsample_evaluation(data)
     n = a.num_samples
     arms = [("base", "base greedy", "base", greedy)]
     if n and a.base_vote:
@@ -277,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "--quiet"] + evaluate, log, env)
         run_stage(f"evaluate_{label}_plug", ["evaluate", "--pred", str(pred), "--plug_value", "--quiet", "--report",
                                              str(out / f"eval_{label}_plug")] + evaluate, log, env)
-        raw = [json.loads(line) for line in (out / f"{label}.sql.raw.jsonl").read_text().splitlines()]
+        raw = list(read_jsonl(out / f"{label}.sql.raw.jsonl"))
         r = results[label] = {
             "name": name, "model": which, "decoding": f"vote@{n}" if how is voting else "greedy",
             "table": table(json.loads((out / f"eval_{label}" / "metrics.json").read_text())),

@@ -52,12 +52,34 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
     assert (out / "ex_by_hardness.png").read_bytes().startswith(PNG)
     assert len((out / "dev_questions.txt").read_text().split()) == 6
     # benchmarks/vote_rules.py re-votes the stored candidates: the count rule gives the stored answers again
-    assert vote_rules.main(["--run", str(out), "--arm", "finetuned_vote2", "--spider", str(demo_dir)]) == 0
+    assert vote_rules.main(["--run", str(out), "--arm", "finetuned_vote2"]) == 0
     rules = json.loads((out / "vote_rules" / "results.json").read_text())
     assert set(rules["rules"]) == {"count", "prefer_rows"} and rules["rules"]["count"]["changed_answers"] == 0
     assert rules["rules"]["count"]["ex"] == results["results"]["finetuned_vote2"]["table"]["all"]["ex"]
+    assert rules["stored_rule"] == "count"
     with pytest.raises(SystemExit, match="base.sql.raw.jsonl is no execution vote"):
-        vote_rules.main(["--run", str(out), "--arm", "base", "--spider", str(demo_dir)])
+        vote_rules.main(["--run", str(out), "--arm", "base"])
+    _stored_under_prefer_rows(out, "finetuned_vote2")
+    assert vote_rules.main(["--run", str(out), "--arm", "finetuned_vote2"]) == 0
+    rules = json.loads((out / "vote_rules" / "results.json").read_text())
+    assert rules["stored_rule"] == "prefer_rows" and rules["rules"]["prefer_rows"]["changed_answers"] == 0
+
+
+def _stored_under_prefer_rows(run: Path, arm: str) -> None:
+    """Make the run's vote arm look as if spider_dev.py --prefer_rows had voted it: records, answers, evaluation.
+
+    Pins vote_rules reading the stored rule from the records: it used to take every stored vote for a `count` vote,
+    so a --prefer_rows run's figures came out against the wrong rule (its own showing no change at all, the count
+    rule flagged as not reproducing)."""
+    raw = run / f"{arm}.sql.raw.jsonl"
+    records = [json.loads(line) for line in raw.read_text().splitlines()]
+    answers = (run / "vote_rules" / f"{arm}_prefer_rows.sql").read_text().splitlines()
+    for rec, sql in zip(records, answers):
+        rec["sql"], rec["vote"]["prefer_rows"] = sql, True
+    raw.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / f"{arm}.sql").write_text("".join(a + "\n" for a in answers))
+    (run / f"eval_{arm}" / "per_example.jsonl").write_text(
+        (run / "vote_rules" / "eval_prefer_rows" / "per_example.jsonl").read_text())
 
 
 def _summary(arms: list[tuple[str, str, bool]]) -> dict:
@@ -171,3 +193,21 @@ def test_train_settings_without_options_follow_the_recipe():
     half = dict(zip(*[iter(spider_dev.recipe_train_settings(train["lora_rank"] // 2))] * 2))
     assert float(half["--lora_alpha"]) == train["lora_alpha"] / 2
     assert spider_dev.build_parser().parse_args([]).schedule_to_budget == bool(train.get("schedule_to_budget", False))
+
+
+def test_sample_split_keeps_lines_with_unicode_line_separators(tmp_path):
+    """Pins: sample_split read records and gold with str.splitlines(), which also ends a line at U+2028 or NEL; a
+    question or literal holding one shifted every later record (the evaluator splits on "\\n" alone)."""
+    from sqltune.data.registry import register
+
+    rows = [{"db_id": "d", "input": f"question {i}" + ("\u2028two lines\x85" if i == 0 else "")} for i in range(3)]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                        encoding="utf-8")
+    gold = ["SELECT 'a\u2028b'\td", "SELECT 1\td", "SELECT 2\td"]
+    (tmp_path / "gold.sql").write_text("".join(g + "\n" for g in gold), encoding="utf-8")
+    register(tmp_path, "spider_dev", {"file_name": tmp_path / "dev.jsonl", "gold": tmp_path / "gold.sql",
+                                      "records": 3})
+    spider_dev.sample_split(tmp_path, "spider_dev", "spider_devsample", [0, 2], with_gold=True)
+    sampled = [json.loads(line) for line in (tmp_path / "spider_devsample.jsonl").read_text("utf-8").split("\n")[:-1]]
+    assert sampled == [rows[0], rows[2]]
+    assert (tmp_path / "spider_devsample_gold.sql").read_text("utf-8") == gold[0] + "\n" + gold[2] + "\n"
