@@ -46,7 +46,7 @@ def test_stage_command_reads_a_run_recipe(capsys):
                  "--print_config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model_name_or_path"] == "qwen2.5-coder-0.5b-instruct"
-    assert cfg["template"] == "chatml" and cfg["max_source_length"] == 512
+    assert cfg["template"] == "chatml" and cfg["max_source_length"] == 768
     assert cfg["learning_rate"] == 1e-4 and cfg["lora_rank"] == 16
     assert cfg["dataset"] == "spider_train"
 

@@ -33,7 +33,7 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
     assert results["arms"] == ["base", "base_vote2", "finetuned", "finetuned_vote2"]
     assert results["dev_questions"] == 6 and results["train_examples"] == 8
     assert results["schema_style"] == "ddl+rows" and results["lora_target"] == "q_proj,v_proj"
-    assert results["sample_rows"] == 1 and results["max_prompt_tokens"] == 0
+    assert results["sample_rows"] == 1 and results["max_prompt_tokens"] == 680  # the recipe's, in the tiny tokenizer
     assert "/* 1 example rows from" in (out / "data" / "spider_devsample.jsonl").read_text()
     assert isinstance(results["train_dropped_failing_gold"], int)  # the recipe drops failing gold
     registry = json.loads((out / "data" / "dataset_info.json").read_text())
