@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sqltune.io import read_jsonl  # noqa: E402
-from spider_dev import ROOT, command_line, dev_db_dir, devsample_evaluation, recipe, run_stage, sample_split  # noqa: E402
+from spider_dev import (  # noqa: E402
+    ROOT, command_line, dev_db_dir, devsample_evaluation, recipe, run_stage, sample_split)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,24 +82,18 @@ def run_stage(label: str, args: list[str], log: dict, env: dict) -> dict:
     return log[label]
 
 
-def lines_of(path: Path) -> list[str]:
-    """A file's lines split on "\\n" alone, as the evaluator reads them: a U+2028 or NEL inside a question or a
-    string literal is text, where str.splitlines() would end the line there."""
-    text = path.read_text(encoding="utf-8")
-    return text[:-1].split("\n") if text.endswith("\n") else text.split("\n") if text else []
-
-
 def sample_split(data: Path, source: str, name: str, indices: list[int], with_gold: bool) -> None:
     """Write a registered subset of a prepared split (records and, for dev, the gold lines)."""
     from sqltune.data.registry import lookup, register
+    from sqltune.eval.evaluate import read_lines  # split on "\n" alone, as the evaluator reads
 
     entry = lookup(data, source)
-    rows = lines_of(Path(entry["file_name"]))
+    rows = read_lines(entry["file_name"], "records")
     (data / f"{name}.jsonl").write_text("".join(rows[i] + "\n" for i in indices))
     new = {k: v for k, v in entry.items() if k not in ("file_name", "gold", "dropped_failing_gold")}
     new.update(file_name=data / f"{name}.jsonl", records=len(indices))
     if with_gold:
-        gold = lines_of(Path(entry["gold"]))
+        gold = read_lines(entry["gold"], "gold")
         (data / f"{name}_gold.sql").write_text("".join(gold[i] + "\n" for i in indices))
         new["gold"] = data / f"{name}_gold.sql"
     register(data, name, new)
@@ -224,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sqltune.infer.predict import output_totals
+
     p = build_parser()
     a = p.parse_args(argv)
     if a.num_samples == 1 or a.num_samples < 0:
@@ -297,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             "name": name, "model": which, "decoding": f"vote@{n}" if how is voting else "greedy",
             "table": table(json.loads((out / f"eval_{label}" / "metrics.json").read_text())),
             "plug_value_ex": json.loads((out / f"eval_{label}_plug" / "metrics.json").read_text())["ex"],
-            "new_tokens": sum(x["new_tokens"] for x in raw), "prompts_cut": sum(x["prompt_cut"] for x in raw),
+            **output_totals(raw, voted=False),  # new_tokens, prompts_cut
             "wall_s": stage["wall_s"], "peak_rss_mb": stage["peak_rss_mb"],
             "examples_per_s": round(len(dev_idx) / max(stage["wall_s"], 1e-9), 3)}
         r["generation_tokens_per_s"] = round(r["new_tokens"] / max(stage["wall_s"], 1e-9), 1)

@@ -26,8 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sqltune.eval.evaluate import read_lines  # noqa: E402
 from sqltune.io import read_jsonl  # noqa: E402
-from spider_dev import command_line, dev_db_dir, devsample_evaluation, lines_of, run_stage  # noqa: E402
+from spider_dev import command_line, dev_db_dir, devsample_evaluation, run_stage  # noqa: E402
 
 RULES = {"count": False, "prefer_rows": True}
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     db_dir = dev_db_dir(data)
     out = run / "vote_rules"
     out.mkdir(exist_ok=True)
-    stored = lines_of(run / f"{a.arm}.sql")
+    stored = read_lines(run / f"{a.arm}.sql", "predictions")
     evaluate = devsample_evaluation(data) + ["--quiet"]
     env = {**os.environ, "SQLTUNE_RUNS_DIR": str(out / "runs")}
     log: dict = {}
@@ -86,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     stored_ex = [r["ex"] for r in read_jsonl(run / f"eval_{a.arm}" / "per_example.jsonl")]
     for rule, prefer_rows in RULES.items():
         pred = out / f"{a.arm}_{rule}.sql"
-        text = sql_text(revote(raw, db_dir, prefer_rows))
-        pred.write_text(text)
-        changed = sum(x != y for x, y in zip(lines_of(pred), stored))
+        pred.write_text(sql_text(revote(raw, db_dir, prefer_rows)))
+        changed = sum(x != y for x, y in zip(read_lines(pred, "predictions"), stored))
         run_stage(f"evaluate_{rule}", ["evaluate", "--pred", str(pred), "--report", str(out / f"eval_{rule}")]
                   + evaluate, log, env)
         ex = [r["ex"] for r in read_jsonl(out / f"eval_{rule}" / "per_example.jsonl")]
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {rule:12s} EX {r['ex']:.3f}  ({r['right']} right; {r['changed_answers']} answers differ from the "
               f"stored vote: {r['gained']} turned right, {r['lost']} turned wrong)")
     summary = {"command": command_line("vote_rules.py", argv), "run": str(run), "arm": a.arm,
-               "questions": len(raw), "stored_rule": rule_used, "stored_ex": round(sum(stored_ex) / len(stored_ex), 4), "rules": per_rule}
+               "questions": len(raw), "stored_rule": rule_used, "stored_ex": round(sum(stored_ex) / len(stored_ex), 4),
+               "rules": per_rule}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -173,7 +173,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         history = "gold" if split == "train" else cfg.history
         records, cut, fewer_rows, over = [], 0, 0, 0
         rows_asked = cfg.sample_rows if cfg.schema_style in ROW_STYLES else 0
-        fitted: dict[tuple[str, str], tuple[list[str], bool, bool]] = {}
+        fitted: dict[tuple[str, str], tuple[list[str], bool, bool, bool]] = {}  # blocks, fewer rows, cut, over
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
         dropped = None
         if cfg.drop_failing_gold and split == "train":
@@ -191,12 +191,13 @@ def prepare(cfg: PrepareConfig) -> dict:
             else:
                 key = (ex.db_id, ex.evidence)  # the fit depends on the database and the evidence beside it alone
                 if key not in fitted:
-                    fitted[key] = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
-                                                   cfg.max_prompt_tokens, count, ex.evidence)
-                blocks, fewer, was_cut = fitted[key]
+                    blocks, fewer, was_cut = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
+                                                              cfg.max_prompt_tokens, count, ex.evidence)
+                    fitted[key] = blocks, fewer, was_cut, not fits(blocks, cfg.max_prompt_tokens, count, ex.evidence)
+                blocks, fewer, was_cut, too_long = fitted[key]
                 cut += was_cut
                 fewer_rows += fewer
-                over += not fits(blocks, cfg.max_prompt_tokens, count, ex.evidence)
+                over += too_long
             if ex.interaction >= 0:
                 records.append(make_turn_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.interaction,
                                                 ex.turn, history))
