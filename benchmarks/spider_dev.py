@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefer_rows", action=argparse.BooleanOptionalAction, default=bool(pred.get("prefer_rows")),
                    help="vote arms: a result with rows beats any empty result (default: the recipe's)")
     p.add_argument("--base_vote", action="store_true", help="also run the base model with vote@N")
+    p.add_argument("--base_after", action="store_true",
+                   help="run the base arms after the tuned ones (a slow model's tuned figures come first; the table "
+                        "keeps base first)")
     p.add_argument("--predict_dtype", default=pred.get("dtype", "auto"),
                    help="predict --dtype: auto, float32 or bfloat16 (default: the recipe's)")
     p.add_argument("--lora_rank", type=int, default=train.get("lora_rank", 16))
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         arms.append((f"finetuned_vote{n}", f"tuned vote@{n}", "tuned", voting))
     models = {"base": a.model}
     results: dict = {}
-    for label, name, which, how in arms:
+    order = sorted(arms, key=lambda arm: arm[2] == "base") if a.base_after else arms
+    for label, name, which, how in order:
         if which not in models:
             run_stage("train", ["train", "--model_name_or_path", a.model, "--dataset", "spider_trainsample",
                                 "--output_dir", str(out / "adapter"), "--overwrite_output_dir",
@@ -300,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         if how is voting:
             r["vote"] = vote_figures(raw)
         write_partial(out, results, log)
+    results = {label: results[label] for label, *_ in arms}
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
     summary = {"command": command_line("spider_dev.py", argv),
                "model": a.model, "schema_style": a.schema_style, "sample_rows": a.sample_rows,
