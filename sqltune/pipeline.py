@@ -10,8 +10,10 @@ The YAML has one section per stage (the same fields as the stage's own command) 
 
 Paths between stages are filled in by the run (prepared data, adapter, merged model, predictions, reports all
 live in the run folder). A stage's identity is its own settings (paths resolved, execution-only switches such as
-resume/overwrite left out) plus the identities of everything it reads: prepared data -> adapter -> merged model ->
-predictions -> evaluation. A stage whose identity is unchanged is skipped; any change reruns it and everything
+resume/overwrite left out), the content of what it reads from outside the run folder (source data, base model
+folder, databases: files by content, those over 64 MB by size and modification time), plus the identities of
+everything it reads from earlier stages: prepared data -> adapter -> merged model -> predictions -> evaluation.
+A stage whose identity is unchanged is skipped; any change reruns it and everything
 downstream (`--force` reruns all). So `sqltune run` on the same file continues the latest unfinished run of that
 recipe where it stopped (`--new` starts afresh, `--run_dir DIR` picks a folder). Every stage writes a trace span
 (see `sqltune trace`).
@@ -37,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from sqltune.config import RUN_KEYS, _coerce, build, field_name, load_yaml, recipe_values
+from sqltune.digest import tree_digest
 from sqltune.errors import SqltuneError
 from sqltune.io import atomic_write, write_json
 from sqltune.stages import ORDER, STAGES
@@ -151,6 +154,9 @@ _EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet", "work
 _PATHS = {"data_dir", "out", "dataset_dir", "output_dir", "deepspeed", "adapter", "pred", "gold", "db_dir", "tables",
           "report", "questions", "difficulty"}
 _MAYBE_PATHS = {"model_name_or_path", "tokenizer"}  # a folder, or a catalog / hub name
+# What a stage reads from outside the run folder: its identity holds what they contain, not only where they are.
+_INPUTS = {"data_dir", "tokenizer", "model_name_or_path", "adapter", "dataset_dir", "db_dir", "tables", "gold",
+           "questions", "difficulty", "deepspeed"}
 
 
 def _settled(key: str, value):
@@ -161,11 +167,25 @@ def _settled(key: str, value):
     return value
 
 
-def identity(cfg, reads: list[str] = ()) -> str:
-    """A stage's own settings plus the identities of what it reads (upstream stages)."""
+def identity(cfg, reads: list[str] = (), run: Path | None = None) -> str:
+    """A stage's own settings, the identities of what it reads from upstream stages, and the content of what it
+    reads from outside the run folder (source data, a base model folder, databases), so that a file changed in
+    place under the same path reruns the stage. Paths inside `run` are upstream outputs, covered by `reads`."""
     settings = {k: _settled(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_ONLY}
-    blob = json.dumps({"settings": settings, "reads": list(reads)}, sort_keys=True, default=str)
+    contents = {k: outside_content(v, run) for k, v in settings.items() if k in _INPUTS}
+    blob = json.dumps({"settings": settings, "reads": list(reads),
+                       "contents": {k: v for k, v in contents.items() if v}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def outside_content(value, run: Path | None) -> str | None:
+    """The digest of an existing file or folder outside the run folder (None for anything else: a catalog or hub
+    name, an unset option, an output of an earlier stage)."""
+    if not isinstance(value, str) or not value or not os.path.isabs(value) or not os.path.exists(value):
+        return None
+    if run is not None and Path(value).is_relative_to(Path(os.path.realpath(run))):
+        return None
+    return tree_digest(Path(value))
 
 
 def _marker(path: Path) -> dict:
@@ -188,7 +208,7 @@ def run_step(run: Path, label: str, cfg, reads: list[str], force: bool, continui
     An attempt of the same identity that did not finish is continued (`continuing` changes the config, e.g.
     resume=True); any other attempt starts afresh (`fresh`, e.g. overwrite=True: old outputs are of another run)."""
     done_path, started_path = run / ".done" / f"{label}.json", run / ".done" / f"{label}.started.json"
-    ident = identity(cfg, reads)
+    ident = identity(cfg, reads, run)
     done = _marker(done_path)
     if not force and done.get("identity") == ident:
         print(f"[{label}] done already with these settings and inputs: skipped (--force reruns it)")

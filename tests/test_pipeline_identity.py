@@ -191,6 +191,50 @@ def test_train_resumes_its_checkpoint_when_nothing_changed(recipe, tmp_path, cal
     assert set(ran(run, calls).values()) == {"skipped"}
 
 
+def test_source_data_changed_in_place_reruns_every_stage(tmp_path, calls, demo_dir):
+    """Pins: the identity held the data folder's path only, so after a question or gold query of dev.json was
+    corrected in place, `sqltune run` skipped prepare and every later stage and printed the old EX as current."""
+    import shutil
+
+    data = tmp_path / "spider"
+    shutil.copytree(demo_dir, data)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nmodel_name_or_path: some-base-model\ntemplate: chatml\n"
+                      f"prepare: {{source: spider, data_dir: {data}, name: demo}}\ntrain: {{max_steps: 2}}\n")
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    ran(run, calls)
+    dev = json.loads((data / "dev.json").read_text())
+    dev[0]["query"] = dev[0]["query"] + " "  # same path, same size class: only the content differs
+    (data / "dev.json").write_text(json.dumps(dev))
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert set(ran(run, calls).values()) == {"ok"}
+    (data / ".cache").mkdir()  # hidden files (locks, caches) are not the data
+    (data / ".cache" / "x").write_text("x")
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert set(ran(run, calls).values()) == {"skipped"}
+
+
+def test_base_model_folder_changed_in_place_reruns_what_read_it(tmp_path, calls, demo_dir):
+    """Pins: a base model folder rewritten in place (re-converted, another checkpoint copied over it) kept its
+    path, so `sqltune run` reused the adapter trained on the old weights and the old base predictions."""
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (base / "config.json").write_text('{"v": 1}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\ncompare_base: true\nmodel_name_or_path: {base}\ntemplate: chatml\n"
+                      f"prepare: {{source: spider, data_dir: {demo_dir}, name: demo}}\ntrain: {{max_steps: 2}}\n")
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    ran(run, calls)
+    (base / "config.json").write_text('{"v": 2}')
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    status = ran(run, calls)
+    assert status.pop("prepare") == "skipped" and set(status.values()) == {"ok"}
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert set(ran(run, calls).values()) == {"skipped"}
+
+
 def test_same_folder_relative_or_absolute_is_the_same_run(recipe, tmp_path, calls, monkeypatch, demo_dir):
     """Pins: `--run_dir runs/x` then `--run_dir /abs/runs/x` reran every stage (then failed at predict); the same
     holds for a data folder spelled both ways in the recipe."""

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sqltune import digest
 from sqltune.config import PredictConfig, to_dict
 from sqltune.data.registry import lookup
 from sqltune.errors import SqltuneError
@@ -57,7 +58,6 @@ from sqltune.io import append_once, atomic_write, read_json, read_jsonl, write_j
 TRAIN_RECORD = "sqltune_train.yaml"  # written by sqltune.train.sft next to the adapter or full model
 MERGE_RECORD = "sqltune_merge.json"  # written by sqltune.infer.merge: which adapter a merged model holds
 DEFAULT_LENGTH = 1024
-HASH_LIMIT = 64 << 20  # files up to this size are digested by content, bigger ones (weights) by size and mtime
 MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".py", ".yaml", ".gguf", ".pt")
 NOT_IDENTITY = {"model_name_or_path", "adapter", "dataset", "dataset_dir", "out", "batch_size", "overwrite",
                 "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization"}
@@ -76,29 +76,7 @@ def partial_of(out: Path) -> Path:
 # ------------------------------------------------------------------------------------------- identity
 def folder_digest(folder: Path) -> str:
     """What a model or adapter folder holds, independent of how its path is spelled."""
-    h = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix in MODEL_FILES:
-            _add_file(h, path)
-    return h.hexdigest()
-
-
-def files_digest(paths: list[Path]) -> str:
-    """What the databases a vote or retry runs candidates on hold."""
-    h = hashlib.sha256()
-    for path in sorted({Path(p).resolve() for p in paths}):
-        _add_file(h, path)
-    return h.hexdigest()
-
-
-def _add_file(h, path: Path) -> None:
-    """A file's name and content into the digest; a file over HASH_LIMIT (weights) by its size and mtime."""
-    st = path.stat()
-    h.update(path.name.encode() + b"\0")
-    if st.st_size <= HASH_LIMIT:
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    else:
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.folder_digest(folder, MODEL_FILES)
 
 
 def records_digest(records: list[dict]) -> str:
@@ -568,7 +546,7 @@ def predict(cfg: PredictConfig) -> dict:
     meta = {**{k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}, "history": mode,
             "records": len(records), "records_sha256": records_digest(records), "model_sha256": folder_digest(model),
             "adapter_sha256": folder_digest(adapter) if adapter else None,
-            **({"databases_sha256": files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
+            **({"databases_sha256": digest.files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
             "about": {"dataset": cfg.dataset, "model": str(model.resolve()),
                       "adapter": str(adapter.resolve()) if adapter else "",
                       "training_record": str(where.resolve()) if where else ""}}
