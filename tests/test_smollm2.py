@@ -73,6 +73,26 @@ def test_catalog_installs_only_pinned_wheels(monkeypatch, capsys):
         assert len(sha) == 64 and int(sha, 16) >= 0
 
 
+def test_every_catalog_entry_names_its_parts_in_its_packages():
+    """Pins the catalog's shape for entries no test fetches (the 1.5B model's 22 wheels are 1.1 GB): each part lies
+    in one of the entry's own packages, every package holds a part, parts are in order, pins are sha256 digests."""
+    import re
+
+    from sqltune.catalog import ALIASES
+
+    for name, model in CATALOG.items():
+        assert model.name == name and len(model.sha256) == 64 and model.size > 0
+        imports = [imp for _, _, imp, _ in model.packages]
+        assert len(set(imports)) == len(imports) == len(model.parts)
+        assert [part.split("/", 1)[0] for part in model.parts] == imports
+        numbers = [int(n) for part in model.parts for n in re.findall(r"part(\d+)\.bin$", part)]
+        assert numbers in ([], list(range(1, len(model.parts) + 1)))
+        for pip, version, imp, sha in model.packages:
+            assert pip.replace("-", "_") == imp and version and re.fullmatch(r"[0-9a-f]{64}", sha)
+    assert ALIASES["qwen1.5b"] == "qwen2.5-coder-1.5b-instruct"
+    assert all(target in CATALOG for target in ALIASES.values())
+
+
 def test_sparc_recipe_runs_end_to_end(tmp_path):
     """Issue #14 §2: the multi-turn path on real SParC dev with SmolLM2 (configs/sparc_smollm2.yaml): prepare the
     dev split only, predict the first interactions turn by turn with predicted history, evaluate question and

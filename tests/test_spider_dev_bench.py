@@ -28,9 +28,12 @@ def test_every_arm_on_the_tiny_model(demo_dir, tiny_model, tmp_path):
                             "--num_samples", "2", "--vote_batch_size", "6", "--base_vote", "--schema_style", "ddl+rows",
                             "--sample_rows", "1",
                             "--lora_target", "q_proj,v_proj", "--no-bf16", "--predict_dtype", "auto",
-                            "--out", str(out)]) == 0
+                            "--base_after", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["arms"] == ["base", "base_vote2", "finetuned", "finetuned_vote2"]
+    assert list(results["results"]) == results["arms"]  # --base_after: the tuned arms ran first, listed as usual
+    predicts = [k for k in results["stages"] if k.startswith("predict_")]
+    assert predicts == ["predict_finetuned", "predict_finetuned_vote2", "predict_base", "predict_base_vote2"]
     assert results["dev_questions"] == 6 and results["train_examples"] == 8
     assert results["schema_style"] == "ddl+rows" and results["lora_target"] == "q_proj,v_proj"
     assert results["sample_rows"] == 1 and results["max_prompt_tokens"] == 680  # the recipe's, in the tiny tokenizer
