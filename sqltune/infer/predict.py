@@ -48,9 +48,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sqltune import digest
 from sqltune.config import PredictConfig, to_dict
 from sqltune.data.registry import lookup
+from sqltune.digest import files_digest, folder_digest as files_in_folder_digest
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
 from sqltune.io import append_once, atomic_write, read_json, read_jsonl, write_json
@@ -76,7 +76,7 @@ def partial_of(out: Path) -> Path:
 # ------------------------------------------------------------------------------------------- identity
 def folder_digest(folder: Path) -> str:
     """What a model or adapter folder holds, independent of how its path is spelled."""
-    return digest.folder_digest(folder, MODEL_FILES)
+    return files_in_folder_digest(folder, MODEL_FILES)
 
 
 def records_digest(records: list[dict]) -> str:
@@ -546,7 +546,7 @@ def predict(cfg: PredictConfig) -> dict:
     meta = {**{k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}, "history": mode,
             "records": len(records), "records_sha256": records_digest(records), "model_sha256": folder_digest(model),
             "adapter_sha256": folder_digest(adapter) if adapter else None,
-            **({"databases_sha256": digest.files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
+            **({"databases_sha256": files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
             "about": {"dataset": cfg.dataset, "model": str(model.resolve()),
                       "adapter": str(adapter.resolve()) if adapter else "",
                       "training_record": str(where.resolve()) if where else ""}}
