@@ -198,21 +198,14 @@ def test_source_data_changed_in_place_reruns_every_stage(tmp_path, calls, demo_d
 
     data = tmp_path / "spider"
     shutil.copytree(demo_dir, data)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: r\nmodel_name_or_path: some-base-model\ntemplate: chatml\n"
-                      f"prepare: {{source: spider, data_dir: {data}, name: demo}}\ntrain: {{max_steps: 2}}\n")
-    run = tmp_path / "run"
-    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
-    ran(run, calls)
+    again = first_run(tmp_path, calls, "some-base-model", data)
     dev = json.loads((data / "dev.json").read_text())
     dev[0]["query"] = dev[0]["query"] + " "  # same path, same size class: only the content differs
     (data / "dev.json").write_text(json.dumps(dev))
-    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
-    assert set(ran(run, calls).values()) == {"ok"}
+    assert set(again().values()) == {"ok"}
     (data / ".cache").mkdir()  # hidden files (locks, caches) are not the data
     (data / ".cache" / "x").write_text("x")
-    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
-    assert set(ran(run, calls).values()) == {"skipped"}
+    assert set(again().values()) == {"skipped"}
 
 
 def test_base_model_folder_changed_in_place_reruns_what_read_it(tmp_path, calls, demo_dir):
@@ -221,18 +214,25 @@ def test_base_model_folder_changed_in_place_reruns_what_read_it(tmp_path, calls,
     base = tmp_path / "base-model"
     base.mkdir()
     (base / "config.json").write_text('{"v": 1}')
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"name: r\ncompare_base: true\nmodel_name_or_path: {base}\ntemplate: chatml\n"
-                      f"prepare: {{source: spider, data_dir: {demo_dir}, name: demo}}\ntrain: {{max_steps: 2}}\n")
-    run = tmp_path / "run"
-    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
-    ran(run, calls)
+    again = first_run(tmp_path, calls, str(base), demo_dir)
     (base / "config.json").write_text('{"v": 2}')
-    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
-    status = ran(run, calls)
+    status = again()
     assert status.pop("prepare") == "skipped" and set(status.values()) == {"ok"}
-    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
-    assert set(ran(run, calls).values()) == {"skipped"}
+    assert set(again().values()) == {"skipped"}
+
+
+def first_run(tmp_path: Path, calls: list, model: str, data: Path):
+    """Run a recipe of `model` on `data` once; returns a function that runs it again and says which stages ran."""
+    recipe, run = tmp_path / "r.yaml", tmp_path / "run"
+    recipe.write_text(f"name: r\ncompare_base: true\nmodel_name_or_path: {model}\ntemplate: chatml\n"
+                      f"prepare: {{source: spider, data_dir: {data}, name: demo}}\ntrain: {{max_steps: 2}}\n")
+
+    def again() -> dict:
+        assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+        return ran(run, calls)
+
+    again()
+    return again
 
 
 def test_same_folder_relative_or_absolute_is_the_same_run(recipe, tmp_path, calls, monkeypatch, demo_dir):
