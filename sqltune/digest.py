@@ -14,13 +14,17 @@ HASH_LIMIT = 64 << 20
 
 
 def add_file(h, path: Path, name: str | None = None) -> None:
-    """A file's name and content into the digest; a file over HASH_LIMIT by its size and mtime."""
+    """A file's name and content into the digest; a file over HASH_LIMIT, or one this user may not read (a stage
+    that needs it says so itself), by its size and mtime."""
     st = path.stat()
     h.update((name or path.name).encode() + b"\0")
     if st.st_size <= HASH_LIMIT:
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-    else:
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+        try:
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+            return
+        except PermissionError:
+            pass
+    h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
 
 
 def folder_digest(folder: Path, suffixes: tuple[str, ...]) -> str:

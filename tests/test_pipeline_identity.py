@@ -324,3 +324,23 @@ def test_evaluate_scores_the_prefix_predict_answered(recipe, tmp_path, calls):
     run = tmp_path / "run"
     assert main(["run", str(recipe), "--run_dir", str(run), "--predict.max_samples", "5"]) == 0
     assert [c.max_samples for n, c in calls if n == "evaluate"] == [5, 5]
+
+
+def test_an_unreadable_file_in_the_data_folder_does_not_stop_the_identity(tmp_path, monkeypatch):
+    """The content digest reads every file of an input folder; one this user may not read (a stray root-owned file)
+    is taken by size and modification time instead of ending the run with an internal error."""
+    from sqltune.digest import tree_digest
+
+    (tmp_path / "a.json").write_text("{}")
+    locked = tmp_path / "locked.txt"
+    locked.write_text("secret")
+    before = tree_digest(tmp_path)
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == locked.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert tree_digest(tmp_path) != before and tree_digest(tmp_path) == tree_digest(tmp_path)
