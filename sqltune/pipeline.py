@@ -154,9 +154,8 @@ _EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet", "work
 _PATHS = {"data_dir", "out", "dataset_dir", "output_dir", "deepspeed", "adapter", "pred", "gold", "db_dir", "tables",
           "report", "questions", "difficulty"}
 _MAYBE_PATHS = {"model_name_or_path", "tokenizer"}  # a folder, or a catalog / hub name
-# What a stage reads from outside the run folder: its identity holds what they contain, not only where they are.
-_INPUTS = {"data_dir", "tokenizer", "model_name_or_path", "adapter", "dataset_dir", "db_dir", "tables", "gold",
-           "questions", "difficulty", "deepspeed"}
+# Every other path a stage reads: when it lies outside the run folder, its identity holds what it contains.
+_INPUTS = (_PATHS | _MAYBE_PATHS) - {"out", "output_dir", "report"}
 
 
 def _settled(key: str, value):
@@ -167,25 +166,29 @@ def _settled(key: str, value):
     return value
 
 
-def identity(cfg, reads: list[str] = (), run: Path | None = None) -> str:
+def identity(cfg, reads: list[str] = (), run: Path | None = None, digests: dict | None = None) -> str:
     """A stage's own settings, the identities of what it reads from upstream stages, and the content of what it
     reads from outside the run folder (source data, a base model folder, databases), so that a file changed in
-    place under the same path reruns the stage. Paths inside `run` are upstream outputs, covered by `reads`."""
+    place under the same path reruns the stage. Paths inside `run` are upstream outputs, covered by `reads`.
+    `digests` keeps the content digests of one run, so stages reading the same folder read it once."""
     settings = {k: _settled(k, v) for k, v in dataclasses.asdict(cfg).items() if k not in _EXECUTION_ONLY}
-    contents = {k: outside_content(v, run) for k, v in settings.items() if k in _INPUTS}
+    digests = {} if digests is None else digests
+    contents = {k: outside_content(v, run, digests) for k, v in settings.items() if k in _INPUTS}
     blob = json.dumps({"settings": settings, "reads": list(reads),
                        "contents": {k: v for k, v in contents.items() if v}}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def outside_content(value, run: Path | None) -> str | None:
+def outside_content(value, run: Path | None, digests: dict) -> str | None:
     """The digest of an existing file or folder outside the run folder (None for anything else: a catalog or hub
     name, an unset option, an output of an earlier stage)."""
     if not isinstance(value, str) or not value or not os.path.isabs(value) or not os.path.exists(value):
         return None
     if run is not None and Path(value).is_relative_to(Path(os.path.realpath(run))):
         return None
-    return tree_digest(Path(value))
+    if value not in digests:
+        digests[value] = tree_digest(Path(value))
+    return digests[value]
 
 
 def _marker(path: Path) -> dict:
@@ -202,13 +205,13 @@ def recorded_identity(run: Path, label: str) -> str:
 
 
 def run_step(run: Path, label: str, cfg, reads: list[str], force: bool, continuing: dict | None = None,
-             fresh: dict | None = None) -> tuple[dict, str]:
+             fresh: dict | None = None, digests: dict | None = None) -> tuple[dict, str]:
     """Run one stage unless it finished already with the same identity; returns its figures and identity.
 
     An attempt of the same identity that did not finish is continued (`continuing` changes the config, e.g.
     resume=True); any other attempt starts afresh (`fresh`, e.g. overwrite=True: old outputs are of another run)."""
     done_path, started_path = run / ".done" / f"{label}.json", run / ".done" / f"{label}.started.json"
-    ident = identity(cfg, reads, run)
+    ident = identity(cfg, reads, run, digests)
     done = _marker(done_path)
     if not force and done.get("identity") == ident:
         print(f"[{label}] done already with these settings and inputs: skipped (--force reruns it)")
@@ -238,11 +241,12 @@ def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[d
     results: dict = {}
     configs: dict = {}
     ids: dict = {}
+    digests: dict = {}  # content of the inputs outside the run, read once per run
 
     def step(label: str, cfg, reads: list[str], continuing: dict | None = None, fresh: dict | None = None):
         configs[label] = cfg
         if not dry:
-            results[label], ids[label] = run_step(run, label, cfg, reads, force, continuing, fresh)
+            results[label], ids[label] = run_step(run, label, cfg, reads, force, continuing, fresh, digests)
 
     def ident(label: str) -> str:
         return ids[label] if label in ids else recorded_identity(run, label)

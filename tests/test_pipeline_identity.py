@@ -344,3 +344,24 @@ def test_an_unreadable_file_in_the_data_folder_does_not_stop_the_identity(tmp_pa
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
     assert tree_digest(tmp_path) != before and tree_digest(tmp_path) == tree_digest(tmp_path)
+
+
+def test_a_folder_read_by_several_stages_is_digested_once_per_run(tmp_path, calls, demo_dir, monkeypatch):
+    """The databases are read by prepare (inside the data folder), evaluate_base and evaluate_finetuned, the base
+    model folder by train, merge and predict_base: each outside folder's content is digested once per run."""
+    from sqltune import pipeline
+
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    seen: list[str] = []
+    real = pipeline.tree_digest
+
+    def counted(path):
+        seen.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "tree_digest", counted)
+    first_run(tmp_path, calls, str(base), demo_dir)
+    assert seen and len(seen) == len(set(seen)), seen
+    assert str(base.resolve()) in seen
