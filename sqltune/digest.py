@@ -8,9 +8,11 @@ time, which any rewrite changes, so a 30 GB folder costs a directory walk, not a
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 HASH_LIMIT = 64 << 20
+MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".py", ".yaml", ".gguf", ".pt")
 
 
 def add_file(h, path: Path, name: str | None = None) -> None:
@@ -34,6 +36,16 @@ def folder_digest(folder: Path, suffixes: tuple[str, ...]) -> str:
         if path.is_file() and not path.name.startswith(".") and path.suffix in suffixes:
             add_file(h, path)
     return h.hexdigest()
+
+
+def model_digest(folder: Path) -> str:
+    """What a model or adapter folder holds (its weights, config and tokenizer files), however its path is spelled."""
+    return folder_digest(Path(folder), MODEL_FILES)
+
+
+def records_digest(records: list[dict]) -> str:
+    """The records a stage read (a prediction answers them, a training run learns from them)."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def files_digest(paths: list[Path]) -> str:

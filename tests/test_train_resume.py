@@ -4,6 +4,7 @@ figures of a resumed run describe the whole run (issue #12 section 5, issue #13 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -101,3 +102,43 @@ train: {{max_steps: 3, per_device_train_batch_size: 2, save_steps: 1, learning_r
     train_spans = [s for s in spans if s["stage"] == "train"]
     assert train_spans[-1]["status"] == "ok"
     assert train_spans[-1]["figures"]["resumed_from_step"] == 1 and train_spans[-1]["figures"]["steps"] == 3
+
+
+def test_resume_after_inputs_changed_in_place_is_one_line(tiny_model, prepared_demo, tmp_path, capsys):
+    """Pins: `train --resume` compared the saved settings and the *paths* of its inputs, not what they held. With the
+    training records edited in place (a gold query corrected, a record dropped) or the base model folder rewritten
+    under the same path, it continued the checkpoint on other data without a word. The digests of the records read
+    and of the model's files are saved with the settings; a mismatch is one line, naming what changed."""
+    import shutil
+
+    from sqltune.data.registry import lookup
+
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(prepared_demo, data)
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "out"
+    cut_after(3, model, data, out)
+    args = ["train", "--model_name_or_path", str(model), "--dataset", "demo_train", "--dataset_dir", str(data),
+            "--template", "chatml", "--output_dir", str(out), "--max_steps", "6", "--save_steps", "3",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--lora_dropout", "0", "--resume"]
+    records = Path(lookup(data, "demo_train")["file_name"])
+    assert records.resolve().is_relative_to(data.resolve())  # the copy is edited, not the shared fixture
+    original = records.read_text()
+    lines = original.splitlines(keepends=True)
+    records.write_text("".join(lines[1:]))  # one record dropped, same path
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "training records changed" in err and "base model" not in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+    records.write_text(original)
+    config_file = model / "config.json"
+    config_file.write_text(config_file.read_text().replace("{", '{"note": "rewritten",', 1))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "base model folder's files changed" in err and "training records" not in err and err.count("\n") == 1
+
+    shutil.copy(tiny_model / "config.json", config_file)  # both as they were: the same run continues
+    assert main(args) == 0
+    assert "steps=6" in capsys.readouterr().out

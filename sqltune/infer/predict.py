@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import sys
@@ -50,7 +49,7 @@ from tqdm import tqdm
 
 from sqltune.config import PredictConfig, to_dict
 from sqltune.data.registry import lookup
-from sqltune.digest import files_digest, folder_digest as files_in_folder_digest
+from sqltune.digest import files_digest, model_digest, records_digest
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
 from sqltune.io import append_once, atomic_write, read_json, read_jsonl, write_json
@@ -58,7 +57,6 @@ from sqltune.io import append_once, atomic_write, read_json, read_jsonl, write_j
 TRAIN_RECORD = "sqltune_train.yaml"  # written by sqltune.train.sft next to the adapter or full model
 MERGE_RECORD = "sqltune_merge.json"  # written by sqltune.infer.merge: which adapter a merged model holds
 DEFAULT_LENGTH = 1024
-MODEL_FILES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken", ".py", ".yaml", ".gguf", ".pt")
 NOT_IDENTITY = {"model_name_or_path", "adapter", "dataset", "dataset_dir", "out", "batch_size", "overwrite",
                 "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization"}
 NO_SQL = "SELECT"  # written for an empty answer in a multi-turn file, where a blank line would end the interaction
@@ -74,15 +72,6 @@ def partial_of(out: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- identity
-def folder_digest(folder: Path) -> str:
-    """What a model or adapter folder holds, independent of how its path is spelled."""
-    return files_in_folder_digest(folder, MODEL_FILES)
-
-
-def records_digest(records: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
 def training_record(model: Path, adapter: Path | None) -> tuple[dict, Path | None]:
     """The settings the model was trained with: the adapter's record, else the model folder's (full fine-tune),
     else that of the adapter a merged model names."""
@@ -544,8 +533,8 @@ def predict(cfg: PredictConfig) -> dict:
               [Path(entry[k]) for k in ("file_name", "gold", "tables", "difficulty") if entry.get(k)])
     cfg = dataclasses.replace(cfg, template=template_name, max_source_length=length)
     meta = {**{k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}, "history": mode,
-            "records": len(records), "records_sha256": records_digest(records), "model_sha256": folder_digest(model),
-            "adapter_sha256": folder_digest(adapter) if adapter else None,
+            "records": len(records), "records_sha256": records_digest(records), "model_sha256": model_digest(model),
+            "adapter_sha256": model_digest(adapter) if adapter else None,
             **({"databases_sha256": files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
             "about": {"dataset": cfg.dataset, "model": str(model.resolve()),
                       "adapter": str(adapter.resolve()) if adapter else "",

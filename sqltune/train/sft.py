@@ -25,6 +25,7 @@ import yaml
 
 from sqltune.config import TrainConfig, to_dict
 from sqltune.data.registry import lookup_many
+from sqltune.digest import model_digest, records_digest
 from sqltune.errors import SqltuneError
 from sqltune.io import atomic_write, logging_to_file, write_json
 from sqltune.loading import load_model, load_tokenizer, resolve
@@ -115,10 +116,15 @@ EXECUTION_ONLY = {"resume", "overwrite_output_dir", "output_dir", "max_train_min
                   "model_name_or_path", "dataset_dir"}  # the last two are compared resolved (model_path, dataset_path)
 
 
+# digests of what the run read, said in words (two hashes tell a user nothing)
+CONTENT_CHANGED = {"records_sha256": "the training records changed (the dataset was edited in place)",
+                   "model_sha256": "the base model folder's files changed"}
+
+
 def settings_changed(saved: dict, current: dict) -> list[str]:
     """`name saved -> current` for each setting that differs from the run being resumed (paths compared resolved;
     a setting the saved file does not know is not compared)."""
-    return [f"{key} {saved[key]!r} -> {value!r}" for key, value in current.items()
+    return [CONTENT_CHANGED.get(key) or f"{key} {saved[key]!r} -> {value!r}" for key, value in current.items()
             if key not in EXECUTION_ONLY and key in saved and saved[key] != value]
 
 
@@ -318,14 +324,16 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.output_dir)
     folders.check_overlap(out, _inputs(cfg, model_path))
     work, checkpoint, skipped = folders.plan(out, cfg.resume, cfg.overwrite_output_dir)
+    records = load_records(cfg.dataset_dir, cfg.dataset, cfg.max_samples, cfg.seed)
     resolved = {**to_dict(cfg), "model_path": str(model_path.resolve()),
-                "dataset_path": str(Path(cfg.dataset_dir).resolve())}
+                "dataset_path": str(Path(cfg.dataset_dir).resolve()),
+                # what was read, not only where: a file edited in place must not be resumed as the same run
+                "records_sha256": records_digest(records), "model_sha256": model_digest(model_path)}
     if checkpoint:
         check_resume_settings(work, resolved)
     tokenizer = load_tokenizer(model_path)
     template = get_template(cfg.template, tokenizer)
     resolved["template_resolved"] = template.name
-    records = load_records(cfg.dataset_dir, cfg.dataset, cfg.max_samples, cfg.seed)
     dataset, data_figures = tokenize_records(records, tokenizer, template, cfg.max_source_length,
                                              cfg.max_target_length)
 
