@@ -29,6 +29,13 @@ GENERATIONS = [
       "WHERE age  >  56"), "SELECT count(*) FROM head WHERE age > 56"),
     (("department_management contains tables such as department, head.\n###Input:\nList the names.\n\n"
       "###Response:\nSELECT name FROM head ORDER BY age"), "SELECT name FROM head ORDER BY age"),
+    # the answer, then a made-up next turn (a base model on the `default` template stops only at eos): the answer
+    # is scored, not the made-up one (pinned: the made-up query was scored, or nothing when it had no answer)
+    ("SELECT a FROM t\n\n###Input:\nHow many b?\n\n###Response:\nSELECT count(*) FROM u", "SELECT a FROM t"),
+    ("SELECT a FROM t\n###Input:\nHow many b?\n\n###Response:\n", "SELECT a FROM t"),
+    ("SELECT name FROM singer\nWHERE age > 30\n##Instruction:\nsinger contains tables such as singer.",
+     "SELECT name FROM singer WHERE age > 30"),
+    ("Sure.\n###Response:\nSELECT b FROM u\n###Input:\nAnd c?\n###Response: SELECT c FROM v", "SELECT b FROM u"),
     # two statements
     ("SELECT name FROM singer; SELECT count(*) FROM singer;", "SELECT name FROM singer"),
     ("SELECT name FROM singer\nSELECT age FROM singer", "SELECT name FROM singer"),

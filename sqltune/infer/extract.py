@@ -3,8 +3,10 @@ model's figure and so inflate the fine-tuning gain).
 
 Rules, in order:
 1. The text is cut at the template's end marker text when one is given, and at chat end markers left in it
-   (`<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`, ...). An echoed prompt is dropped: only the text after the last
-   `###Response:` is read.
+   (`<|im_end|>`, `<end_of_turn>`, `<|eot_id|>`, ...). The prompt's turn markers split the rest into turns (a
+   turn ends at `###Response:`, and at a line starting `###Input:` or `##Instruction:`); the first turn holding a
+   query is read. So an echoed prompt is skipped, and a model that answers and then makes up a next question and
+   its answer is scored on its own answer, not on the made-up one.
 2. Where the query starts: in the first fenced code block (with or without a language) that holds one, else in the
    whole text. A query starts with SELECT, or WITH followed by `name AS (`, written in upper or lower case (not
    capitalised like a sentence's first word), at the start of a line (or of the fenced block, or right after
@@ -30,6 +32,7 @@ import re
 from sqlparse import lexer
 from sqlparse import tokens as T
 
+from sqltune.data.prompts import INPUT_FORMAT
 from sqltune.sqltext import fold
 
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<start_of_turn>", "<|eot_id|>", "<|end_of_text|>",
@@ -47,20 +50,29 @@ _OPEN = {"SELECT", "DISTINCT", "FROM", "WHERE", "AND", "OR", "NOT", "ON", "BY", 
          "BETWEEN", "UNION", "INTERSECT", "EXCEPT", "ALL", "CASE", "WHEN", "THEN", "ELSE", "HAVING", "IS", "EXISTS",
          "WITH", "USING", "LIMIT", "OFFSET", "INNER", "LEFT", "RIGHT", "OUTER", "CROSS", "NATURAL", "FULL"}
 _BREAK = re.compile(r"\r\n|\r|\n")
+RESPONSE = INPUT_FORMAT.rsplit("\n", 1)[1]  # "###Response:", where the prompt hands over to the answer
+_TURN_END = re.compile(r"^[ \t]*(?:###Input:|##Instruction:)", re.MULTILINE)  # a made-up next turn starts here
 
 
 def extract_sql(text: str, end: str | None = None) -> str:
     """One line of SQL from a generation (see the module's rules); `end` is the template's end marker text."""
     for marker in ((end,) if end else ()) + END_MARKERS:
         text = text.split(marker, 1)[0]
-    if "###Response:" in text:
-        text = text.rsplit("###Response:", 1)[1]
+    text = _answer_turn(text)
     for block in _FENCE.finditer(text):
         sql = _statement(block.group(1))
         if sql:
             return sql
     sql = _statement(text)
     return sql if sql else fold(text)
+
+
+def _answer_turn(text: str) -> str:
+    """The part of the text that answers: the first turn holding a query, each turn ending where the model starts a
+    new one (`###Input:` or `##Instruction:`) or, in an echoed prompt, where the answer starts (`###Response:`).
+    A model that answers and then makes up a next question and its answer is scored on its answer."""
+    turns = [_TURN_END.split(part, 1)[0] for part in text.split(RESPONSE)]
+    return next((turn for turn in turns if _START.search(turn)), turns[-1])
 
 
 def _statement(text: str) -> str | None:
