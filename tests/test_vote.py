@@ -72,12 +72,40 @@ def test_distinct_is_dropped_as_the_evaluator_does(db, executor):
     assert len(vote(pair, db, executor, keep_distinct=True)[1]["groups"]) == 2
 
 
-def test_row_order_counts_only_between_ordered_candidates(db, executor):
+def test_row_order_counts_when_most_candidates_order_their_rows(db, executor):
+    """Three of four candidates have ORDER BY: the gold query probably has one too, so rows are compared in order
+    (as EX would then), also against the candidate without ORDER BY."""
     _, rec = vote(cands(("SELECT name FROM singer ORDER BY age", -1.0),
                         ("SELECT name FROM singer ORDER BY age DESC", -1.0),
                         ("SELECT name FROM singer ORDER BY age ASC", -1.0),
                         ("SELECT name FROM singer", -1.0)), db, executor)
     assert [g["members"] for g in rec["groups"]] == [[0, 2], [1], [3]]
+
+
+def test_the_same_rows_are_one_answer_with_or_without_order_by(db, executor):
+    """Pins a wrong answer seen on Spider dev (v03, "the conductor with the most years of work"): three candidates
+    `WHERE year = (SELECT max(...))` and three `ORDER BY year DESC LIMIT 1` all returned the right single row and
+    all score EX 1, but a candidate's own ORDER BY split them into two groups of three, and a wrong group of three
+    won on log-probability. EX takes row order from the gold, so one row (or none) is the same answer either way."""
+    right = [("SELECT name FROM singer WHERE age = (SELECT max(age) FROM singer)", -2.0),
+             ("SELECT name FROM singer WHERE age = (SELECT max(age) FROM singer)", -2.0),
+             ("SELECT name FROM singer ORDER BY age DESC LIMIT 1", -2.0),
+             ("SELECT name FROM singer ORDER BY age DESC LIMIT 1", -2.0)]
+    wrong = [("SELECT name FROM singer ORDER BY age LIMIT 1", -0.1)] * 3
+    sql, rec = vote(cands(*wrong, *right), db, executor)
+    assert sorted(g["size"] for g in rec["groups"]) == [3, 4]
+    assert sql in {s for s, _ in right} and rec["rows_in_order"] is True
+    _, empty = vote(cands(("SELECT name FROM singer WHERE age > 90", -1.0),
+                          ("SELECT name FROM singer WHERE age > 90 ORDER BY age", -1.0)), db, executor)
+    assert [g["size"] for g in empty["groups"]] == [2]
+
+
+def test_rows_compare_as_a_bag_when_most_candidates_do_not_order(db, executor):
+    """Most candidates have no ORDER BY: the gold probably has none, so EX would compare bags of rows, and a
+    candidate that orders the same rows is the same answer."""
+    _, rec = vote(cands(("SELECT name FROM singer", -1.0), ("SELECT name FROM singer WHERE age > 0", -1.0),
+                        ("SELECT name FROM singer ORDER BY age", -1.0)), db, executor)
+    assert [g["members"] for g in rec["groups"]] == [[0, 1, 2]] and rec["rows_in_order"] is False
 
 
 def test_largest_group_beats_a_more_probable_single(db, executor):

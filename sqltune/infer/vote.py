@@ -192,6 +192,15 @@ def _ordered(sql: str) -> bool:
     return "order by" in sql.lower()  # the evaluator's own test for "row order matters"
 
 
+def rows_in_order(candidates: list[dict], results: list) -> bool:
+    """Whether the vote compares results with their row order. EX takes that from the gold query (ORDER BY in it),
+    not from the prediction, so two candidates returning the same rows in the same order always score alike,
+    whatever their own SQL says. The vote has no gold: it guesses from the candidates that ran (order counts when
+    at least half of them have ORDER BY) and compares every pair the same way, as EX does for one question."""
+    ran = [c for c, r in zip(candidates, results) if not isinstance(r, QueryError)]
+    return 2 * sum(_ordered(c["sql"]) for c in ran) >= len(ran) > 0
+
+
 def _canonical(value):
     """1 and 1.0 are equal to EX (Python ==), so a whole float is written as an int in the signature."""
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
@@ -230,12 +239,11 @@ def _execute(candidates: list[dict], db_path: Path, executor: Executor, keep_dis
     return results
 
 
-def _record(cand: dict, result, group: int | None) -> dict:
+def _record(cand: dict, result, group: int | None, ordered: bool) -> dict:
     rec = {k: cand.get(k) for k in ("source", "sql", "logprob", "new_tokens", "text")}
     if isinstance(result, QueryError):
         rec.update(error=str(result), result=None, group=None)
     else:
-        ordered = _ordered(cand["sql"])
         rec.update(error=None, group=group, result={"rows": len(result), "cols": len(result[0]) if result else 0,
                                                    "ordered": ordered, "signature": signature(result, ordered)})
     return rec
@@ -259,9 +267,9 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
     """The SQL to write and a JSON-able record of the vote.
 
     Candidates that fail to run are dropped. The rest are grouped: two results are the same answer when
-    results_equal holds (any column order; row order only matters between two candidates that both have ORDER BY,
-    and a candidate with ORDER BY never groups with one without: the grouping is an equivalence, independent of
-    candidate order). The largest group wins; among equally large groups, the one with the larger summed
+    results_equal holds, as EX compares them (any column order; row order as `rows_in_order` guesses it for the
+    question, the same for every pair, so the grouping is an equivalence, independent of candidate order). The
+    largest group wins; among equally large groups, the one with the larger summed
     log-probability of its members (sizes being equal, this is the larger mean log-probability); then the group
     whose first member comes first. The winning group's most probable member is written. When every candidate
     fails, the greedy candidate is written (the most probable one when there is no greedy).
@@ -273,13 +281,13 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
     if not candidates:
         raise SqltuneError("vote needs at least one candidate")
     results = _execute(candidates, Path(db_path), executor, keep_distinct)
+    ordered = rows_in_order(candidates, results)
     groups: list[dict] = []  # {"key", "rows" (representative), "members"}
     member_of: list[int | None] = []
-    for i, (cand, result) in enumerate(zip(candidates, results)):
+    for i, result in enumerate(results):
         if isinstance(result, QueryError):
             member_of.append(None)
             continue
-        ordered = _ordered(cand["sql"])
         key = (ordered, signature(result, ordered))
         for g, group in enumerate(groups):
             if group["key"] == key and results_equal(group["rows"], result, ordered):
@@ -302,9 +310,9 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
         fallback = "greedy" if candidates[chosen].get("source") == "greedy" else "best_logprob"
     for s in summary:
         s["logprob_sum"] = s["logprob_sum"] if math.isfinite(s["logprob_sum"]) else None
-    record = {"method": "execution", "prefer_rows": prefer_rows, "winner": winner, "chosen": chosen,
-              "fallback": fallback, "groups": summary,
-              "candidates": [_record(c, r, g) for c, r, g in zip(candidates, results, member_of)]}
+    record = {"method": "execution", "prefer_rows": prefer_rows, "rows_in_order": ordered, "winner": winner,
+              "chosen": chosen, "fallback": fallback, "groups": summary,
+              "candidates": [_record(c, r, g, ordered) for c, r, g in zip(candidates, results, member_of)]}
     return candidates[chosen]["sql"], record
 
 
@@ -319,7 +327,7 @@ def choose_retry(greedy: dict, samples: list[dict], db_path: str | Path, executo
     chosen = 0 if 0 in runs or not runs else max(runs, key=lambda i: (_logprob(cands[i]), -i))
     record = {"method": "retry", "chosen": chosen, "retried": len(samples),
               "fallback": "greedy" if not runs else None,
-              "candidates": [_record(c, r, None) for c, r in zip(cands, results)]}
+              "candidates": [_record(c, r, None, _ordered(c["sql"])) for c, r in zip(cands, results)]}
     return cands[chosen]["sql"], record
 
 
