@@ -51,19 +51,38 @@ def _bags_may_match(r1: list, r2: list, order_matters: bool) -> bool:
     return s1 == s2 if order_matters else set(s1) == set(s2)
 
 
-def _candidate_permutations(r1: list, r2: list, n_cols: int):
-    """Column permutations worth trying: for wide results, rule out pairs where a value of r2's column does not
-    occur in r1's column at all (a sound filter; the official samples 20 rows for it)."""
-    allowed = [set(range(n_cols)) for _ in range(n_cols)]
-    if n_cols > 3:
-        column_values = [{row[i] for row in r1} for i in range(n_cols)]
-        step = max(1, len(r2) // 20)
-        for row in r2[::step][:20]:
-            for c1 in range(n_cols):
-                for c2 in list(allowed[c1]):
-                    if row[c2] not in column_values[c1]:
-                        allowed[c1].discard(c2)
-    return itertools.product(*allowed)
+def _candidate_permutations(r1: list, r2: list, n_cols: int, order_matters: bool):
+    """Column permutations worth trying (perm[i]: the column of r2 read as r1's column i), the identity first.
+
+    Only one-to-one mappings, built column by column, and only while the columns mapped so far already agree: their
+    projections are the same list of rows (the same bag when order does not matter). Any permutation that makes the
+    whole rows equal passes every such check, so the search never changes the answer; it only skips the mappings
+    that cannot work, and of several columns of r2 holding the same values it tries one. The official tries every
+    product of columns (after a check on 20 sampled rows), which grows about 17-fold per added column when columns
+    share values (0/1 flags, NULLs; 0.09 s at 8 columns here), and results are compared for every question and, in
+    a vote, for every pair of candidates.
+    """
+    perm: list[int] = []
+
+    def agree() -> bool:
+        left = [tuple(row[c] for c in range(len(perm))) for row in r1]
+        right = [tuple(row[c] for c in perm) for row in r2]
+        return left == right if order_matters else Counter(left) == Counter(right)
+
+    def extend(i: int):
+        if i == n_cols:
+            yield tuple(perm)
+            return
+        tried = set()  # two columns of r2 holding the same values lead to the same mappings: one is enough
+        for j in [i] + [j for j in range(n_cols) if j != i]:
+            if j not in perm and (column := tuple(row[j] for row in r2)) not in tried:
+                tried.add(column)
+                perm.append(j)
+                if agree():
+                    yield from extend(i + 1)
+                perm.pop()
+
+    return extend(0)
 
 
 def results_equal(gold: list[tuple], pred: list[tuple], order_matters: bool) -> bool:
@@ -77,9 +96,7 @@ def results_equal(gold: list[tuple], pred: list[tuple], order_matters: bool) -> 
         return False
     if not _bags_may_match(gold, pred, order_matters):
         return False
-    for perm in _candidate_permutations(gold, pred, n_cols):
-        if len(set(perm)) != n_cols:
-            continue
+    for perm in _candidate_permutations(gold, pred, n_cols, order_matters):
         permuted = pred if n_cols == 1 else [tuple(row[i] for i in perm) for row in pred]
         if order_matters:
             if gold == permuted:
