@@ -111,6 +111,29 @@ def test_other_run_is_not_resumed_silently(tiny_model, prepared_demo, tmp_path):
     predict(pcfg(tiny_model, prepared_demo, out, max_samples=4, max_new_tokens=5, overwrite=True))
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_decoding_ignores_the_checkpoints_generation_settings(tiny_model, prepared_demo, tmp_path, sampled):
+    """Pins: generate() filled every option predict did not pass from the model's generation_config, so a hub
+    checkpoint's repetition_penalty, top_k or no_repeat_ngram_size changed "greedy" answers and samples (and the
+    vLLM backend, which decodes as the options say, gave other figures for the same model). The same model with
+    and without such settings now writes the same answers."""
+    import json
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(tiny_model, shipped)
+    config = shipped / "generation_config.json"
+    settings = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps({**settings, "repetition_penalty": 5.0, "no_repeat_ngram_size": 1, "top_k": 1,
+                                  "temperature": 0.1, "do_sample": True}))
+    decoding = dict(max_samples=4, temperature=1.0, seed=3) if sampled else dict(max_samples=4)
+    answers = []
+    for model in (tiny_model, shipped):
+        out = tmp_path / f"{model.name}.sql"
+        predict(pcfg(model, prepared_demo, out, **decoding))
+        answers.append([r["raw"] for r in map(json.loads, (tmp_path / f"{model.name}.sql.raw.jsonl").open())])
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("raw, sql", [
     ("SELECT name FROM singer", "SELECT name FROM singer"),
     ("```sql\nSELECT name\nFROM singer;\n```\nThis query lists names.", "SELECT name FROM singer"),
@@ -288,6 +311,24 @@ def test_retry_on_error_samples_only_when_greedy_fails(tiny_model, prepared_demo
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "k.sql", retry_on_error=3, max_samples=2))
     assert (tmp_path / "k.sql").read_text().splitlines() == ["SELECT 5"] * 2
     assert json.loads((tmp_path / "k.sql.raw.jsonl").read_text().splitlines()[0])["vote"]["retried"] == 0
+
+
+def test_retry_on_the_tiny_model_samples_the_failing_prompts_in_one_call(tiny_model, prepared_demo, tmp_path,
+                                                                         monkeypatch):
+    """predict's own retry path with a real model (the test of a copy of it in vote.py, which predict never
+    called, was removed with the copy): a random model's SQL fails, so the batch's failing prompts get their K
+    samples in one batched call, and when no sample runs either the greedy SQL is kept."""
+    calls = []
+    original = predict_mod.HFGenerator.candidates
+    monkeypatch.setattr(predict_mod.HFGenerator, "candidates",
+                        lambda self, prompts, n, *a: calls.append((len(prompts), n)) or original(self, prompts, n, *a))
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "g.sql", max_samples=3))
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "r.sql", max_samples=3, retry_on_error=3, temperature=0.8))
+    assert calls == [(3, 0), (3, 3)]  # the greedy answers, then one call for the three failing prompts
+    assert (tmp_path / "r.sql").read_text() == (tmp_path / "g.sql").read_text()
+    for line in (tmp_path / "r.sql.raw.jsonl").read_text().splitlines():
+        rec = json.loads(line)["vote"]
+        assert rec["retried"] == 3 and len(rec["candidates"]) == 4 and rec["fallback"] == "greedy"
 
 
 def test_vote_on_the_tiny_model_falls_back_to_greedy(tiny_model, prepared_demo, tmp_path):

@@ -304,34 +304,3 @@ def test_samples_read_each_prompt_once_and_match_plain_sampling(tiny, prompts):
         tokens = plain[k]
         cut = next((j for j, t in enumerate(tokens) if t in stop or t == tok.pad_token_id), len(tokens))
         assert row["text"] == tok.decode(tokens[:cut], skip_special_tokens=True)
-
-
-def test_retry_on_error_samples_once_for_failing_prompts(tiny, prompts, prepared_demo, monkeypatch):
-    """A random model's SQL fails: the failing prompts are re-sampled in one batched call, and when no sample
-    runs either, the greedy SQL is kept."""
-    from sqltune.data.registry import lookup
-    from sqltune.infer import vote as vote_mod
-    from sqltune.io import database_path
-
-    model, tok, _, stop = tiny
-    ids, records = prompts
-    db_dir = lookup(prepared_demo, "demo_dev")["db_dir"]
-    dbs = [database_path(db_dir, r["db_id"]) for r in records]
-    greedy = [row[0] for row in vote_mod.generate_candidates(model, tok, ids, stop, 0, 0.0, 1.0, True, 8)]
-    greedy[1] = dict(greedy[1], sql="SELECT 1")  # this one runs: no retry for it
-    calls = []
-    original = vote_mod._generate
-    monkeypatch.setattr(vote_mod, "_generate", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
-    ex = vote_mod.make_executor()
-    try:
-        chosen = vote_mod.retry_on_error(model, tok, ids, stop, greedy, dbs, ex, k=3, temperature=0.0, top_p=1.0,
-                                         max_new_tokens=8)
-    finally:
-        ex.close()
-    assert calls == [2]  # one call, for the two failing prompts
-    assert chosen[1] == ("SELECT 1", chosen[1][1]) and chosen[1][1]["retried"] == 0
-    for i in (0, 2):
-        sql, rec = chosen[i]
-        assert rec["retried"] == 3 and len(rec["candidates"]) == 4
-        if rec["fallback"] == "greedy":
-            assert sql == greedy[i]["sql"]

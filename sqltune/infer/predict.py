@@ -270,6 +270,18 @@ def _torch_dtype(cfg: PredictConfig, gpu: bool):
             "bfloat16": torch.bfloat16}[cfg.dtype]
 
 
+def only_token_ids(model) -> None:
+    """Keep only the token ids of the model's generation_config. generate() fills every option it is not given from
+    there, so a checkpoint's repetition_penalty (Qwen2.5 instruct models ship 1.05-1.1), top_k or
+    no_repeat_ngram_size would silently change "greedy" answers and the samples and log-probabilities of a vote,
+    and the vLLM backend, which decodes as the options say, would give other figures for the same model."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in
+                                                  ("bos_token_id", "eos_token_id", "pad_token_id")})
+
+
 class HFGenerator:
     """Batched generation with transformers: left padding, greedy unless temperature > 0."""
 
@@ -291,6 +303,7 @@ class HFGenerator:
         self.model = model.eval()
         self.cfg = cfg
         self.stop = stop_token_ids(self.tokenizer, self.template, self.model.generation_config)
+        only_token_ids(self.model)
         torch.manual_seed(cfg.seed)
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:

@@ -6,11 +6,12 @@ because many different queries give the same answer. Two parts, kept apart so th
 - `generate_candidates` (transformers): N samples per prompt in one batched `generate` call, plus the greedy answer;
   each candidate carries the summed log-probability of its tokens;
 - `vote` / `choose_retry` (pure): run candidates with the evaluator's safe executor (read-only, bounded in time and
-  rows), group equal results the way EX compares them, pick the winner; `retry_on_error` re-samples only when the
-  greedy SQL fails to run.
+  rows), group equal results the way EX compares them, pick the winner; `choose_retry` keeps the greedy SQL
+  unless it fails to run (predict's `--retry_on_error` samples only for those).
 
-Log-probabilities are those of the model's own distribution (after the model's default logits processors such as a
-repetition penalty, before temperature and top-p), so greedy and sampled candidates are scored on the same scale;
+Log-probabilities are those of the model's own distribution (predict keeps no decoding setting of the checkpoint's
+generation_config, such as a repetition penalty; before temperature and top-p), so greedy and sampled candidates
+are scored on the same scale;
 the sum runs over the answer's tokens and the token that ended it (a stop token), nothing after.
 """
 
@@ -329,21 +330,3 @@ def choose_retry(greedy: dict, samples: list[dict], db_path: str | Path, executo
               "fallback": "greedy" if not runs else None,
               "candidates": [_record(c, r, None, _ordered(c["sql"])) for c, r in zip(cands, results)]}
     return cands[chosen]["sql"], record
-
-
-def retry_on_error(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], greedy: list[dict],
-                   db_paths: list[str | Path], executor: Executor, k: int, temperature: float, top_p: float,
-                   max_new_tokens: int, keep_distinct: bool = False, end: str | None = None
-                   ) -> list[tuple[str, dict]]:
-    """For each prompt, `choose_retry` on its greedy candidate; the prompts whose greedy SQL fails get k samples,
-    all in one batched generate call."""
-    seen = [{} for _ in greedy]  # the greedy SQL runs once per prompt, not again in choose_retry
-    failing = [i for i, (g, db) in enumerate(zip(greedy, db_paths))
-               if k > 0 and isinstance(_execute([g], Path(db), executor, keep_distinct, seen[i])[0], QueryError)]
-    samples: dict[int, list[dict]] = {}
-    if failing:
-        drawn = generate_candidates(model, tokenizer, [prompts[i] for i in failing], stop_ids, k, temperature, top_p,
-                                    include_greedy=False, max_new_tokens=max_new_tokens, end=end)
-        samples = dict(zip(failing, drawn))
-    return [choose_retry(g, samples.get(i, []), db, executor, keep_distinct, seen[i])
-            for i, (g, db) in enumerate(zip(greedy, db_paths))]
