@@ -61,11 +61,15 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
 
 
 def append_once(path: str | Path, text: str, sync: bool = False) -> None:
-    """Append `text` with a single write call (whole lines land together); create the file if needed."""
+    """Append `text` with a single write call (whole lines land together); create the file if needed. A write cut
+    short (a full disk) goes on with the rest, so the error of the next write is raised instead of lines silently
+    missing."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides, as for open()
     try:
-        os.write(fd, text.encode())
+        left = memoryview(text.encode())
+        while left:
+            left = left[os.write(fd, left):]
         if sync:
             os.fsync(fd)
     finally:

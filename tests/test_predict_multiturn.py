@@ -71,7 +71,9 @@ def test_multiturn_predictions_are_read_by_evaluate(tiny_model, multiturn, tmp_p
     figures = predict(cfg(tiny_model, multiturn, out, history=history))
     records = _records(multiturn)
     assert figures["records"] == len(records) == 12
-    blocks = out.read_text().split("\n\n")
+    text = out.read_text()
+    assert text.endswith("\n\n")  # the last interaction ends with a blank line too (the official evaluator's rule)
+    blocks = text[:-2].split("\n\n")
     assert [len(b.strip("\n").split("\n")) for b in blocks] == [3, 1, 2, 3, 1, 2]
     scores = _evaluate(multiturn, out)
     assert scores["count"] == 12
@@ -82,8 +84,10 @@ def test_multiturn_predictions_are_read_by_evaluate(tiny_model, multiturn, tmp_p
 def test_an_empty_answer_keeps_its_interaction_whole():
     """Pins: an empty answer in a multi-turn file would be a blank line, which ends the interaction early."""
     rows = [{"interaction": 0, "sql": "SELECT 1"}, {"interaction": 0, "sql": ""}, {"interaction": 1, "sql": "x\ny"}]
-    assert sql_text(rows) == f"SELECT 1\n{NO_SQL}\n\nx y\n"
-    assert sql_text([{"sql": ""}, {"sql": "SELECT 1"}]) == "\nSELECT 1\n"  # single-turn: a line per record as written
+    assert sql_text(rows) == f"SELECT 1\n{NO_SQL}\n\nx y\n\n"  # the last interaction ended by its blank line too
+    # Pins: single-turn wrote the empty answer as a blank line, which the official Spider evaluator drops, so each
+    # later answer was scored against the gold of the question before it
+    assert sql_text([{"sql": ""}, {"sql": " "}, {"sql": "SELECT 1"}]) == f"{NO_SQL}\n{NO_SQL}\nSELECT 1\n"
 
 
 def _fake_generate(calls):

@@ -68,6 +68,18 @@ def test_remerged_model_in_the_same_folder_is_not_resumed(tiny_model, prepared_d
         predict(cfg(merged, prepared_demo, out))
 
 
+def test_a_merged_model_keeps_its_prompt_format_without_its_adapter(tiny_model, prepared_demo, trained, tmp_path):
+    """Pins: merge wrote only the adapter's path, so once the adapter folder was moved or deleted, predict on the
+    merged model fell back to template auto and 1024 prompt tokens without a word (trained: chatml, 256)."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained["adapter"], adapter)
+    merge(MergeConfig(model_name_or_path=str(tiny_model), adapter=str(adapter), out=str(tmp_path / "merged")))
+    shutil.rmtree(adapter)
+    predict(cfg(tmp_path / "merged", prepared_demo, tmp_path / "m.sql", template=""))
+    meta = json.loads((tmp_path / "m.sql.meta.json").read_text())
+    assert (meta["template"], meta["max_source_length"]) == ("chatml", 256)
+
+
 def test_same_model_spelled_relative_or_absolute_resumes(tiny_model, prepared_demo, tmp_path, monkeypatch):
     """Pins: the model path written another way (relative vs absolute) counted as another run."""
     out = tmp_path / "r.sql"
@@ -198,3 +210,22 @@ def test_second_process_gets_one_line(tiny_model, prepared_demo, tmp_path):
         done = subprocess.run([sys.executable, "-m", "sqltune", *_argv(tiny_model, prepared_demo, out)],
                               capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 2 and "another predict" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_file_predict_did_not_make_is_never_replaced(tiny_model, prepared_demo, tmp_path, capsys):
+    """Pins data loss: `--out` naming a file of another dataset (here the train records, while predicting dev) or
+    any file without a predict meta beside it was refused with "holds predictions of another run ... pass
+    --overwrite to replace them", and following that advice replaced it. Now it is one line, with or without
+    --overwrite, and the file is untouched."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared_demo, data)
+    victim = data / "demo_train.jsonl"
+    before = victim.read_bytes()
+    args = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir", str(data),
+            "--template", "chatml", "--max_new_tokens", "4", "--max_samples", "2", "--out", str(victim)]
+    for extra in ([], ["--overwrite"]):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err
+        assert "is not a prediction file of sqltune" in err and err.count("\n") == 1
+        assert victim.read_bytes() == before
+    assert not (data / "demo_train.jsonl.meta.json").exists()

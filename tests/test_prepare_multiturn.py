@@ -81,11 +81,13 @@ def test_train_and_gold_mode_use_gold_history(sparc, tmp_path):
 
 
 def test_gold_file_blocks_follow_records(sparc, tmp_path):
-    """The gold file has one line per record, in record order, a blank line between interactions."""
+    """The gold file has one line per record, in record order, a blank line after each interaction. Pins: the last
+    interaction had no blank line after it, and the official SParC/CoSQL evaluator, which keeps an interaction when
+    a blank line ends it, left it out without a word."""
     prepare(PrepareConfig(source="cosql", data_dir=str(sparc), out=str(tmp_path / "out"), splits="dev"))
     assert (tmp_path / "out" / "cosql_dev_gold.sql").read_text() == (
         "SELECT name FROM customer\tshop\nSELECT name FROM customer WHERE city = 'Aster'\tshop\n"
-        "SELECT count(*) FROM customer WHERE city = 'Aster'\tshop\n\nSELECT count(*) FROM teacher\tschool\n")
+        "SELECT count(*) FROM customer WHERE city = 'Aster'\tshop\n\nSELECT count(*) FROM teacher\tschool\n\n")
 
 
 def test_dev_only_folder_prepares_what_is_there(sparc, tmp_path, capsys):

@@ -80,13 +80,16 @@ def gold_line(sql: str) -> str:
 
 
 def gold_text(examples: list[Example]) -> str:
-    """`SQL<TAB>db_id` per line, in record order; a blank line between interactions for multi-turn sources."""
+    """`SQL<TAB>db_id` per line, in record order; for multi-turn sources a blank line after each interaction, the
+    last one too (the official SParC/CoSQL evaluator keeps an interaction only when a blank line ends it)."""
     lines, previous = [], None
     for ex in examples:
         if previous is not None and ex.interaction != previous:
             lines.append("")
         lines.append(f"{gold_line(ex.query)}\t{ex.db_id}")
         previous = ex.interaction
+    if any(ex.interaction >= 0 for ex in examples):
+        lines.append("")
     return "".join(line + "\n" for line in lines)
 
 

@@ -83,6 +83,8 @@ def merge(cfg: MergeConfig) -> dict:
             merged.generation_config.save_pretrained(tmp)
         (tmp / "sqltune_merge.json").write_text(json.dumps({"base": str(base.resolve()),
                                                             "adapter": str(adapter.resolve())}, indent=2))
+        if (adapter / "sqltune_train.yaml").is_file():  # the prompt format travels with the model (predict reads it)
+            shutil.copy2(adapter / "sqltune_train.yaml", tmp / "sqltune_train.yaml")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

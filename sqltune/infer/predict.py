@@ -17,12 +17,12 @@ history mode, and the generation settings; never a path string. A finished outpu
 differs is another run's: an error naming what differs, unless --overwrite.
 
 Prompt format: template and max_source_length default to the ones in the training record (`sqltune_train.yaml` of
-the adapter, or of the model folder for a full fine-tune, or of the adapter a merged model names in
-`sqltune_merge.json`), else auto and 1024. A max_source_length other than the trained one is refused unless
+the adapter, or of the model folder for a full fine-tune or a merged model (merge copies the adapter's), or of the
+adapter an older merged model names in `sqltune_merge.json`), else auto and 1024. A max_source_length other than the trained one is refused unless
 --template is given too (the user then sets the prompt format knowingly).
 
-Multi-turn records (with an `interaction` field): the .sql file has a blank line between interactions, as the gold
-file does. `--history predicted` answers turn by turn: the t-th turns of up to batch_size interactions are
+Multi-turn records (with an `interaction` field): the .sql file has a blank line after each interaction, as the
+gold file does. `--history predicted` answers turn by turn: the t-th turns of up to batch_size interactions are
 generated together, each with the model's own earlier SQL of its interaction as history.
 
 Backends: `hf` (transformers, batches of batch_size) and `vllm` (all remaining prompts in one `generate` call, which
@@ -59,7 +59,9 @@ MERGE_RECORD = "sqltune_merge.json"  # written by sqltune.infer.merge: which ada
 DEFAULT_LENGTH = 1024
 NOT_IDENTITY = {"model_name_or_path", "adapter", "dataset", "dataset_dir", "out", "batch_size", "overwrite",
                 "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization"}
-NO_SQL = "SELECT"  # written for an empty answer in a multi-turn file, where a blank line would end the interaction
+# written for an empty answer: the official Spider evaluator drops blank lines (every later answer then meets the gold
+# of the question before it), and in a SParC/CoSQL file a blank line ends the interaction
+NO_SQL = "SELECT"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
 
 
@@ -217,6 +219,10 @@ def resume_point(out: Path, meta: dict, records: list[dict], overwrite: bool, pr
     A finished output or partial run of other settings is an error unless `overwrite`."""
     meta_path = side_files(out)[1]
     part_raw, part_meta = side_files(partial_of(out))
+    if out.exists() and not meta_path.exists() and not part_meta.exists():
+        raise SqltuneError(f"{out} exists and is not a prediction file of sqltune (no {meta_path.name} beside it): "
+                           "predict does not replace it, even with --overwrite; choose another --out, or remove it "
+                           "yourself if it is not needed")
     if overwrite:
         return 0
     if out.is_file() and _identity(_meta_of(meta_path)) == _identity(meta):
@@ -239,14 +245,18 @@ def _one_line(sql: str) -> str:
 
 
 def sql_text(rows: list[dict]) -> str:
-    """The .sql file: one line per record; a blank line between interactions of multi-turn records."""
+    """The .sql file: one line per record (NO_SQL for an empty answer); for multi-turn records a blank line after
+    each interaction, the last one too (the official SParC/CoSQL evaluator keeps an interaction only when a blank
+    line ends it)."""
     lines: list[str] = []
     for i, row in enumerate(rows):
         multi = "interaction" in row
         if multi and i and row["interaction"] != rows[i - 1].get("interaction"):
             lines.append("")
         sql = _one_line(row["sql"])
-        lines.append(sql if sql.strip() or not multi else NO_SQL)
+        lines.append(sql if sql.strip() else NO_SQL)
+    if rows and "interaction" in rows[-1]:
+        lines.append("")
     return "".join(line + "\n" for line in lines)
 
 
