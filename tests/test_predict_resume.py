@@ -229,3 +229,14 @@ def test_a_file_predict_did_not_make_is_never_replaced(tiny_model, prepared_demo
         assert "is not a prediction file of sqltune" in err and err.count("\n") == 1
         assert victim.read_bytes() == before
     assert not (data / "demo_train.jsonl.meta.json").exists()
+
+
+def test_an_append_cut_short_writes_the_rest(tmp_path, monkeypatch):
+    """Pins: append_once ignored the count os.write returns, so a write cut short (a full disk) lost the end of the
+    batch's lines without an error, and a later publish could pass the file as complete."""
+    from sqltune.io import append_once
+
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:3])))  # at most 3 bytes per call
+    append_once(tmp_path / "raw.jsonl", '{"index": 0}\n{"index": 1}\n')
+    assert (tmp_path / "raw.jsonl").read_text() == '{"index": 0}\n{"index": 1}\n'
