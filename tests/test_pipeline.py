@@ -162,7 +162,7 @@ def test_changed_settings_rerun_downstream_with_the_real_stages(run_config, tmp_
 
 
 def test_multi_turn_run_keeps_interaction_blocks(tmp_path, demo_dir, tiny_model):
-    """CONTRACTS 3: for SParC/CoSQL records predict writes a blank line between interactions; `sqltune run` must
+    """CONTRACTS 3: for SParC/CoSQL records predict writes a blank line after each interaction; `sqltune run` must
     hand that file and the prepared records (as `questions`) to evaluate, which scores it against the gold blocks."""
     import shutil
 
@@ -191,7 +191,8 @@ predict: {{max_new_tokens: 8}}
 """)
     run = tmp_path / "run"
     assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
-    assert (run / "predictions" / "base.sql").read_text().count("\n\n") == 1
+    text = (run / "predictions" / "base.sql").read_text()
+    assert text.count("\n\n") == 2 and text.endswith("\n\n")  # two interactions, each ended by a blank line
     evaluation = [s for s in spans(run) if s["stage"] == "evaluate_base"][-1]
     assert evaluation["status"] == "ok" and evaluation["figures"]["count"] == 3
     rows = [json.loads(line) for line in (run / "eval" / "base" / "per_example.jsonl").read_text().splitlines()]
