@@ -78,6 +78,23 @@ def test_predictions_line_up_with_records(tiny_model, prepared_demo, adapters, t
     assert [r["sql"] for r in raw] == lines[:-1]
 
 
+def test_evaluate_finds_the_questions_through_the_prediction_meta(tiny_model, prepared_demo, tmp_path):
+    """Pins: evaluate looked for the answered records under a meta key predict never wrote, so reports of a
+    standalone `sqltune evaluate` (no --questions) had empty questions; its test had made the meta by hand."""
+    from sqltune.config import EvalConfig
+    from sqltune.data.prompts import question_of
+    from sqltune.data.registry import lookup
+    from sqltune.eval.evaluate import evaluate
+
+    predict(pcfg(tiny_model, prepared_demo, tmp_path / "p.sql", max_new_tokens=4))
+    entry = lookup(prepared_demo, "demo_dev")
+    evaluate(EvalConfig(pred=str(tmp_path / "p.sql"), gold=str(entry["gold"]), db_dir=str(entry["db_dir"]),
+                        etype="exec", report=str(tmp_path / "report"), quiet=True, workers=1))
+    rows = [json.loads(line) for line in open(tmp_path / "report" / "per_example.jsonl")]
+    dev = [json.loads(line) for line in open(entry["file_name"])]
+    assert [r["question"] for r in rows] == [question_of(d) for d in dev] and rows[0]["question"]
+
+
 def test_batched_equals_one_at_a_time(tiny_model, prepared_demo, tmp_path):
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "b.sql", batch_size=8, max_samples=8))
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "s.sql", batch_size=1, max_samples=8))

@@ -421,7 +421,7 @@ def _questions_path(cfg: EvalConfig, meta: dict) -> str:
     """--questions, else the prepared records predict answered (named in its meta file), when they exist."""
     if cfg.questions:
         return cfg.questions
-    file = meta.get("file")
+    file = (meta.get("about") or {}).get("file") or meta.get("file")
     return file if isinstance(file, str) and file.endswith(".jsonl") and Path(file).is_file() else ""
 
 

@@ -559,7 +559,8 @@ def predict(cfg: PredictConfig) -> dict:
             "records": len(records), "records_sha256": records_digest(records), "model_sha256": model_digest(model),
             "adapter_sha256": model_digest(adapter) if adapter else None,
             **({"databases_sha256": files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
-            "about": {"dataset": cfg.dataset, "model": str(model.resolve()),
+            "about": {"dataset": cfg.dataset, "file": str(Path(entry["file_name"]).resolve()),  # evaluate's questions
+                      "model": str(model.resolve()),
                       "adapter": str(adapter.resolve()) if adapter else "",
                       "training_record": str(where.resolve()) if where else ""}}
     predicted = mode == "predicted"
