@@ -32,7 +32,7 @@ import re
 from sqlparse import lexer
 from sqlparse import tokens as T
 
-from sqltune.data.prompts import INPUT_FORMAT
+from sqltune.data.prompts import INPUT_FORMAT, INSTRUCTION
 from sqltune.sqltext import fold
 
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<start_of_turn>", "<|eot_id|>", "<|end_of_text|>",
@@ -51,7 +51,9 @@ _OPEN = {"SELECT", "DISTINCT", "FROM", "WHERE", "AND", "OR", "NOT", "ON", "BY", 
          "WITH", "USING", "LIMIT", "OFFSET", "INNER", "LEFT", "RIGHT", "OUTER", "CROSS", "NATURAL", "FULL"}
 _BREAK = re.compile(r"\r\n|\r|\n")
 RESPONSE = INPUT_FORMAT.rsplit("\n", 1)[1]  # "###Response:", where the prompt hands over to the answer
-_TURN_END = re.compile(r"^[ \t]*(?:###Input:|##Instruction:)", re.MULTILINE)  # a made-up next turn starts here
+# "###Input:" and "##Instruction:", the prompt's own markers: where a made-up next turn starts
+_TURN_END = re.compile(r"^[ \t]*(?:%s|%s)" % (re.escape(INPUT_FORMAT.split("\n", 1)[0]),
+                                              re.escape(INSTRUCTION.rstrip("\n").rsplit("\n", 1)[1])), re.MULTILINE)
 
 
 def extract_sql(text: str, end: str | None = None) -> str:
