@@ -60,6 +60,20 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
         raise
 
 
+def interaction_text(items: list[tuple[object, str]]) -> str:
+    """(interaction, line) pairs as a gold or prediction file: a line each; where lines belong to interactions (not
+    None), a blank line after each interaction, the last one too (the official SParC/CoSQL evaluator keeps an
+    interaction only when a blank line ends it)."""
+    lines: list[str] = []
+    for i, (interaction, line) in enumerate(items):
+        if i and interaction is not None and interaction != items[i - 1][0]:
+            lines.append("")
+        lines.append(line)
+    if items and items[-1][0] is not None:
+        lines.append("")
+    return "".join(line + "\n" for line in lines)
+
+
 def append_once(path: str | Path, text: str, sync: bool = False) -> None:
     """Append `text` with a single write call (whole lines land together); create the file if needed. A write cut
     short (a full disk) goes on with the rest, so the error of the next write is raised instead of lines silently

@@ -25,7 +25,7 @@ from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
 from sqltune.errors import SqltuneError
 from sqltune.eval.safe_sqlite import QueryError, connect, run_query
-from sqltune.io import logging_to_file
+from sqltune.io import interaction_text, logging_to_file
 
 ROW_STYLES = ("ddl+rows", "mschema")  # styles that show sample_rows of data, which yield first to max_prompt_tokens
 GOLD_TIMEOUT, GOLD_MAX_ROWS = 30.0, 100_000  # the evaluator's default bounds (evaluate --timeout, --max_rows)
@@ -80,17 +80,10 @@ def gold_line(sql: str) -> str:
 
 
 def gold_text(examples: list[Example]) -> str:
-    """`SQL<TAB>db_id` per line, in record order; for multi-turn sources a blank line after each interaction, the
-    last one too (the official SParC/CoSQL evaluator keeps an interaction only when a blank line ends it)."""
-    lines, previous = [], None
-    for ex in examples:
-        if previous is not None and ex.interaction != previous:
-            lines.append("")
-        lines.append(f"{gold_line(ex.query)}\t{ex.db_id}")
-        previous = ex.interaction
-    if any(ex.interaction >= 0 for ex in examples):
-        lines.append("")
-    return "".join(line + "\n" for line in lines)
+    """`SQL<TAB>db_id` per line, in record order; for multi-turn sources a blank line after each interaction
+    (interaction_text, which predict's files share)."""
+    return interaction_text([(ex.interaction if ex.interaction >= 0 else None, f"{gold_line(ex.query)}\t{ex.db_id}")
+                             for ex in examples])
 
 
 def failing_gold(split: Split, disable_bar: bool = True) -> dict[int, str]:

@@ -52,7 +52,7 @@ from sqltune.data.registry import lookup
 from sqltune.digest import files_digest, model_digest, records_digest
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
-from sqltune.io import append_once, atomic_write, read_json, read_jsonl, write_json
+from sqltune.io import append_once, atomic_write, interaction_text, read_json, read_jsonl, write_json
 
 TRAIN_RECORD = "sqltune_train.yaml"  # written by sqltune.train.sft next to the adapter or full model
 MERGE_RECORD = "sqltune_merge.json"  # written by sqltune.infer.merge: which adapter a merged model holds
@@ -246,18 +246,13 @@ def _one_line(sql: str) -> str:
 
 def sql_text(rows: list[dict]) -> str:
     """The .sql file: one line per record (NO_SQL for an empty answer); for multi-turn records a blank line after
-    each interaction, the last one too (the official SParC/CoSQL evaluator keeps an interaction only when a blank
-    line ends it)."""
-    lines: list[str] = []
-    for i, row in enumerate(rows):
-        multi = "interaction" in row
-        if multi and i and row["interaction"] != rows[i - 1].get("interaction"):
-            lines.append("")
-        sql = _one_line(row["sql"])
-        lines.append(sql if sql.strip() else NO_SQL)
-    if rows and "interaction" in rows[-1]:
-        lines.append("")
-    return "".join(line + "\n" for line in lines)
+    each interaction, as the gold file has (interaction_text)."""
+    return interaction_text([(row.get("interaction"), _answer_line(row["sql"])) for row in rows])
+
+
+def _answer_line(sql: str) -> str:
+    line = _one_line(sql)
+    return line if line.strip() else NO_SQL
 
 
 def publish(out: Path) -> None:
