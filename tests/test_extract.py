@@ -48,11 +48,9 @@ GENERATIONS = [
     ('SELECT name FROM singer WHERE country = "France; Paris"',
      'SELECT name FROM singer WHERE country = "France; Paris"'),
     ("SELECT * FROM t WHERE name = 'Australia\t'", "SELECT * FROM t WHERE name = 'Australia\t'"),
-    # lowercase select in prose, and prose only: kept folded, so every record keeps its line
-    ("You can select the singers whose age is above 30 from the singer table.",
-     "You can select the singers whose age is above 30 from the singer table."),
-    ("I'm sorry, I cannot answer this question\nwithout more information.",
-     "I'm sorry, I cannot answer this question without more information."),
+    # lowercase select in prose, and prose only: no query, so the empty answer (predict writes it as SELECT)
+    ("You can select the singers whose age is above 30 from the singer table.", ""),
+    ("I'm sorry, I cannot answer this question\nwithout more information.", ""),
     ("", ""),
     # trailing explanation
     ("SELECT name FROM singer WHERE age > 30. This returns the names.", "SELECT name FROM singer WHERE age > 30"),
@@ -97,9 +95,56 @@ def test_end_marker_text_cuts_first():
     """The template's end marker (when predict passes it) cuts the text before anything else is read."""
     raw = "SELECT a FROM t WHERE b = 1 [[END]] SELECT c FROM u"
     assert extract_sql(raw, "[[END]]") == "SELECT a FROM t WHERE b = 1"
-    assert extract_sql("I cannot tell.[[END]]\nSELECT 1", "[[END]]") == "I cannot tell."
+    assert extract_sql("I cannot tell.[[END]]\nSELECT 1", "[[END]]") == ""
 
 
 def test_output_is_always_one_line():
     for raw, _ in GENERATIONS:
         assert "\n" not in extract_sql(raw) and "\r" not in extract_sql(raw + "\r\nmore\r")
+
+
+@pytest.mark.parametrize("raw, sql", [
+    ("SELECT name, count(*) FROM singer\nGroup By name", "SELECT name, count(*) FROM singer Group By name"),
+    ("SELECT name\nFrom singer\nWhere age > 30\nOrder By age Desc\nLimit 1",
+     "SELECT name From singer Where age > 30 Order By age Desc Limit 1"),
+    ("SELECT T1.name FROM singer AS T1\nInner Join concert AS T2\nOn T1.id = T2.singer_id\nAnd T2.year = 2014",
+     "SELECT T1.name FROM singer AS T1 Inner Join concert AS T2 On T1.id = T2.singer_id And T2.year = 2014"),
+    ("SELECT name FROM singer WHERE age < 20\nUnion\nSELECT name FROM singer WHERE age > 60",
+     "SELECT name FROM singer WHERE age < 20 Union SELECT name FROM singer WHERE age > 60"),
+    # a title-case line that reads as a sentence is prose, as before
+    ("SELECT name FROM singer\nFrom the result, we get the names.", "SELECT name FROM singer"),
+    ("SELECT name FROM singer ORDER BY age\nOrder matters here!", "SELECT name FROM singer ORDER BY age"),
+    ("SELECT name FROM singer\nIn this query, we list names", "SELECT name FROM singer"),
+])
+def test_title_case_clause_continues(raw, sql):
+    """Pins: a line starting with a title-case clause keyword (`Group By`, `Order By`, `From`, `Where`, ...) cut the
+    query (`SELECT name\\nFrom singer` was scored as `SELECT name`); a title-case line ending like a sentence is
+    still prose."""
+    assert extract_sql(raw) == sql
+
+
+@pytest.mark.parametrize("raw, sql", [
+    ("```sql SELECT name FROM singer", "SELECT name FROM singer"),
+    ("Here:\n```sql SELECT name FROM singer\n```", "SELECT name FROM singer"),
+    ("```sql\nSELECT name FROM singer\n``", "SELECT name FROM singer"),
+    ("SELECT name FROM singer ``", "SELECT name FROM singer"),
+    ("SELECT name FROM singer``", "SELECT name FROM singer"),
+    ("SELECT name FROM singer `", "SELECT name FROM singer"),
+    ("SELECT `name` FROM singer", "SELECT `name` FROM singer"),  # a quoted name is SQL
+    ("```sql\nI cannot answer this without the schema.", ""),
+    ("```", ""),
+    ("Sure, here it is", ""),
+])
+def test_no_fence_or_prose_is_sql(raw, sql):
+    """Pins: backticks of an unclosed or cut fence reached the SQL (`SELECT name FROM singer ``), a fence whose
+    language stood on the query's line was kept whole as text (```` ```sql SELECT ... ````), and text with no query
+    was written as the "SQL" (a fence and prose): with no query the answer is empty."""
+    assert extract_sql(raw) == sql
+
+
+def test_no_query_is_written_as_the_empty_answer():
+    """An empty extract reaches the prediction file as predict's empty answer (SELECT), one line per record."""
+    from sqltune.infer.predict import NO_SQL, sql_text
+
+    rows = [{"sql": extract_sql(raw)} for raw in ("I cannot tell.", "SELECT a FROM t", "```")]
+    assert sql_text(rows) == f"{NO_SQL}\nSELECT a FROM t\n{NO_SQL}\n"

@@ -7,22 +7,28 @@ Rules, in order:
    turn ends at `###Response:`, and at a line starting `###Input:` or `##Instruction:`); the first turn holding a
    query is read. So an echoed prompt is skipped, and a model that answers and then makes up a next question and
    its answer is scored on its own answer, not on the made-up one.
-2. Where the query starts: in the first fenced code block (with or without a language) that holds one, else in the
-   whole text. A query starts with SELECT, or WITH followed by `name AS (`, written in upper or lower case (not
-   capitalised like a sentence's first word), at the start of a line (or of the fenced block, or right after
-   `###Response:`); or in upper case right after a colon or an inline-code backtick (`use this query: SELECT ...`).
-   So `select` inside a sentence never starts a query.
+2. Where the query starts: in the first fenced code block (with or without a language, the language on its own
+   line or before the query: ```` ```sql SELECT ... ````) that holds one, else in the whole text. A query starts
+   with SELECT, or WITH followed by `name AS (`, written in upper or lower case (not capitalised like a sentence's
+   first word), at the start of a line (or of the fenced block, or right after `###Response:`); or in upper case
+   right after a colon or an inline-code backtick (`use this query: SELECT ...`). So `select` inside a sentence
+   never starts a query.
 3. Where it ends, read with sqlparse's SQL lexer, whose string literals and quoted names are single tokens (a `;`
    or a line break inside a literal never cuts): at the first `;` outside literals and parentheses, at the end of
-   the fenced block or inline code, or at the first line that does not continue the query. A line continues it when
-   parentheses are open, when the line before ended with a comma, an operator or a keyword that needs more (FROM,
-   AND, BY, UNION, ...), or when it starts with a clause keyword (FROM, WHERE, AND, JOIN, ORDER BY, UNION, ...; upper
-   or lower case), a closing parenthesis, a comma or an operator. A blank line does not end a query by itself.
+   the fenced block or inline code, at backticks that are no quoted name (a cut or unclosed fence: `` `` `` or a
+   lone `` ` ``), or at the first line that does not continue the query. A line continues it when parentheses are
+   open, when the line before ended with a comma, an operator or a keyword that needs more (FROM, AND, BY, UNION,
+   ...), or when it starts with a clause keyword (FROM, WHERE, AND, JOIN, ORDER BY, UNION, ...; upper or lower
+   case), a closing parenthesis, a comma or an operator. A line starting with a title-case clause keyword (`From`,
+   `Where`, `Group By`, `Order By`, `Having`, `Limit`, `... Join`, `On`, `And`, `Or`, `Union`, ...) continues it too,
+   unless it ends like a sentence (`.`, `!`, `?` or `:`): `From the result, we get the names.` is prose. A blank
+   line does not end a query by itself.
 4. One line: comments are dropped and whitespace outside literals folds to single spaces; inside a string literal
    everything is kept except line breaks, each of which becomes one space (the prediction file holds one query per
    line, so this is the only change a literal can undergo).
-Text with no query in it is kept as the model wrote it (after the cuts of rule 1), folded, so every record keeps its
-line.
+Text with no query in it gives the empty answer, never the text itself (a code fence or prose is no SQL, and
+executing it as SQL only hides that nothing was found); predict writes an empty answer as `SELECT`, so every record
+keeps its line.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from sqltune.sqltext import fold
 
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>", "<start_of_turn>", "<|eot_id|>", "<|end_of_text|>",
                "<|end|>", "<|EOT|>", "</s>", "<eos>")
-_FENCE = re.compile(r"```(?:[ \t]*[\w+#.-]*[ \t]*\n)?(.*?)(?:```|\Z)", re.DOTALL)
+# a fence's language on its own line, or before the query on the fence's line (```sql SELECT ...)
+_FENCE = re.compile(r"```(?:[ \t]*[\w+#.-]*[ \t]*\n|[ \t]*(?i:sql|sqlite)[ \t]+)?(.*?)(?:```|\Z)", re.DOTALL)
 _WITH = r"(?:WITH|with)\b(?=(?i:\s+(?:recursive\s+)?[\w\"`\[\]]+\s*(?:\([^)]*\)\s*)?as\s*\())"
 _START = re.compile(rf"^[ \t]*(?P<line>(?:SELECT|select)\b|{_WITH})"
                     rf"|(?P<lead>[:`])\**[ \t]*(?P<upper>SELECT\b|{_WITH.replace('|with', '')})", re.MULTILINE)
@@ -45,6 +52,9 @@ _START = re.compile(rf"^[ \t]*(?P<line>(?:SELECT|select)\b|{_WITH})"
 _CLAUSE = {"FROM", "WHERE", "AND", "OR", "NOT", "ON", "JOIN", "INNER", "LEFT", "RIGHT", "FULL", "CROSS", "NATURAL",
            "OUTER", "GROUP", "ORDER", "HAVING", "LIMIT", "OFFSET", "UNION", "INTERSECT", "EXCEPT", "AS", "IN", "LIKE",
            "GLOB", "BETWEEN", "IS", "WHEN", "THEN", "ELSE", "END", "ASC", "DESC", "USING", "EXISTS", "BY", "COLLATE"}
+# a line starting with one of these in title case (`Group By`) continues the query, unless it ends like a sentence
+_TITLE_CLAUSE = {"FROM", "WHERE", "GROUP BY", "ORDER BY", "HAVING", "LIMIT", "OFFSET", "UNION", "UNION ALL",
+                 "INTERSECT", "EXCEPT", "ON", "AND", "OR"}  # and every `... Join`
 # a line ending with one of these words needs the next one
 _OPEN = {"SELECT", "DISTINCT", "FROM", "WHERE", "AND", "OR", "NOT", "ON", "BY", "JOIN", "AS", "IN", "LIKE", "GLOB",
          "BETWEEN", "UNION", "INTERSECT", "EXCEPT", "ALL", "CASE", "WHEN", "THEN", "ELSE", "HAVING", "IS", "EXISTS",
@@ -65,8 +75,7 @@ def extract_sql(text: str, end: str | None = None) -> str:
         sql = _statement(block.group(1))
         if sql:
             return sql
-    sql = _statement(text)
-    return sql if sql else fold(text)
+    return _statement(text) or ""
 
 
 def _answer_turn(text: str) -> str:
@@ -93,29 +102,42 @@ def _word(value: str, last: bool = False) -> str:
     return (words[-1] if last else words[0]).upper() if words else ""
 
 
-def _continues(last: tuple, ttype, value: str) -> bool:
-    """Whether a line starting with token (ttype, value) continues a query whose last token was `last`."""
+def _title_clause(value: str, line: str) -> bool:
+    """A line starting with a title-case clause keyword (`Group By name`), not a sentence (`From this, ...`)."""
+    phrase = " ".join(value.upper().split())
+    return value.istitle() and (phrase in _TITLE_CLAUSE or phrase.endswith("JOIN")) and \
+        not line.rstrip().endswith((".", "!", "?", ":"))
+
+
+def _continues(last: tuple, ttype, value: str, line: str) -> bool:
+    """Whether a line starting with token (ttype, value) continues a query whose last token was `last`; `line` is
+    that line from the token on."""
     last_type, last_value = last
     if last_value in (",", "(", ".") or last_type in T.Operator or \
             (last_type in T.Keyword and _word(last_value, last=True) in _OPEN):
         return True
     if value in (")", ",", ".") or (ttype in T.Operator and value.upper() not in ("LIKE", "GLOB")):
         return True
-    return ttype not in T.String and (value.isupper() or value.islower()) and _word(value) in _CLAUSE
+    return ttype not in T.String and ((value.isupper() or value.islower()) and _word(value) in _CLAUSE or
+                                      _title_clause(value, line))
 
 
 def _one_line(sql: str) -> str:
     """The first statement of `sql` (which starts with its keyword), as one line."""
     out: list[str] = []
-    last, depth, space, newline, cte = None, 0, False, False, False
+    last, depth, space, newline, cte, pos = None, 0, False, False, False, 0
     for ttype, value in lexer.tokenize(sql):
+        at, pos = pos, pos + len(value)
         if ttype in T.Comment or ttype in T.Whitespace:
             newline = newline or ttype in T.Comment.Single or bool(_BREAK.search(value))
             space = True
             continue
-        if newline and depth == 0 and last is not None and not _continues(last, ttype, value) and \
+        if newline and depth == 0 and last is not None and \
+                not _continues(last, ttype, value, _BREAK.split(sql[at:], 1)[0]) and \
                 not (cte and _word(value) == "SELECT"):
             break
+        if value.strip("`") == "" and (ttype in T.Name or ttype in T.Error):
+            break  # `` or a lone ` (a cut or unclosed fence), not a quoted name
         if value == ";" and depth == 0:
             break
         if depth == 0 and space and last and last[1].endswith(".") and value[:1].isupper() and value[1:].islower():
