@@ -2,13 +2,18 @@
 
 Outputs are written to a temporary file beside the target and renamed into place, so a crash never
 leaves a half-written file behind; line logs are appended with one write call, so lines never interleave.
+No writer here goes through a symbolic link: a rename replaces the link itself, and an append or a truncation
+refuses one (a link planted where an output goes must never reach the file it points to).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import sqlite3
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +48,8 @@ def temp_dir(parent: str | Path, prefix: str) -> Path:
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8"):
     """Yield a file handle whose content replaces `path` only if the block finishes without error. The file gets
-    the mode a plain open() gives (mkstemp's is 0600 whatever the umask)."""
+    the mode a plain open() gives (mkstemp's is 0600 whatever the umask). A link at `path` is replaced, not
+    followed (the rename takes the link's place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -77,9 +83,9 @@ def interaction_text(items: list[tuple[object, str]]) -> str:
 def append_once(path: str | Path, text: str, sync: bool = False) -> None:
     """Append `text` with a single write call (whole lines land together); create the file if needed. A write cut
     short (a full disk) goes on with the rest, so the error of the next write is raised instead of lines silently
-    missing."""
+    missing. A link or anything but a plain file at `path` is refused, never written through."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)  # the umask decides, as for open()
+    fd = open_plain(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         left = memoryview(text.encode())
         while left:
@@ -88,6 +94,51 @@ def append_once(path: str | Path, text: str, sync: bool = False) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_plain(path: str | Path, flags: int) -> int:
+    """os.open that never follows a link at `path` and opens only a plain file (a FIFO would block, a device is
+    nobody's output); a refusal is one line naming the path. New files get the mode the umask gives."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SqltuneError(f"{path} is a symbolic link: sqltune never writes through one (remove it, or choose "
+                               "another output)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SqltuneError(f"{path} is not a plain file: sqltune writes only plain files (remove it, or choose "
+                           "another output)")
+    return fd
+
+
+def truncate(path: str | Path, size: int) -> None:
+    """Cut a file of ours to `size` bytes; a link at `path` is refused, not followed."""
+    fd = open_plain(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def refuse_link(path: str | Path, what: str) -> None:
+    """One line when `path` is a symbolic link: an output or a file sqltune continues must be its own."""
+    if os.path.islink(path):
+        raise SqltuneError(f"{what} {path} is a symbolic link: sqltune never writes through one (remove it, or "
+                           "choose another output)")
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Put the finished folder `new` in place of `target` as one unit (two renames: the old folder is moved aside
+    first and removed last, so `target` holds the old or the new folder, never a mix)."""
+    old = None
+    if os.path.lexists(target):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def database_path(db_dir: str | Path, db_id: str) -> Path:

@@ -34,11 +34,13 @@ def runs_dir() -> Path:
 
 def append_span(path: Path, span: dict) -> None:
     """One JSON object per line, written with a single append so concurrent writers do not interleave. A trace
-    that cannot be written (read-only folder, full disk) is one warning: the work it describes is done."""
+    that cannot be written (read-only folder, full disk, a symbolic link there, which is never followed) is one
+    warning: the work it describes is done."""
     try:
         append_once(path, json.dumps(span, default=str) + "\n")
-    except OSError as exc:
-        print(f"sqltune: warning: could not write the trace span to {path}: {exc.strerror or exc}", file=sys.stderr)
+    except (OSError, SqltuneError) as exc:
+        why = exc.strerror or exc if isinstance(exc, OSError) else exc
+        print(f"sqltune: warning: could not write the trace span to {path}: {why}", file=sys.stderr)
 
 
 def _iso(t: float) -> str:

@@ -168,8 +168,7 @@ def test_interrupted_overwrite_keeps_the_finished_output(tiny_model, prepared_de
     figures = predict(cfg(tiny_model, prepared_demo, out, max_new_tokens=5, batch_size=2))
     assert figures["resumed_from"] == 2 and figures["generated"] == 2
     assert json.loads((tmp_path / "o.sql.meta.json").read_text())["max_new_tokens"] == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.sql", "o.sql.lock", "o.sql.meta.json",
-                                                          "o.sql.raw.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.sql", "o.sql.meta.json", "o.sql.raw.jsonl"]
 
 
 @pytest.mark.parametrize("where", ["model", "adapter", "records"])

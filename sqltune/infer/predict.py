@@ -1,15 +1,17 @@
 """The predict stage: one SQL per prepared record, in record order, batched, resumable and never stale.
 
 Order of work: every input is checked first (records, model folder, tokenizer, template, adapter, the training
-record, the backend); then `<out>.lock` is taken (fcntl: a second predict on the same --out stops with one line); only
-then is anything written, and nothing at all before the first batch has been generated.
+record, the backend); then `<out>.lock` is taken (fcntl: a second predict on the same --out stops with one line
+naming the holder; the file goes when the run ends); only then is anything written, and nothing at all before the
+first batch has been generated.
 
 Files: a run appends one JSON line per record to `<out>.partial.raw.jsonl` (one write per batch; a torn last line is
 dropped on resume), beside `<out>.partial.meta.json`, which says what the lines were made from. When every record
 has its line, the `.sql` file is written from them and the three files take their final names `<out>`,
-`<out>.raw.jsonl`, `<out>.meta.json`. So a finished output is only ever replaced by another finished one (with
---overwrite as well), a failed or interrupted run leaves only partial files, and the next run with the same settings
-continues them (counting records, not lines).
+`<out>.raw.jsonl`, `<out>.meta.json`; the meta names its .sql by digest, and a file at `<out>` is replaced only when
+a meta names it. No file is written through a symbolic link. So a finished output is only ever replaced by another
+finished one (with --overwrite as well), a failed or interrupted run leaves only partial files, and the next run
+with the same settings continues them (counting records, not lines).
 
 Identity: the meta holds a digest of the model's and the adapter's files (small files by content, weights over
 64 MiB by size and modification time), a digest of the records answered, the resolved template, prompt length and
@@ -37,7 +39,7 @@ the vote; the chosen SQL is also the history of later turns with `--history pred
 from __future__ import annotations
 
 import dataclasses
-import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -52,7 +54,9 @@ from sqltune.data.registry import lookup
 from sqltune.digest import files_digest, model_digest, records_digest
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
-from sqltune.io import append_once, atomic_write, interaction_text, read_json, read_jsonl, write_json
+from sqltune.io import (append_once, atomic_write, interaction_text, read_json, read_jsonl, refuse_link, truncate,
+                        write_json)
+from sqltune.lock import held
 
 TRAIN_RECORD = "sqltune_train.yaml"  # written by sqltune.train.sft next to the adapter or full model
 MERGE_RECORD = "sqltune_merge.json"  # written by sqltune.infer.merge: which adapter a merged model holds
@@ -146,16 +150,10 @@ def check_out(out: Path, folders: list[Path], files: list[Path]) -> None:
 
 @contextmanager
 def output_lock(out: Path):
-    """Hold `<out>.lock` for the whole run; a second predict on the same --out gets one line. The lock file stays
-    (removing it would let a third process lock a different file of the same name)."""
-    path = out.with_name(out.name + ".lock")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:  # closing the file releases the lock
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise SqltuneError(f"another predict is writing {out} (it holds {path}): wait for it to finish or "
-                               "choose another --out") from None
+    """Hold `<out>.lock` for the whole run; a second predict on the same --out gets one line naming the holder. The
+    lock file is removed when the run ends (sqltune.lock)."""
+    with held(out.with_name(out.name + ".lock"), f"another predict is writing {out}",
+              "wait for it to finish or choose another --out"):
         yield
 
 
@@ -209,32 +207,43 @@ def _valid_rows(raw: Path, records: list[dict], predicted: bool) -> int:
             n -= 1
             pos = data.rfind(b"\n", 0, pos - 1) + 1
     if pos != len(data):
-        with open(raw, "r+b") as handle:
-            handle.truncate(pos)
+        truncate(raw, pos)
     return n
+
+
+def _names(meta: dict | None, out: Path) -> bool:
+    """Whether a meta names this very output: it holds the digest of the .sql file now at `out` (a stray or copied
+    meta, `{}` say, never vouches for a file predict did not write)."""
+    about = meta.get("about") if isinstance(meta, dict) else None
+    want = about.get("sql_sha256") if isinstance(about, dict) else None
+    return isinstance(want, str) and out.is_file() and hashlib.sha256(out.read_bytes()).hexdigest() == want
 
 
 def resume_point(out: Path, meta: dict, records: list[dict], overwrite: bool, predicted: bool) -> int | None:
     """Records this run has already answered in its partial files; None when `out` is finished with these settings.
-    A finished output or partial run of other settings is an error unless `overwrite`."""
+    A finished output or partial run of other settings is an error unless `overwrite`; a file at `out` that no meta
+    names is never replaced, and a link among the files is refused (never followed)."""
     meta_path = side_files(out)[1]
     part_raw, part_meta = side_files(partial_of(out))
-    if out.exists() and not meta_path.exists() and not part_meta.exists():
-        raise SqltuneError(f"{out} exists and is not a prediction file of sqltune (no {meta_path.name} beside it): "
-                           "predict does not replace it, even with --overwrite; choose another --out, or remove it "
-                           "yourself if it is not needed")
+    for path in (out, *side_files(out), part_raw, part_meta):
+        refuse_link(path, "--out's file")
+    old_meta, old_part = _meta_of(meta_path), _meta_of(part_meta)
+    if out.exists() and not _names(old_meta, out) and not _names(old_part, out):
+        raise SqltuneError(f"{out} exists and is not a prediction file of sqltune (no {meta_path.name} naming it "
+                           "beside it): predict does not replace it, even with --overwrite; choose another --out, or "
+                           "remove it yourself if it is not needed")
     if overwrite:
         return 0
-    if out.is_file() and _identity(_meta_of(meta_path)) == _identity(meta):
+    if _names(old_meta, out) and _identity(old_meta) == _identity(meta):
         return None
-    if _identity(_meta_of(part_meta)) == _identity(meta):
+    if _identity(old_part) == _identity(meta):
         return _valid_rows(part_raw, records, predicted)
     if out.exists():
-        why = _differences(_identity(_meta_of(meta_path)), _identity(meta))
+        why = _differences(_identity(old_meta), _identity(meta))
         raise SqltuneError(f"{out} holds predictions of another run ({why}); pass --overwrite to replace them (they "
                            "stay until the new run is complete)")
     if part_raw.exists() or part_meta.exists():
-        why = _differences(_identity(_meta_of(part_meta)), _identity(meta))
+        why = _differences(_identity(old_part), _identity(meta))
         raise SqltuneError(f"{part_raw} holds an unfinished run with other settings ({why}); pass --overwrite to "
                            "start again")
     return 0
@@ -256,13 +265,16 @@ def _answer_line(sql: str) -> str:
 
 
 def publish(out: Path) -> None:
-    """Give a complete partial run its final names; the meta comes last, so a meta always matches its .sql."""
+    """Give a complete partial run its final names. The meta names the .sql it describes (its digest) and is
+    written before it, so a crash at any point leaves a .sql that a meta names, or the old files."""
     raw, meta_path = side_files(out)
     part_raw, part_meta = side_files(partial_of(out))
-    rows = list(read_jsonl(part_raw))
-    meta_path.unlink(missing_ok=True)
+    text = sql_text(list(read_jsonl(part_raw)))
+    meta = read_json(part_meta)
+    write_json(part_meta, {**meta, "about": {**meta.get("about", {}),
+                                             "sql_sha256": hashlib.sha256(text.encode()).hexdigest()}})
     with atomic_write(out) as handle:
-        handle.write(sql_text(rows))
+        handle.write(text)
     os.replace(part_raw, raw)
     os.replace(part_meta, meta_path)
 

@@ -1,0 +1,147 @@
+"""Outputs are sqltune's own (issue 26, part 2): no write through a symbolic link, a report folder replaced whole,
+--overwrite only over a file a meta names, one writer per output with a lock that goes at exit, no stale merge
+folders, and hostile YAML or values refused in one bounded line before anything uses them."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+from conftest import predict_killed_at_batch
+
+from sqltune.cli import main
+from sqltune.config import EvalConfig, MergeConfig, PredictConfig, TrainConfig, load
+from sqltune.errors import SqltuneError
+from sqltune.io import append_once
+
+
+def _predict_cfg(tiny_model, prepared_demo, out, **kw):
+    return PredictConfig(**{**dict(model_name_or_path=str(tiny_model), dataset="demo_dev",
+                                   dataset_dir=str(prepared_demo), out=str(out), template="chatml", max_new_tokens=5,
+                                   batch_size=2, max_samples=4), **kw})
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# ------------------------------------------------------------------ no write through a link
+def test_append_refuses_a_symbolic_link(tmp_path):
+    """Pins: append_once opened with O_APPEND, which follows a link, so a line log planted as a link appended to
+    whatever it pointed at."""
+    victim = tmp_path / "gold.sql"
+    victim.write_text("SELECT 1\tdb\n")
+    (tmp_path / "log.jsonl").symlink_to(victim)
+    with pytest.raises(SqltuneError, match="symbolic link"):
+        append_once(tmp_path / "log.jsonl", '{"x": 1}\n')
+    assert victim.read_text() == "SELECT 1\tdb\n"
+
+
+def test_a_trace_link_is_a_warning_and_never_followed(tmp_path, capsys):
+    """Pins: a `trace.jsonl` link in an output folder made a stage command append its span to the file it pointed
+    at (the attacker's: the gold file)."""
+    from sqltune.trace import append_span
+
+    gold = tmp_path / "dev_gold.sql"
+    gold.write_text("SELECT 1\tdb\n")
+    (tmp_path / "trace.jsonl").symlink_to(gold)
+    append_span(tmp_path / "trace.jsonl", {"stage": "evaluate"})
+    assert gold.read_text() == "SELECT 1\tdb\n"
+    assert "symbolic link" in _one_line(capsys)
+
+
+def test_predict_resume_never_truncates_through_a_link(tiny_model, prepared_demo, tmp_path):
+    """Pins: a `<out>.partial.raw.jsonl` that is a link to a database made predict's resume cut the database to
+    0 bytes (the torn-line cut followed the link). Now one line, and the database is untouched."""
+    from sqltune.infer.predict import predict
+
+    out = tmp_path / "p.sql"
+    with predict_killed_at_batch(2), pytest.raises(KeyboardInterrupt):
+        predict(_predict_cfg(tiny_model, prepared_demo, out))
+    database = tmp_path / "concert.sqlite"
+    database.write_bytes(b"SQLite format 3\x00" + bytes(200))
+    raw = tmp_path / "p.sql.partial.raw.jsonl"
+    raw.unlink()
+    raw.symlink_to(database)
+    with pytest.raises(SqltuneError, match="symbolic link"):
+        predict(_predict_cfg(tiny_model, prepared_demo, out))
+    assert database.read_bytes() == b"SQLite format 3\x00" + bytes(200)
+    assert not (tmp_path / "p.sql.lock").exists()
+
+
+def test_overwrite_trusts_only_a_meta_that_names_the_output(tiny_model, prepared_demo, tmp_path, capsys):
+    """Pins: a stray `{}` meta beside a user's file let `predict --overwrite` replace the file (any meta counted
+    as "predict made this"). Now a meta must name the .sql (its digest); a real output is still replaced."""
+    victim = tmp_path / "notes.sql"
+    victim.write_text("my own queries\n")
+    (tmp_path / "notes.sql.meta.json").write_text("{}")
+    args = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+            str(prepared_demo), "--template", "chatml", "--max_new_tokens", "4", "--max_samples", "2"]
+    assert main(args + ["--out", str(victim), "--overwrite"]) == 2
+    assert "is not a prediction file of sqltune" in _one_line(capsys)
+    assert victim.read_text() == "my own queries\n"
+    out = tmp_path / "real.sql"
+    assert main(args + ["--out", str(out)]) == 0
+    assert main(args + ["--out", str(out), "--max_new_tokens", "3", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "real.sql.meta.json").read_text())["max_new_tokens"] == 3
+    assert not (tmp_path / "real.sql.lock").exists()  # the lock file goes with a clean exit
+
+
+# ------------------------------------------------------------------ the report folder, one unit
+def _report(folder, count):
+    from sqltune.eval.report import write_report
+
+    cfg = EvalConfig(pred="p.sql", gold="g.sql", etype="exec")
+    write_report(folder, cfg, {"count": count, "etype": "exec"}, [], "table")
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+# ------------------------------------------------------------------ one writer per output
+def test_the_lock_names_its_holder_and_goes_at_exit(tmp_path):
+    """Pins: a second writer got no word of who held the lock, and the lock file stayed after the run."""
+    from sqltune.lock import acquire, held
+
+    path = tmp_path / "out.lock"
+    with held(path, "another job is writing out"):
+        with pytest.raises(SqltuneError, match=f"another job is writing out \\(pid {os.getpid()} on "):
+            acquire(path, "another job is writing out")
+    assert not path.exists()
+
+
+def test_a_lock_file_removed_under_the_acquirer_is_locked_afresh(tmp_path, monkeypatch):
+    """Pins the unlink race: the holder removes the lock file between the acquirer's open and its lock; the
+    acquirer must then lock the file at the path, not the removed one (else a third process locks a new file)."""
+    import fcntl
+
+    import sqltune.lock as lock
+
+    path = tmp_path / "out.lock"
+    real = fcntl.flock
+    calls = []
+
+    def holder_leaves(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            os.unlink(path)  # the holder finished just now
+        return real(fd, op)
+
+    monkeypatch.setattr(lock.fcntl, "flock", holder_leaves)
+    fd = lock.acquire(path, "busy")
+    assert len(calls) == 2 and os.fstat(fd).st_ino == os.stat(path).st_ino
+    lock.release(fd, path)
+    assert not path.exists()
+
+
+# ------------------------------------------------------------------ hostile YAML and values
+BOMB = "[&a0 [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 7)) + "]"
+# 9**6 values in one value: enough to refuse, small enough for the old code to finish
+
+
