@@ -103,6 +103,55 @@ def _files(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
+def test_a_failed_report_leaves_the_old_one_whole(tmp_path, monkeypatch):
+    """Pins: a full disk during `evaluate --report` left a new metrics.json beside the old per_example.jsonl; the
+    report is now written beside the folder and swapped in whole, or not at all."""
+    import sqltune.eval.report as report
+
+    folder = tmp_path / "eval"
+    _report(folder, 1)
+    before = _files(folder)
+
+    def disk_full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_jsonl", disk_full)
+    with pytest.raises(OSError):
+        _report(folder, 2)
+    assert _files(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]  # no temporary folder left
+    monkeypatch.undo()
+    _report(folder, 2)
+    assert json.loads((folder / "metrics.json").read_text())["count"] == 2
+
+
+def test_a_report_never_writes_through_a_link(tmp_path):
+    """Pins: a `trace.jsonl` (or any report file) that is a link in the report folder was written through; the new
+    folder holds plain files, and a report path that is itself a link is refused."""
+    gold = tmp_path / "gold.sql"
+    gold.write_text("SELECT 1\tdb\n")
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "trace.jsonl").symlink_to(gold)
+    (folder / "metrics.json").symlink_to(gold)
+    _report(folder, 1)
+    assert gold.read_text() == "SELECT 1\tdb\n"
+    assert not any(p.is_symlink() for p in folder.iterdir())
+    (tmp_path / "linked").symlink_to(folder)
+    with pytest.raises(SqltuneError, match="symbolic link"):
+        _report(tmp_path / "linked", 1)
+
+
+def test_a_folder_of_other_files_is_not_a_report_folder(tmp_path):
+    """Pins that the whole-folder swap never takes a user's other files with it: such a folder is refused."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(SqltuneError, match="not a report"):
+        _report(folder, 1)
+    assert _files(folder) == {"notes.txt": b"mine"}
+
+
 # ------------------------------------------------------------------ one writer per output
 def test_the_lock_names_its_holder_and_goes_at_exit(tmp_path):
     """Pins: a second writer got no word of who held the lock, and the lock file stayed after the run."""

@@ -1,14 +1,25 @@
 """The evaluation report: metrics.json (every figure), per_example.jsonl, and report.md with the per-hardness
-table and the most common kinds of failure."""
+table and the most common kinds of failure.
+
+The folder is written whole beside its place and swapped in as one unit, so a failure (a full disk) leaves the old
+report as it was, never new metrics beside old examples. Only a report folder is replaced: a folder holding other
+files, a symbolic link or a file at that path is refused.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import stat
 from collections import Counter
 from pathlib import Path
 
+from sqltune.errors import SqltuneError
 from sqltune.eval.exact_match import PARTIAL_TYPES
-from sqltune.io import atomic_write, write_json, write_jsonl
+from sqltune.io import atomic_write, swap_in, temp_dir, write_json, write_jsonl
+
+REPORT_FILES = ("metrics.json", "per_example.jsonl", "report.md", "trace.jsonl")  # what a report folder holds
 
 _NAMES = re.compile(r":\s.*$")
 _QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
@@ -79,15 +90,48 @@ def _failure_lines(results: list[dict], etype: str) -> list[str]:
     return lines + ["", "| kind | count |", "|---|---|"] + [f"| {k} | {n} |" for k, n in counts.most_common()]
 
 
+def check_report_folder(folder: Path) -> None:
+    """One line unless `folder` is absent or a report folder (only report files in it): the whole folder is
+    replaced, so nothing else may live there, and a link is never followed."""
+    if folder.is_symlink():
+        raise SqltuneError(f"--report {folder} is a symbolic link: the report folder is replaced as a whole and never "
+                           "written through a link; choose another --report")
+    if folder.exists() and not folder.is_dir():
+        raise SqltuneError(f"--report {folder} is a file; give a folder for the report")
+    others = sorted(p.name for p in folder.iterdir() if p.name not in REPORT_FILES) if folder.is_dir() else []
+    if others:
+        raise SqltuneError(f"--report {folder} holds files that are not a report ({', '.join(others[:3])}"
+                           f"{' and more' if len(others) > 3 else ''}): the report replaces the whole folder; "
+                           "choose a new or empty folder")
+
+
 def write_report(folder: Path, cfg, figures: dict, results: list[dict], table: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "metrics.json", {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-                                         **figures})
-    write_jsonl(folder / "per_example.jsonl", (
-        {"index": r["index"], "interaction": r["interaction"], "turn": r["turn"], "db_id": r["db_id"],
-         "hardness": r["hardness"], "question": r["question"], "gold": r["gold"], "pred": r["pred"], "ex": r["ex"],
-         "em": r["em"], "error": r["error"] or r["gold_error"] or r.get("left_out"), "failure": failure_kind(r)}
-        for r in results))
+    """Write the report into a fresh folder beside `folder`, then swap it in (the trace of earlier commands there
+    comes along, copied, never through a link)."""
+    check_report_folder(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(folder.parent, f".{folder.name}.report-")
+    try:
+        write_json(tmp / "metrics.json", {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                                          **figures})
+        write_jsonl(tmp / "per_example.jsonl", (
+            {"index": r["index"], "interaction": r["interaction"], "turn": r["turn"], "db_id": r["db_id"],
+             "hardness": r["hardness"], "question": r["question"], "gold": r["gold"], "pred": r["pred"],
+             "ex": r["ex"], "em": r["em"], "error": r["error"] or r["gold_error"] or r.get("left_out"),
+             "failure": failure_kind(r)} for r in results))
+        with atomic_write(tmp / "report.md") as handle:
+            handle.write(report_text(cfg, figures, results, table))
+        trace = folder / "trace.jsonl"
+        if stat.S_ISREG(os.lstat(trace).st_mode if os.path.lexists(trace) else 0):
+            shutil.copyfile(trace, tmp / "trace.jsonl", follow_symlinks=False)
+        swap_in(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def report_text(cfg, figures: dict, results: list[dict], table: str) -> str:
+    """report.md: the inputs and flags, what was scored, the per-hardness table and the failure kinds."""
     accounted = f"- questions: {figures.get('count')} scored"
     if figures.get("total") and figures.get("considered", figures["total"]) < figures["total"]:
         accounted += f" of the first {figures['considered']} (--max_samples) of {figures['total']} in the gold file"
@@ -128,5 +172,4 @@ def write_report(folder: Path, cfg, figures: dict, results: list[dict], table: s
     if "scores" in figures and figures["etype"] != "exec":
         lines += ["Partial matching: F1 is 1.000 where accuracy and recall are both 0.000 (no question at that level "
                   "has the component): the official script's convention, kept so the figures compare.", ""]
-    with atomic_write(folder / "report.md") as handle:
-        handle.write("\n".join(lines))
+    return "\n".join(lines)
