@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,16 @@ def arg(default: Any, help: str, **kw) -> Any:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise SqltuneError(message)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, cut short (reprlib never builds the whole of a long list or
+    string) and on one line (repr escapes line breaks)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 2, 4, 4, 4
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -60,15 +71,16 @@ class PrepareConfig:
                                          "rows on its database (run read-only with the evaluator's bounds); counted")
 
     def __post_init__(self):
-        _check(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}, not {self.source!r}")
+        _check(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}, not {shown(self.source)}")
         _check(self.schema_style in SCHEMA_STYLES,
-               f"--schema_style must be one of {', '.join(SCHEMA_STYLES)}, not {self.schema_style!r}")
+               f"--schema_style must be one of {', '.join(SCHEMA_STYLES)}, not {shown(self.schema_style)}")
         _check(self.sample_rows >= 0, "--sample_rows must be >= 0")
         _check(self.max_prompt_tokens >= 0, "--max_prompt_tokens must be >= 0")
         self.name = self.name or self.source
         _check(all(c.isascii() and (c.isalnum() or c in "_-.") for c in self.name) and not self.name.startswith("."),
-               f"--name must be a plain name (letters, digits, _, -, and . not first), not {self.name!r}")
-        _check(self.history in ("questions", "gold"), f"--history must be questions or gold, not {self.history!r}")
+               f"--name must be a plain name (letters, digits, _, -, and . not first), not {shown(self.name)}")
+        _check(self.history in ("questions", "gold"),
+               f"--history must be questions or gold, not {shown(self.history)}")
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -140,10 +152,12 @@ class TrainConfig:
             _check(self.finetuning_type == "qlora", f"--quantization_bit needs --finetuning_type lora or qlora "
                    f"(a {self.quantization_bit}-bit base cannot be trained with finetuning_type {self.finetuning_type})")
         _check(self.finetuning_type in FINETUNING_TYPES,
-               f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, not {self.finetuning_type!r}")
+               f"--finetuning_type must be one of {', '.join(FINETUNING_TYPES)}, "
+               f"not {shown(self.finetuning_type)}")
         if self.finetuning_type == "qlora" and self.quantization_bit is None:
             self.quantization_bit = 4
-        _check(self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+        _check(self.template in TEMPLATES,
+               f"--template must be one of {', '.join(TEMPLATES)}, not {shown(self.template)}")
         _check(self.lora_rank > 0, "--lora_rank must be > 0")
         _check(self.max_source_length > 0 and self.max_target_length > 0,
                "--max_source_length and --max_target_length must be > 0")
@@ -164,14 +178,16 @@ class TrainConfig:
         _check(self.save_total_limit > 0, "--save_total_limit must be > 0 (--resume needs a checkpoint)")
         _check(self.freeze_trainable_layers > 0, "--freeze_trainable_layers must be > 0")
         _check(self.lr_scheduler_type in self.SCHEDULERS,
-               f"--lr_scheduler_type must be one of {', '.join(self.SCHEDULERS)}, not {self.lr_scheduler_type!r}")
+               f"--lr_scheduler_type must be one of {', '.join(self.SCHEDULERS)}, "
+               f"not {shown(self.lr_scheduler_type)}")
         _check(self.max_steps == -1 or self.max_steps > 0,
                f"--max_steps must be > 0, or -1 to train for --num_train_epochs (not {self.max_steps})")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or --num_train_epochs above 0")
         _check(self.save_steps > 0 and self.logging_steps > 0, "--save_steps and --logging_steps must be > 0")
         _check(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
         _check(self.attn_implementation in ("sdpa", "flash_attention_2", "eager"),
-               f"--attn_implementation must be sdpa, flash_attention_2 or eager, not {self.attn_implementation!r}")
+               f"--attn_implementation must be sdpa, flash_attention_2 or eager, "
+               f"not {shown(self.attn_implementation)}")
         _check(not (self.fsdp and self.deepspeed), "choose one of --fsdp and --deepspeed")
         _check(not self.fsdp_config or bool(self.fsdp), "--fsdp_config needs --fsdp")
 
@@ -227,11 +243,11 @@ class PredictConfig:
                                  "replaced only when the new run is complete)")
 
     def __post_init__(self):
-        _check(self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, not {self.backend!r}")
+        _check(self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, not {shown(self.backend)}")
         _check(self.dtype in ("auto", "float32", "bfloat16"),
-               f"--dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
+               f"--dtype must be auto, float32 or bfloat16, not {shown(self.dtype)}")
         _check(self.template == "" or self.template in TEMPLATES,
-               f"--template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+               f"--template must be one of {', '.join(TEMPLATES)}, not {shown(self.template)}")
         _check(self.max_source_length >= 0, "--max_source_length must be > 0 (or 0: the training value)")
         _check(self.batch_size > 0, "--batch_size must be > 0")
         _check(self.max_new_tokens > 0, "--max_new_tokens must be > 0")
@@ -239,15 +255,17 @@ class PredictConfig:
         _check(self.temperature >= 0, "--temperature must be >= 0")
         _check(0 < self.top_p <= 1, f"--top_p must be in (0, 1], not {self.top_p}")
         _check(self.max_samples >= 0, "--max_samples must be >= 0 (0 = all)")
-        _check(self.history in ("records", "predicted"), f"--history must be records or predicted, not {self.history!r}")
+        _check(self.history in ("records", "predicted"),
+               f"--history must be records or predicted, not {shown(self.history)}")
         _check(self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
-               f"--attn_implementation must be sdpa, eager or flash_attention_2, not {self.attn_implementation!r}")
+               f"--attn_implementation must be sdpa, eager or flash_attention_2, "
+               f"not {shown(self.attn_implementation)}")
         _check(self.tensor_parallel_size > 0, "--tensor_parallel_size must be > 0")
         _check(0 < self.gpu_memory_utilization <= 1, "--gpu_memory_utilization must be in (0, 1]")
         _check(self.max_model_len >= 0, "--max_model_len must be >= 0 (0 = max_source_length + max_new_tokens)")
         _check(not (self.backend == "vllm" and self.num_beams > 1),
                "--num_beams > 1 needs --backend hf (vLLM's generate does no beam search)")
-        _check(self.vote in ("none", "execution"), f"--vote must be none or execution, not {self.vote!r}")
+        _check(self.vote in ("none", "execution"), f"--vote must be none or execution, not {shown(self.vote)}")
         _check(self.num_samples >= 0 and self.retry_on_error >= 0, "--num_samples and --retry_on_error must be >= 0")
         _check(self.vote == "none" or self.num_samples >= 2, "--vote execution needs --num_samples 2 or more")
         _check(self.num_samples < 2 or self.vote == "execution",
@@ -288,12 +306,13 @@ class EvalConfig:
     quiet: bool = arg(False, "print no table")
 
     def __post_init__(self):
-        _check(self.etype in ("exec", "match", "all"), f"--etype must be exec, match or all, not {self.etype!r}")
+        _check(self.etype in ("exec", "match", "all"), f"--etype must be exec, match or all, not {shown(self.etype)}")
         _check(self.timeout > 0, "--timeout must be > 0")
         _check(self.max_rows > 0, "--max_rows must be > 0")
         _check(self.workers >= 0, "--workers must be >= 0")
         _check(self.max_samples >= 0, f"--max_samples must be >= 0 (0 = all), not {self.max_samples}")
-        _check(self.max_result_mb > 0, "--max_result_mb must be > 0")
+        _check(0 < self.max_result_mb <= 1024,  # SQLite holds no value over 1 GB; its length limit is a C int
+               f"--max_result_mb must be in (0, 1024], not {self.max_result_mb:g}")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -338,7 +357,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 raise ValueError
             number = float(value)
             if not math.isfinite(number):
-                raise SqltuneError(f"--{name} must be a finite number, not {value!r}")
+                raise SqltuneError(f"--{name} must be a finite number, not {shown(value)}")
             return number
         if tp is str:
             if isinstance(value, (list, dict, bool)):
@@ -350,7 +369,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return value
     type_name = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a single text value"}
     expected = type_name.get(getattr(tp, "__name__", ""), getattr(tp, "__name__", str(tp)))
-    raise SqltuneError(f"--{name} expects {expected}, got {value!r}")
+    raise SqltuneError(f"--{name} expects {expected}, got {shown(value)}")
 
 
 def build(cls, values: dict | None = None, where: str = "config"):
@@ -371,8 +390,66 @@ def field_name(cls, key: Any, where: str) -> str:
     if norm not in names:
         close = difflib.get_close_matches(norm, names, n=1) if isinstance(norm, str) else []
         hint = f" (did you mean --{close[0]}?)" if close else ""
-        raise SqltuneError(f"unknown option {key!r} in {where}{hint}")
+        raise SqltuneError(f"unknown option {shown(key)} in {where}{hint}")
     return norm
+
+
+MAX_YAML_VALUES = 100_000  # a recipe holds hundreds; anchors and aliases may not expand past this
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a document whose anchors and aliases expand to more than MAX_YAML_VALUES
+    values (an alias bomb) or refer to themselves, before any value is built or used."""
+
+    def construct_document(self, node):
+        _expanded_size(node)
+        return super().construct_document(node)
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _expanded_size(root) -> int:
+    """Values in the document with every alias expanded, counted on the node graph (each node once, depth first
+    without recursion)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        if closing:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[id(node)] > MAX_YAML_VALUES:
+                raise SqltuneError(f"its anchors and aliases expand to more than {MAX_YAML_VALUES} values")
+        elif id(node) in open_nodes:
+            raise SqltuneError("an alias refers to the value that holds it")
+        elif id(node) not in sizes:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in _children(node))
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text as Python values, every failure one line naming `where`: malformed text, an alias bomb, a value
+    YAML cannot build (a 13th month, an integer of thousands of digits), nesting too deep."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
+    except SqltuneError as exc:
+        raise SqltuneError(f"{where}: {exc}: refused") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SqltuneError(f"malformed YAML in {where}{at}: {problem}") from None
+    except RecursionError:
+        raise SqltuneError(f"malformed YAML in {where}: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:
+        raise SqltuneError(f"bad value in {where}: {str(exc).splitlines()[0][:120]}") from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -380,13 +457,10 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise SqltuneError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise SqltuneError(f"{path} is not UTF-8 text (byte {exc.start}): is it really a YAML file?") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SqltuneError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -194,3 +194,41 @@ BOMB = "[&a0 [x, x, x, x, x, x, x, x, x], " + ", ".join(
 # 9**6 values in one value: enough to refuse, small enough for the old code to finish
 
 
+@pytest.mark.parametrize("where", [f"name: {BOMB}\n", f"predict: {{max_new_tokens: {BOMB}}}\n", "name: &r [*r]\n"])
+def test_yaml_alias_bombs_are_refused_in_one_short_line(tmp_path, capsys, where):
+    """Pins: anchors and aliases expanding to millions of values (`name:` or a stage option; 9 levels ran 60 s at
+    1.5 GB) were built and put into the error message whole; a value holding itself was read too. Now the file
+    is refused, in one short line, before any value is used."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [predict]\n" + where)
+    assert main(["run", str(recipe), "--runs_dir", str(tmp_path / "runs"), "--print_config"]) == 2
+    err = _one_line(capsys)
+    assert len(err) < 300 and ("aliases expand to more than" in err or "refers to the value" in err), err[:300]
+
+
+@pytest.mark.parametrize("text", ["max_new_tokens: 2001-13-45\n", "max_new_tokens: " + "9" * 5000 + "\n",
+                                  "max_new_tokens: " + "[" * 3000 + "]" * 3000 + "\n"])
+def test_values_yaml_cannot_build_are_one_line(tmp_path, capsys, text):
+    """Pins: a date YAML cannot build (13th month), an integer of 5000 digits or nesting 3000 deep was an internal
+    error (ValueError, RecursionError) instead of one line."""
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    assert main(["predict", str(path)]) == 2
+    assert len(_one_line(capsys)) < 300
+
+
+@pytest.mark.parametrize("values", [{"backend": "x" * 100_000}, {"max_new_tokens": list(range(100_000))},
+                                    {"z" * 100_000: 1}])
+def test_bad_values_are_shown_cut_short(tmp_path, values):
+    """Pins: an error message quoted the bad value whole (a 100 000-character name, a list of 100 000 items)."""
+    with pytest.raises(SqltuneError) as caught:
+        load(PredictConfig, overrides=values)
+    assert len(str(caught.value)) < 300 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mb", ["1e12", "0", "2000"])
+def test_max_result_mb_out_of_range_is_one_line(mb):
+    """Pins: `--max_result_mb 1e12` passed the checks and ended evaluate with an internal error (SQLite's length
+    limit is a C int)."""
+    with pytest.raises(SqltuneError, match="--max_result_mb must be in"):
+        load(EvalConfig, overrides={"max_result_mb": mb})
