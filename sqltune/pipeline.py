@@ -16,7 +16,8 @@ everything it reads from earlier stages: prepared data -> adapter -> merged mode
 A stage whose identity is unchanged is skipped; any change reruns it and everything
 downstream (`--force` reruns all). So `sqltune run` on the same file continues the latest unfinished run of that
 recipe where it stopped (`--new` starts afresh, `--run_dir DIR` picks a folder). Every stage writes a trace span
-(see `sqltune trace`).
+(see `sqltune trace`). One `sqltune run` works in a run folder at a time: it holds `<run>/.lock`, and a second one
+stops with one line naming the holder.
 
     sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config]
                             [--SECTION.OPTION VALUE ...] [--OPTION VALUE ...]
@@ -38,13 +39,15 @@ from pathlib import Path
 
 import yaml
 
-from sqltune.config import RUN_KEYS, _coerce, build, field_name, load_yaml, recipe_values
+from sqltune.config import RUN_KEYS, _coerce, build, field_name, load_yaml, recipe_values, shown
 from sqltune.digest import tree_digest
 from sqltune.errors import SqltuneError
 from sqltune.io import atomic_write, write_json
+from sqltune.lock import held
 from sqltune.stages import ORDER, STAGES
 from sqltune.trace import ENV_TRACE, TRACE_FILE, append_span, read_trace, runs_dir, span
 
+RUN_LOCK = ".lock"  # held by the one `sqltune run` working in a run folder (sqltune.lock)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a run name never walks out of the runs folder
 
 
@@ -66,7 +69,7 @@ def apply_overrides(data: dict, overrides: dict) -> dict:
         section, dot, option = key.partition(".")
         if dot:
             if section not in ORDER:
-                raise SqltuneError(f"unknown stage {section!r} in --{key} (stages: {', '.join(ORDER)})")
+                raise SqltuneError(f"unknown stage {shown(section)} in --{key} (stages: {', '.join(ORDER)})")
             own = data.get(section)
             own = {} if own is None else own
             if not isinstance(own, dict):
@@ -88,13 +91,13 @@ def _stages(value, path: str) -> list[str]:
     if isinstance(value, str):
         value = [s.strip() for s in value.split(",") if s.strip()]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise SqltuneError(f"{path}: `stages` must be a list of stage names ({', '.join(ORDER)}), not {value!r}")
+        raise SqltuneError(f"{path}: `stages` must be a list of stage names ({', '.join(ORDER)}), not {shown(value)}")
     if not value:
         raise SqltuneError(f"{path}: `stages` must name at least one stage ({', '.join(ORDER)}); "
                            "leave it out to run them all")
     unknown = [s for s in value if s not in ORDER]
     if unknown:
-        raise SqltuneError(f"{path}: unknown stage {unknown[0]!r} in `stages` (known: {', '.join(ORDER)})")
+        raise SqltuneError(f"{path}: unknown stage {shown(unknown[0])} in `stages` (known: {', '.join(ORDER)})")
     return [s for s in ORDER if s in value]
 
 
@@ -106,7 +109,7 @@ def read_plan(path: str, overrides: dict | None = None) -> RunPlan:
         name = str(data["name"])
         if isinstance(data["name"], (dict, list)) or not PLAIN_NAME.fullmatch(name):
             raise SqltuneError(f"{path}: `name` must be a plain name (letters, digits, _, -, and . not first), "
-                               f"not {data['name']!r}")
+                               f"not {shown(data['name'])}")
     stages = _stages(data.get("stages"), path)
     compare_base = _coerce("compare_base", data.get("compare_base", False), bool)
     for s in ORDER:
@@ -119,7 +122,7 @@ def read_plan(path: str, overrides: dict | None = None) -> RunPlan:
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known | RUN_KEYS | set(ORDER)), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SqltuneError(f"{path}: unknown run-level key {key!r}{hint}")
+            raise SqltuneError(f"{path}: unknown run-level key {shown(key)}{hint}")
     root = data.get("runs_dir")
     return RunPlan(name, stages, compare_base, sections, shared, str(root) if root else None)
 
@@ -343,15 +346,18 @@ def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str |
         print(resolved_yaml(plan, run, configs), end="")
         return {}
     print(f"run folder: {run}")
-    os.environ[ENV_TRACE] = str(run / TRACE_FILE)
-    try:
-        with span(run / TRACE_FILE, run.name, "run") as figures:
-            results, _ = execute(plan, run, force)
-            for key, fig in results.items():
-                if key.startswith("evaluate_") and fig.get("ex") is not None:
-                    figures[f"ex_{key.split('_', 1)[1]}"] = fig["ex"]
-    finally:
-        os.environ.pop(ENV_TRACE, None)
+    run.mkdir(parents=True, exist_ok=True)
+    with held(run / RUN_LOCK, f"another sqltune run is working in {run}",
+              "wait for it to finish, or start a separate run with --new"):
+        os.environ[ENV_TRACE] = str(run / TRACE_FILE)
+        try:
+            with span(run / TRACE_FILE, run.name, "run") as figures:
+                results, _ = execute(plan, run, force)
+                for key, fig in results.items():
+                    if key.startswith("evaluate_") and fig.get("ex") is not None:
+                        figures[f"ex_{key.split('_', 1)[1]}"] = fig["ex"]
+        finally:
+            os.environ.pop(ENV_TRACE, None)
     table = summary_table(results)
     if table:
         print("\nexecution accuracy on the dev split (evaluation reports in " f"{run / 'eval'}):\n" + table)

@@ -188,6 +188,38 @@ def test_a_lock_file_removed_under_the_acquirer_is_locked_afresh(tmp_path, monke
     assert not path.exists()
 
 
+def test_second_run_of_a_run_folder_gets_one_line(tmp_path, demo_dir, capsys):
+    """Pins: two `sqltune run` of one recipe worked in the same run folder (and trained into the same adapter/) at
+    the same time; the second now stops with one line naming the first."""
+    from sqltune.lock import held
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nstages: [prepare]\nprepare: {{source: spider, data_dir: {demo_dir}, name: demo}}\n")
+    run = tmp_path / "runs" / "r-1"
+    run.mkdir(parents=True)
+    with held(run / ".lock", "first"):
+        assert main(["run", str(recipe), "--run_dir", str(run)]) == 2
+        assert f"pid {os.getpid()}" in _one_line(capsys)
+    assert not (run / "data").exists()
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert (run / "data").is_dir() and not (run / ".lock").exists()
+
+
+def test_second_training_of_an_output_dir_gets_one_line(tiny_model, prepared_demo, tmp_path):
+    """Pins: two trainings of one output_dir wrote into it at the same time; the second now stops with one line
+    naming the holder, before it writes anything."""
+    from sqltune.lock import held
+    from sqltune.train.sft import train
+
+    out = tmp_path / "adapter"
+    cfg = TrainConfig(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
+                      template="chatml", output_dir=str(out), max_steps=1, per_device_train_batch_size=2)
+    with held(tmp_path / "adapter.lock", "first"):
+        with pytest.raises(SqltuneError, match=f"another training is writing .*pid {os.getpid()}"):
+            train(cfg)
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ hostile YAML and values
 BOMB = "[&a0 [x, x, x, x, x, x, x, x, x], " + ", ".join(
     f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 7)) + "]"

@@ -11,6 +11,8 @@
   trainer_state.json (the Trainer writes it last) and model weights; newer incomplete ones (a kill during a save)
   are named and removed.
 - A finished output holds train_figures.json, written last.
+- One training per output folder: rank 0 holds `<output_dir>.lock` (beside the folder, which is replaced at the end)
+  from the plan to the end; a second training of the same folder stops with one line naming the holder.
 
 Nothing here imports torch, so `sqltune run` can look for checkpoints cheaply.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from sqltune.errors import SqltuneError
 from sqltune.io import refuse_overlap
+from sqltune.lock import held
 
 FINISHED = "train_figures.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
@@ -72,6 +75,13 @@ def attempt_dir(out: Path) -> Path:
 def resumable(out: str | Path) -> bool:
     """Whether `train --resume` would find a complete checkpoint for this output folder."""
     return latest_checkpoint(attempt_dir(Path(out)))[0] is not None
+
+
+def lock(out: Path):
+    """The lock of a training run's output folder (sqltune.lock); held from the plan until the folder is in place."""
+    out = Path(os.path.abspath(out))
+    return held(out.with_name(out.name + ".lock"), f"another training is writing {out}",
+                "wait for it to finish or choose another --output_dir")
 
 
 def check_overlap(out: Path, inputs: dict[str, Path]) -> None:

@@ -13,6 +13,7 @@ FSDP config is passed through (`--deepspeed ds.json`, or an Accelerate config fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from sqltune.config import TrainConfig, to_dict
+from sqltune.config import TrainConfig, parse_yaml, to_dict
 from sqltune.data.registry import lookup_many
 from sqltune.digest import model_digest, records_digest
 from sqltune.errors import SqltuneError
@@ -132,7 +133,7 @@ def check_resume_settings(work: Path, current: dict) -> None:
     path = work / RESOLVED_CONFIG
     if not path.is_file():
         return  # a checkpoint written before settings were saved at the start: nothing to compare
-    saved = yaml.safe_load(path.read_text()) or {}
+    saved = parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}  # aliases bounded
     changed = settings_changed(saved, current)
     if changed:
         raise SqltuneError(f"--resume: settings differ from the checkpoint's run ({path}): {'; '.join(changed)}. "
@@ -315,14 +316,22 @@ def plot_loss(log_path: Path, out: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """Train and return the run's figures (on rank 0; other processes return {} so that one summary is printed)."""
-    import torch
-    from transformers import PrinterCallback, TrainingArguments, set_seed
+    from transformers import set_seed
 
     set_seed(cfg.seed)  # before the adapter is initialised, so a run is reproducible from its seed
     # every input first: nothing is written (or removed) before all of them are known good
     model_path = resolve(cfg.model_name_or_path)
     out = Path(cfg.output_dir)
     folders.check_overlap(out, _inputs(cfg, model_path))
+    with folders.lock(out) if _world()[0] == 0 else contextlib.nullcontext():  # one training per output_dir
+        return _train(cfg, model_path, out)
+
+
+def _train(cfg: TrainConfig, model_path: Path, out: Path) -> dict:
+    """train() once the output folder is this process's: plan, train, put the finished folder in place."""
+    import torch
+    from transformers import PrinterCallback, TrainingArguments
+
     work, checkpoint, skipped = folders.plan(out, cfg.resume, cfg.overwrite_output_dir)
     records = load_records(cfg.dataset_dir, cfg.dataset, cfg.max_samples, cfg.seed)
     resolved = {**to_dict(cfg), "model_path": str(model_path.resolve()),
