@@ -220,6 +220,24 @@ def test_second_training_of_an_output_dir_gets_one_line(tiny_model, prepared_dem
     assert not out.exists()
 
 
+def test_merge_clears_its_stale_temporary_folders(tiny_model, prepared_demo, tmp_path):
+    """Pins: a killed merge left its `.<out>.*` temporary folder (a whole model) beside the output forever."""
+    from sqltune.infer.merge import merge
+    from sqltune.train.sft import train
+
+    train(TrainConfig(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
+                      template="chatml", output_dir=str(tmp_path / "adapter"), max_steps=1,
+                      per_device_train_batch_size=2))
+    for stale in (".merged.k3j9x_2a", ".merged.merging-abc"):  # an earlier version's name, and today's
+        (tmp_path / stale).mkdir()
+        (tmp_path / stale / "model.safetensors").write_bytes(bytes(10))
+    (tmp_path / ".merged.notes").mkdir()  # not a merge's: kept
+    merge(MergeConfig(model_name_or_path=str(tiny_model), adapter=str(tmp_path / "adapter"),
+                      out=str(tmp_path / "merged")))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == [".merged.notes"]
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "merged.lock").exists()
+
+
 # ------------------------------------------------------------------ hostile YAML and values
 BOMB = "[&a0 [x, x, x, x, x, x, x, x, x], " + ", ".join(
     f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 7)) + "]"
