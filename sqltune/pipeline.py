@@ -297,17 +297,29 @@ def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[d
             except SqltuneError:
                 if not dry:
                     raise
-                entry = {k: f"<{dev_set} {k}, from prepare>" for k in ("gold", "db_dir", "tables", "file_name")}
+                entry = {k: f"<{dev_set} {k}, from prepare>" for k in ("gold", "db_dir", "tables", "file_name",
+                                                                       "difficulty")}
+                entry["source"] = plan.sections["prepare"].get("source")
             cfg = stage_config(plan, "evaluate", run, pred=str(pred_file), gold=entry["gold"],
                                db_dir=plan.sections["evaluate"].get("db_dir", entry["db_dir"]),
                                tables=plan.sections["evaluate"].get("tables", entry["tables"]),
                                questions=entry["file_name"], report=str(run / "eval" / label), quiet=True,
-                               max_samples=plan.sections["evaluate"].get("max_samples", predicted_prefix(plan)))
+                               max_samples=plan.sections["evaluate"].get("max_samples", predicted_prefix(plan)),
+                               **scoring_of(plan, entry))
             step(f"evaluate_{label}", cfg, [ident("prepare"), ident(f"predict_{label}")])
     if not dry:
         with atomic_write(run / "config.yaml") as handle:
             handle.write(resolved_yaml(plan, run, configs))
     return results, configs
+
+
+def scoring_of(plan: RunPlan, entry: dict) -> dict:
+    """BIRD's rules (`bird`) and difficulty file for the dev set that prepare registered as BIRD, each unless the
+    recipe sets it: scored with Spider's rules and no difficulties, a BIRD run's figures are not BIRD's."""
+    bird = entry.get("source") == "bird"
+    found = {"bird": bird, "difficulty": (entry.get("difficulty") or "") if bird else ""}
+    own = recipe_values({**plan.shared, "evaluate": plan.sections["evaluate"]}, "evaluate", STAGES["evaluate"].config)
+    return {k: v for k, v in found.items() if k not in own}
 
 
 def predicted_prefix(plan: RunPlan) -> int:
