@@ -68,6 +68,11 @@ def pcfg(tiny_model, prepared_demo, out, **kw):
 
 
 def test_predictions_line_up_with_records(tiny_model, prepared_demo, adapters, tmp_path):
+    """Pins: the .sql file has one line per record, in record order, and line i is raw line i's `sql` (on one line),
+    except that an empty answer is written `SELECT` in the .sql file (the official evaluator drops blank lines and
+    every later answer would meet the wrong gold) while the raw JSONL keeps what was extracted, "" (so an answer
+    the model never gave is not mistaken for one it gave). The tiny random model's text holds no query, so its
+    answers are empty (since d23adea): the test compared raw `sql` with the .sql lines as equal and failed."""
     figures = predict(pcfg(tiny_model, prepared_demo, tmp_path / "p.sql", adapter=str(adapters["lora"])))
     lines = (tmp_path / "p.sql").read_text().split("\n")
     assert lines[-1] == "" and len(lines) - 1 == figures["records"] == 30
@@ -75,7 +80,12 @@ def test_predictions_line_up_with_records(tiny_model, prepared_demo, adapters, t
     assert [r["index"] for r in raw] == list(range(30))
     dev = [json.loads(line) for line in open(prepared_demo / "demo_dev.jsonl")]
     assert [r["db_id"] for r in raw] == [d["db_id"] for d in dev]
-    assert [r["sql"] for r in raw] == lines[:-1]
+    assert "" in [r["sql"] for r in raw]  # the case this test is about occurs
+    for r, line in zip(raw, lines[:-1]):
+        if r["sql"].strip():
+            assert line == r["sql"], r["index"]  # extraction gives one line
+        else:
+            assert line == "SELECT" and r["sql"] == "", r["index"]
 
 
 def test_evaluate_finds_the_questions_through_the_prediction_meta(tiny_model, prepared_demo, tmp_path):
