@@ -239,3 +239,30 @@ def test_an_append_cut_short_writes_the_rest(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:3])))  # at most 3 bytes per call
     append_once(tmp_path / "raw.jsonl", '{"index": 0}\n{"index": 1}\n')
     assert (tmp_path / "raw.jsonl").read_text() == '{"index": 0}\n{"index": 1}\n'
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcde", "bcdef")
+) + "template: *f\n"  # a million values (bounded: a thousand times this would take the machine down)
+
+
+@pytest.mark.parametrize("record, says", [
+    (BOMB.encode(), "anchors and aliases expand to more than"),
+    (b"template: chatml\nwhen: 2024-13-45\n", "bad value in training record"),
+    (b"template: chatml\nnote: caf\xe9\n", "is not UTF-8 text"),
+    (b"- chatml\n- 256\n", "must hold a mapping"),
+    (b"template: [chatml\n", "malformed"),  # one line already before: kept so
+])
+def test_a_bad_training_record_is_one_line(tiny_model, prepared_demo, tmp_path, capsys, record, says):
+    """Pins: the training record (sqltune_train.yaml, which may come with a model folder from elsewhere) was read
+    with yaml.safe_load: an alias bomb was taken in unbounded (and expanded when its value was shown), a value
+    YAML cannot build or bytes that are not UTF-8 were a traceback, and a record that is not a mapping was
+    silently ignored (prompts in the default format). Each is now one line naming the file, before any output."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    (model / "sqltune_train.yaml").write_bytes(record)
+    assert main(_argv(model, prepared_demo, tmp_path / "p.sql")) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(model / "sqltune_train.yaml") in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("p.sql") and not p.name.endswith(".lock")]

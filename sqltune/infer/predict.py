@@ -80,8 +80,11 @@ def partial_of(out: Path) -> Path:
 # ------------------------------------------------------------------------------------------- identity
 def training_record(model: Path, adapter: Path | None) -> tuple[dict, Path | None]:
     """The settings the model was trained with: the adapter's record, else the model folder's (full fine-tune),
-    else that of the adapter a merged model names."""
-    import yaml
+    else that of the adapter a merged model names.
+
+    The record may come with a model folder from elsewhere: it is read with the bounded YAML loader (an alias bomb,
+    a value YAML cannot build, text over 1 MiB, not UTF-8 or not a mapping is one line naming the file)."""
+    from sqltune.config import parse_yaml
 
     if adapter is not None:
         folders = [adapter]
@@ -94,10 +97,23 @@ def training_record(model: Path, adapter: Path | None) -> tuple[dict, Path | Non
         path = folder / TRAIN_RECORD
         if path.is_file():
             try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError:
-                raise SqltuneError(f"malformed training record {path}: it is not YAML") from None
-            return (data if isinstance(data, dict) else {}), path
+                with open(path, "rb") as handle:
+                    raw = handle.read((1 << 20) + 1)  # sft writes a few hundred bytes
+                if len(raw) > 1 << 20:
+                    raise SqltuneError(f"training record {path} is over 1 MiB: is it really sqltune's record?")
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SqltuneError(f"training record {path} is not UTF-8 text (byte {exc.start}): is it really "
+                                   "sqltune's record?") from None
+            except OSError as exc:
+                raise SqltuneError(f"cannot read the training record {path}: {exc.strerror or exc}") from None
+            data = parse_yaml(text, f"training record {path}")
+            if data is None:
+                return {}, path
+            if not isinstance(data, dict):
+                raise SqltuneError(f"training record {path} must hold a mapping of settings, not "
+                                   f"{type(data).__name__}")
+            return data, path
     return {}, None
 
 
