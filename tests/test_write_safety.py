@@ -73,6 +73,49 @@ def test_predict_resume_never_truncates_through_a_link(tiny_model, prepared_demo
     assert not (tmp_path / "p.sql.lock").exists()
 
 
+def test_the_training_log_is_never_appended_through_a_link(tmp_path):
+    """Pins: JsonlLog.on_log opened trainer_log.jsonl with open(..., "a"), which follows a link, so each logged step
+    was appended to the file a link planted there pointed at. Now one line, and the target is untouched."""
+    from types import SimpleNamespace
+
+    from sqltune.train.sft import _callbacks
+
+    work = tmp_path / "adapter"
+    work.mkdir()
+    gold = tmp_path / "dev_gold.sql"
+    gold.write_text("SELECT 1\tdb\n")
+    (work / "trainer_log.jsonl").symlink_to(gold)
+    log = next(c for c in _callbacks(TrainConfig(), work, 0, None) if type(c).__name__ == "JsonlLog")
+    state = SimpleNamespace(is_world_process_zero=True, global_step=1, epoch=0.1, num_input_tokens_seen=10)
+    with pytest.raises(SqltuneError, match="symbolic link"):
+        log.on_log(None, state, None, logs={"learning_rate": 0.001})
+    assert gold.read_text() == "SELECT 1\tdb\n"
+
+
+def test_a_resumed_training_never_writes_its_log_through_a_link(tiny_model, prepared_demo, tmp_path, capsys):
+    """Pins: a trainer_log.jsonl link (here dangling) in the folder a training resumes made the first logged step
+    create the file it pointed at, outside the output folder. Now one line, before a step is trained."""
+    from conftest import Killed, training_killed_after_save
+
+    from sqltune.train.sft import train
+
+    out = tmp_path / "adapter"
+    args = dict(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
+                template="chatml", output_dir=str(out), max_steps=2, save_steps=1, per_device_train_batch_size=2)
+    with training_killed_after_save(1), pytest.raises(Killed):
+        train(TrainConfig(**args))
+    (out / "trainer_log.jsonl").unlink()
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    (out / "trainer_log.jsonl").symlink_to(elsewhere)
+    argv = ["train", *[f"--{k}={v}" for k, v in args.items()], "--resume"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # `train: resuming from ...`, then the error
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "symbolic link" in errors[0] and "Traceback" not in err, err
+    assert not elsewhere.exists() and not (out / "checkpoint-2").exists()
+
+
 def test_overwrite_trusts_only_a_meta_that_names_the_output(tiny_model, prepared_demo, tmp_path, capsys):
     """Pins: a stray `{}` meta beside a user's file let `predict --overwrite` replace the file (any meta counted
     as "predict made this"). Now a meta must name the .sql (its digest); a real output is still replaced."""

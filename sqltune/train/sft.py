@@ -28,7 +28,7 @@ from sqltune.config import TrainConfig, parse_yaml, to_dict
 from sqltune.data.registry import lookup_many
 from sqltune.digest import model_digest, records_digest
 from sqltune.errors import SqltuneError
-from sqltune.io import atomic_write, logging_to_file, write_json
+from sqltune.io import append_once, atomic_write, logging_to_file, refuse_link, write_json
 from sqltune.loading import load_model, load_tokenizer, resolve
 from sqltune.templates import get_template
 import sqltune.train.folders as folders
@@ -166,11 +166,14 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
     progress = logging_to_file()
 
     class JsonlLog(TrainerCallback):
-        """Appends each logged step to trainer_log.jsonl (a resumed run first drops the lines after its checkpoint);
-        with stderr not a terminal, prints one progress line per logging step instead of a progress bar."""
+        """Appends each logged step to trainer_log.jsonl (a resumed run first drops the lines after its checkpoint),
+        never through a symbolic link (one line instead); with stderr not a terminal, prints one progress line per
+        logging step instead of a progress bar."""
 
         def on_train_begin(self, args, state, control, **kw):
             self.last = (time.monotonic(), state.num_input_tokens_seen)
+            if state.is_world_process_zero:
+                refuse_link(log_path, "the training log")  # a resume would read its target and copy it in
             if state.is_world_process_zero and log_path.is_file():
                 keep = [x for x in log_path.read_text().splitlines() if x.strip() and
                         json.loads(x).get("step", 0) <= resume_step]
@@ -183,9 +186,7 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
             row = {"step": state.global_step, "epoch": state.epoch, **{k: v for k, v in logs.items()
                                                                          if isinstance(v, (int, float))}}
             row["tokens_seen"] = state.num_input_tokens_seen  # every process, the whole run
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_once(log_path, json.dumps(row) + "\n")  # never through a link planted at the log's place
             if progress and "loss" in logs:
                 now, tokens = time.monotonic(), state.num_input_tokens_seen
                 rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
