@@ -195,6 +195,47 @@ def test_a_folder_of_other_files_is_not_a_report_folder(tmp_path):
     assert _files(folder) == {"notes.txt": b"mine"}
 
 
+def test_a_report_clears_the_temporary_folders_a_killed_write_left(tmp_path):
+    """Pins: the `.<report>.report-*` folder of an evaluate killed while writing its report (and the `.old-*`
+    folder of a swap cut short) stayed beside the report forever. Writing the same report now removes them (under
+    `<report>.lock`); other reports' and other names are kept, and the lock file goes."""
+    folder = tmp_path / "eval"
+    stale = [".eval.report-k3j9x_2a", ".eval.old-abcd1234"]
+    kept = [".eval.report-notes", ".evalx.report-k3j9x_2a", ".eval.old-x.report-k3j9x_2a", ".eval.notes"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text("{}")
+    (tmp_path / ".eval.old-abcd1234" / "eval").mkdir()
+    _report(folder, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["eval"])
+    assert json.loads((folder / "metrics.json").read_text())["count"] == 1
+
+
+def test_a_report_another_evaluate_is_writing_is_waited_for_then_one_line(tmp_path, monkeypatch):
+    """Pins that clearing stale folders never takes those of an evaluate writing the same report now: the writer
+    holds `<report>.lock`; a second waits (REPORT_WAIT_S), then stops with one line naming the holder, and clears
+    nothing."""
+    import threading
+
+    import sqltune.eval.report as report
+    from sqltune.lock import held
+
+    monkeypatch.setattr(report, "REPORT_WAIT_S", 0.3, raising=False)
+    live = tmp_path / ".eval.report-live1234"
+    live.mkdir()
+    with held(tmp_path / "eval.lock", "first"):
+        with pytest.raises(SqltuneError, match=f"another evaluate is writing the report .*pid {os.getpid()}"):
+            _report(tmp_path / "eval", 1)
+    assert live.is_dir() and not (tmp_path / "eval").exists()
+    monkeypatch.setattr(report, "REPORT_WAIT_S", 30)
+    first = held(tmp_path / "eval.lock", "first")
+    first.__enter__()
+    threading.Timer(0.3, first.__exit__, (None, None, None)).start()
+    _report(tmp_path / "eval", 2)  # waits for the first writer, then writes
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["count"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+
+
 # ------------------------------------------------------------------ one writer per output
 def test_the_lock_names_its_holder_and_goes_at_exit(tmp_path):
     """Pins: a second writer got no word of who held the lock, and the lock file stayed after the run."""

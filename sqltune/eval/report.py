@@ -4,6 +4,11 @@ table and the most common kinds of failure.
 The folder is written whole beside its place and swapped in as one unit, so a failure (a full disk) leaves the old
 report as it was, never new metrics beside old examples. Only a report folder is replaced: a folder holding other
 files, a symbolic link or a file at that path is refused.
+
+One writer per report: writing holds `<report>.lock` beside the folder (an evaluate finishing while another writes
+the same report waits up to REPORT_WAIT_S for it, then gets one line naming the holder). So the temporary folders
+beside it that a killed evaluate left (`.<report>.report-*`, and `.<report>.old-*` from a swap cut short) are stale,
+and are removed.
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ import os
 import re
 import shutil
 import stat
+import time
 from collections import Counter
 from pathlib import Path
 
 from sqltune.errors import SqltuneError
 from sqltune.eval.exact_match import PARTIAL_TYPES
 from sqltune.io import atomic_write, swap_in, temp_dir, write_json, write_jsonl
+from sqltune.lock import acquire, release
 
 REPORT_FILES = ("metrics.json", "per_example.jsonl", "report.md", "trace.jsonl")  # what a report folder holds
+REPORT_WAIT_S = 60.0  # how long writing a report waits for another evaluate writing the same one
 
 _NAMES = re.compile(r":\s.*$")
 _QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
@@ -105,11 +113,49 @@ def check_report_folder(folder: Path) -> None:
                            "choose a new or empty folder")
 
 
+def temp_names(folder: Path) -> re.Pattern:
+    """The names of the temporary folders a report write makes beside `folder`: its own (`.<name>.report-`) and
+    swap_in's old-folder (`.<name>.old-`), each with mkdtemp's 8 characters (so another report's are not matched)."""
+    name = re.escape(f".{folder.name}.")
+    return re.compile(name + r"(report|old)-[a-z0-9_]{8}")
+
+
+def clear_stale(folder: Path) -> None:
+    """Remove the temporary folders a killed write of this report left beside it (the caller holds the lock)."""
+    names = temp_names(folder)
+    for path in folder.parent.iterdir() if folder.parent.is_dir() else []:
+        if names.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _lock(folder: Path) -> int:
+    """Hold `<report>.lock`, waiting up to REPORT_WAIT_S while another evaluate writes the same report."""
+    path = folder.with_name(folder.name + ".lock")
+    busy = f"another evaluate is writing the report {folder}"
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while True:
+        try:
+            return acquire(path, busy, "wait for it to finish or choose another --report")
+        except SqltuneError as exc:
+            if not str(exc).startswith(busy) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.1)
+
+
 def write_report(folder: Path, cfg, figures: dict, results: list[dict], table: str) -> None:
     """Write the report into a fresh folder beside `folder`, then swap it in (the trace of earlier commands there
-    comes along, copied, never through a link)."""
+    comes along, copied, never through a link); the temporary folders a killed write of it left go first."""
     check_report_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(folder)
+    try:
+        clear_stale(folder)
+        _write(folder, cfg, figures, results, table)
+    finally:
+        release(lock, folder.with_name(folder.name + ".lock"))
+
+
+def _write(folder: Path, cfg, figures: dict, results: list[dict], table: str) -> None:
     tmp = temp_dir(folder.parent, f".{folder.name}.report-")
     try:
         write_json(tmp / "metrics.json", {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
