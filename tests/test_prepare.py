@@ -372,3 +372,48 @@ def test_the_token_budget_counts_in_the_given_tokenizer(demo_dir, tiny_model, tm
                             "--max_prompt_tokens", "100", "--tokenizer", str(tmp_path / "empty")], capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and "cannot load a tokenizer from" in last and "internal error" not in err
+
+
+def _break(path, how):
+    """Damage a database file: emptied, overwritten with text, or every page after the first (the schema table's)
+    overwritten, so that its schema reads but its tables do not."""
+    data = bytearray(path.read_bytes())
+    if how == "empty":
+        data = bytearray()
+    elif how == "not sqlite":
+        data = bytearray(b"this is not a database\n" * 100)
+    else:
+        page = int.from_bytes(data[16:18], "big")
+        data[page:] = b"\xab" * (len(data) - page)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("style", ["ddl", "ddl+rows", "mschema"])
+@pytest.mark.parametrize("how", ["empty", "not sqlite", "damaged pages"])
+def test_a_broken_database_is_named_once(tmp_path, demo_dir, capsys, style, how):
+    """Pins: a database file that cannot be used (0 bytes, not SQLite, damaged pages) made `prepare --schema_style
+    ddl/ddl+rows/mschema` stop with an internal error (`DatabaseError: file is not a database`, `no such table`),
+    or (mschema) silently lose its example values question after question. Now the file is named in one warning
+    (once, though train and dev both use it) and its schema is stated from tables.json, exactly as for an absent
+    file. (ddl reads only the schema table, which damaged data pages leave readable: that file is used as is.)"""
+    broken, absent = tmp_path / "broken", tmp_path / "absent"
+    shutil.copytree(demo_dir, broken)
+    shutil.copytree(demo_dir, absent)
+    _break(broken / "database" / "shop" / "shop.sqlite", how)
+    readable = how == "damaged pages" and style == "ddl"
+    if not readable:
+        (absent / "database" / "shop" / "shop.sqlite").unlink()
+    args = ["--schema_style", style, "--sample_rows", "2"]
+    code, _, err = run_cli(["prepare", "--data_dir", str(absent), "--out", str(tmp_path / "a"), *args], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["prepare", "--data_dir", str(broken), "--out", str(tmp_path / "b"), *args], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    if readable:
+        assert not warnings, err
+    else:
+        assert len(warnings) == 1 and str(broken / "database" / "shop" / "shop.sqlite") in warnings[0], err
+    for split in ("train", "dev"):
+        got = [r for r in records(tmp_path / "b" / f"spider_{split}.jsonl") if r["db_id"] == "shop"]
+        want = [r for r in records(tmp_path / "a" / f"spider_{split}.jsonl") if r["db_id"] == "shop"]
+        assert got and got == want, split

@@ -44,8 +44,16 @@ def token_counter(tokenizer: str) -> Callable[[str], int]:
 
 def _schema_cache(cfg: PrepareConfig) -> Callable[[Split, str, int], list[str]]:
     """Schema blocks per (split's tables and databases, db_id, rows shown): BIRD's splits have different
-    databases."""
+    databases. A database file that cannot be used is named once (one warning per file, not per question or per
+    number of rows tried); its schema is stated from the tables file."""
     cache: dict[tuple[str, str, int], list[str]] = {}
+    warned: set[Path] = set()
+
+    def warn(path: Path, why: str) -> None:
+        if path not in warned:
+            warned.add(path)
+            say(f"warning: database {path} is unusable ({why}): its schema is stated from the tables file, without "
+                "the file's column types, rows or values")
 
     def get(split: Split, db_id: str, rows: int) -> list[str]:
         path = split.db_path(db_id)
@@ -53,7 +61,8 @@ def _schema_cache(cfg: PrepareConfig) -> Callable[[Split, str, int], list[str]]:
         if key not in cache:
             if db_id not in split.tables:
                 raise SqltuneError(f"database {db_id!r} is used by a question but has no schema in {split.tables_file}")
-            cache[key] = render_schema(split.tables[db_id], cfg.schema_style, path if path.is_file() else None, rows)
+            cache[key] = render_schema(split.tables[db_id], cfg.schema_style, path if path.is_file() else None, rows,
+                                       warn)
         return cache[key]
 
     return get

@@ -9,12 +9,17 @@
 
 Each style returns a list of blocks (a header, one per table, then keys), each ending with its own separator, so the
 schema text is `"".join(blocks)` and a token budget can drop whole blocks from the end before cutting text.
+
+A database file that cannot be used (0 bytes, not SQLite, a damaged page met while reading it) is stated from
+tables.json as an absent one is, whole (never half from the file), and `warn(path, why)` is told; the caller names
+each file once.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Callable
 
 from sqltune.errors import SqltuneError
 from sqltune.io import connect_read_only
@@ -101,8 +106,43 @@ def _keys(entry: dict) -> tuple[dict[int, list[str]], list[tuple[int, str, int, 
     return pks, fks
 
 
+Warn = Callable[[Path, str], None]  # (database file, why it cannot be used)
+
+
+class UnusableDatabase(Exception):
+    """A database file that cannot be read (raised inside a style, caught by render_schema)."""
+
+
 def _open(db_path: Path | None) -> sqlite3.Connection | None:
-    return connect_read_only(db_path) if db_path is not None and Path(db_path).is_file() else None
+    """A read-only connection whose schema table has been read, or None when there is no file; an empty or
+    unreadable file is UnusableDatabase."""
+    if db_path is None or not Path(db_path).is_file():
+        return None
+    try:
+        if Path(db_path).stat().st_size == 0:
+            raise UnusableDatabase("empty file (0 bytes)")
+        conn = connect_read_only(db_path)
+    except OSError as exc:
+        raise UnusableDatabase(f"cannot be read ({exc.strerror or exc})") from None
+    except sqlite3.Error as exc:
+        raise UnusableDatabase(f"SQLite: {exc}") from None
+    try:
+        conn.execute("SELECT name FROM sqlite_master").fetchall()
+    except sqlite3.Error as exc:
+        conn.close()
+        raise UnusableDatabase(f"SQLite: {exc}") from None
+    return conn
+
+
+def _query(conn: sqlite3.Connection, sql: str) -> list:
+    """Rows of one read of ours; a damaged file (SQLite's "malformed", "not a database") is UnusableDatabase, other
+    errors (a table or column tables.json names and the file lacks) pass as they are."""
+    try:
+        return conn.execute(sql).fetchall()
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise UnusableDatabase(f"SQLite: {exc}") from None
 
 
 def schema_as_ddl(entry: dict, db_path: Path | None, sample_rows: int = 0) -> list[str]:
@@ -120,7 +160,7 @@ def schema_as_ddl(entry: dict, db_path: Path | None, sample_rows: int = 0) -> li
         for i, table in enumerate(tables):
             col_defs = []
             if conn is not None:
-                info = conn.execute(f"PRAGMA table_info({_ident(table)})").fetchall()
+                info = _query(conn, f"PRAGMA table_info({_ident(table)})")
                 col_defs = [(row[1], row[2] or "text") for row in info]
             if not col_defs:  # no database (or an empty table definition): state it from tables.json
                 col_defs = [(name, types[j]) for j, (t, name) in enumerate(columns) if t == i]
@@ -130,7 +170,10 @@ def schema_as_ddl(entry: dict, db_path: Path | None, sample_rows: int = 0) -> li
             lines.extend(f"  {fk}" for fk in fks.get(i, []))
             text = f"CREATE TABLE {_quote(table)} (\n" + ",\n".join(lines) + "\n);\n"
             if sample_rows and conn is not None:
-                rows = conn.execute(f"SELECT * FROM {_ident(table)} LIMIT {int(sample_rows)}").fetchall()
+                try:
+                    rows = _query(conn, f"SELECT * FROM {_ident(table)} LIMIT {int(sample_rows)}")
+                except sqlite3.OperationalError:  # tables.json names a table the database does not have
+                    rows = []
                 if rows:
                     shown = "\n".join("  " + " | ".join(str(v)[:40] for v in row) for row in rows)
                     text += f"/* {len(rows)} example rows from {table}:\n{shown}\n*/\n"
@@ -151,8 +194,8 @@ def example_values(conn: sqlite3.Connection, table: str, column: str, n: int) ->
     sql = (f"SELECT DISTINCT {col} FROM (SELECT {col} FROM {_ident(table)} LIMIT {EXAMPLE_SCAN_ROWS}) "
            f"WHERE {col} IS NOT NULL LIMIT {4 * n + 8}")
     try:
-        values = [row[0] for row in conn.execute(sql).fetchall()]
-    except sqlite3.Error:  # tables.json names a column the database does not have
+        values = [row[0] for row in _query(conn, sql)]
+    except sqlite3.OperationalError:  # tables.json names a column the database does not have
         return []
     out = []
     for value in values:
@@ -180,7 +223,7 @@ def schema_as_mschema(entry: dict, db_path: Path | None, examples: int = 3) -> l
         for i, table in enumerate(tables):
             db_types: dict[str, str] = {}
             if conn is not None:
-                info = conn.execute(f"PRAGMA table_info({_ident(table)})").fetchall()
+                info = _query(conn, f"PRAGMA table_info({_ident(table)})")
                 db_types = {row[1].lower(): row[2] for row in info if row[2]}
             lines = []
             for j, (t, name) in enumerate(columns):
@@ -202,13 +245,23 @@ def schema_as_mschema(entry: dict, db_path: Path | None, examples: int = 3) -> l
     return blocks
 
 
-def render_schema(entry: dict, style: str, db_path: Path | None, sample_rows: int = 0) -> list[str]:
+def render_schema(entry: dict, style: str, db_path: Path | None, sample_rows: int = 0,
+                  warn: Warn | None = None) -> list[str]:
+    """The schema blocks of `entry` in `style`; a database file that cannot be used is told to `warn` and the schema
+    is stated from tables.json alone, as for an absent file."""
     if style == "words":
         return schema_in_words(entry)
-    if style == "ddl":
-        return schema_as_ddl(entry, db_path, 0)
-    if style == "ddl+rows":
-        return schema_as_ddl(entry, db_path, sample_rows)
+    if style not in ("ddl", "ddl+rows", "mschema"):
+        raise SqltuneError(f"unknown schema style {style!r}")
+    try:
+        return _render(entry, style, db_path, sample_rows)
+    except UnusableDatabase as exc:
+        if warn is not None:
+            warn(Path(db_path), str(exc))
+        return _render(entry, style, None, sample_rows)
+
+
+def _render(entry: dict, style: str, db_path: Path | None, sample_rows: int) -> list[str]:
     if style == "mschema":
         return schema_as_mschema(entry, db_path, sample_rows)
-    raise SqltuneError(f"unknown schema style {style!r}")
+    return schema_as_ddl(entry, db_path, sample_rows if style == "ddl+rows" else 0)
