@@ -85,7 +85,7 @@ def run_stage(label: str, args: list[str], log: dict, env: dict) -> dict:
 def sample_split(data: Path, source: str, name: str, indices: list[int], with_gold: bool) -> None:
     """Write a registered subset of a prepared split (records and, for dev, the gold lines)."""
     from sqltune.data.registry import lookup, register
-    from sqltune.eval.evaluate import read_lines  # split on "\n" alone, as the evaluator reads
+    from sqltune.eval.files import read_lines  # split on "\n" alone, as the evaluator reads
 
     entry = lookup(data, source)
     rows = read_lines(entry["file_name"], "records")

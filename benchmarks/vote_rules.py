@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sqltune.eval.evaluate import read_lines  # noqa: E402
+from sqltune.eval.files import read_lines  # noqa: E402
 from sqltune.io import read_jsonl  # noqa: E402
 from spider_dev import command_line, dev_db_dir, devsample_evaluation, run_stage  # noqa: E402
 

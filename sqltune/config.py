@@ -288,14 +288,16 @@ class EvalConfig:
     etype: str = arg("all", "exec, match or all")
     plug_value: bool = arg(False, "plug the gold values into the prediction before executing it")
     keep_distinct: bool = arg(False, "keep DISTINCT when executing (the official default drops it)")
-    timeout: float = arg(30.0, "seconds each query may run")
+    timeout: float = arg(30.0, "seconds each query (and each step between queries) may run; the worker running it "
+                               "is killed one second later")
     max_rows: int = arg(100_000, "rows a query may return; more counts as a failed query")
-    workers: int = arg(0, "parallel processes (0 = number of cores)")
+    workers: int = arg(0, "parallel processes (0 = number of cores; never more than the cores or the questions)")
+    max_memory_mb: int = arg(768, "MB of address space each worker process may use (its hard memory bound)")
     skip_missing_db: bool = arg(False, "leave out (and count) questions whose database file is absent or unreadable; "
                                        "else an absent one is an error and an unreadable one counts wrong in EX")
     max_samples: int = arg(0, "score only the first N gold questions (0 = all), e.g. for `predict --max_samples N`; "
                               "multi-turn: the interactions they cover, the last one possibly partial")
-    max_result_mb: float = arg(64.0, "MB of text and blobs a query's result may hold (and any one value); more "
+    max_result_mb: float = arg(64.0, "MB a query's result may hold, every cell counted (and any one value); more "
                                      "counts wrong as `result too large`")
     report: str = arg("", "folder for metrics.json, per_example.jsonl and report.md")
     questions: str = arg("", "prepared JSONL (or dev.json) whose questions go into the report (default: the records "
@@ -310,6 +312,8 @@ class EvalConfig:
         _check(self.timeout > 0, "--timeout must be > 0")
         _check(self.max_rows > 0, "--max_rows must be > 0")
         _check(self.workers >= 0, "--workers must be >= 0")
+        _check(256 <= self.max_memory_mb <= 1 << 20, f"--max_memory_mb must be in [256, {1 << 20}], not "
+                                                     f"{self.max_memory_mb}")
         _check(self.max_samples >= 0, f"--max_samples must be >= 0 (0 = all), not {self.max_samples}")
         _check(0 < self.max_result_mb <= 1024,  # SQLite holds no value over 1 GB; its length limit is a C int
                f"--max_result_mb must be in (0, 1024], not {self.max_result_mb:g}")

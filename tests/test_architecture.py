@@ -85,20 +85,37 @@ def test_evaluation_imports_no_torch_nor_stages():
 def test_data_knows_no_stage():
     for module, targets in imports().items():
         if module.startswith("sqltune.data"):
-            # prepare --drop_failing_gold runs train gold queries with the evaluator's safe executor, nothing else
+            # prepare --drop_failing_gold runs train gold queries in the sandbox (sqltune.sandbox), not evaluation
             bad = {t for t in targets if t.startswith(("sqltune.train", "sqltune.infer", "sqltune.eval",
-                                                       "sqltune.pipeline", "sqltune.stages", "torch"))
-                   and t != "sqltune.eval.safe_sqlite"}
+                                                       "sqltune.pipeline", "sqltune.stages", "torch"))}
             assert not bad, (module, bad)
 
 
 def test_stages_meet_through_files():
-    """Training never imports inference, and inference never imports training; inference may use the evaluator's
-    safe executor (to run candidates), nothing else of evaluation."""
+    """Training never imports inference, and inference never imports training; inference may use EX's rules (to
+    group candidates as EX scores them), nothing else of evaluation."""
     for module, targets in imports().items():
         if module.startswith("sqltune.train"):
             assert not any(t.startswith(("sqltune.infer", "sqltune.eval")) for t in targets), module
         if module.startswith("sqltune.infer"):
             assert not any(t.startswith("sqltune.train") for t in targets), module
-            assert all(t.startswith(("sqltune.eval.safe_sqlite", "sqltune.eval.execution"))
+            assert all(t.startswith(("sqltune.eval.answers", "sqltune.eval.execution"))
                        or t == "sqltune.eval" for t in targets if t.startswith("sqltune.eval")), module
+
+
+def test_the_sandbox_imports_no_stage():
+    """sqltune.sandbox is the one executor that data, inference and evaluation import: it imports none of them
+    (nor torch), so a worker process starts light and a stage never reaches another through it."""
+    for module, targets in imports().items():
+        if module.startswith("sqltune.sandbox"):
+            bad = {t for t in targets if t.startswith(("sqltune.data", "sqltune.eval", "sqltune.infer",
+                                                       "sqltune.train", "sqltune.pipeline", "torch", "transformers"))}
+            assert not bad, (module, bad)
+
+
+def test_all_sql_runs_through_the_sandbox():
+    """Only sqltune.sandbox opens a connection for model-written or gold SQL: no other module imports its
+    read-only connection or runs queries on its own (the demo data builder writes its own databases)."""
+    for module, targets in imports().items():
+        if not module.startswith("sqltune.sandbox"):
+            assert "sqltune.sandbox.readonly" not in targets, module

@@ -16,7 +16,7 @@ from conftest import ROOT
 from sqltune.cli import main
 from sqltune.config import EvalConfig
 from sqltune.eval.evaluate import evaluate
-from sqltune.eval.execution import database_files
+from sqltune.eval.databases import database_files
 from sqltune.eval.parse import ParseError, Schema, parse_sql
 
 SHOP_GOLD = ["SELECT name FROM customer", "SELECT count(*) FROM product", "SELECT city FROM customer WHERE age > 30"]
@@ -77,12 +77,14 @@ def test_deeply_nested_predictions_count_wrong(demo_dir, tmp_path, plug_value):
 
 
 def test_deeply_nested_gold_is_reported_not_a_crash(demo_dir, tmp_path, capsys):
-    """Pins: the same RecursionError from a nested gold query (parsing, hardness); now reported, the run goes on."""
+    """Pins: the same RecursionError from a nested gold query (parsing, hardness); now reported, the run goes on.
+    Since issue 26 the question still counts in EX (its EM is unscored and counted as such)."""
     golds = [nested(300) + "\tshop", "SELECT name FROM customer\tshop"]
     out, rows = run_eval(tmp_path, golds, [nested(300), "SELECT name FROM customer"], demo_dir / "database",
                          demo_dir / "tables.json")
-    assert out["count"] == 1 and out["em"] == 1.0 and out["details"]["gold_unparsed"] == 1
-    assert rows[0]["error"] and "nested" in rows[0]["error"]
+    assert out["count"] == 2 and out["em"] == 1.0 and out["details"]["gold_unparsed"] == 1
+    assert out["details"]["em_unscored"] == 1 and rows[0]["em"] is None and rows[0]["ex"] in (0, 1)
+    assert "nested" in rows[0]["gold_unparsed"]
 
 
 def test_parser_refuses_deep_nesting_with_a_parse_error(demo_dir):

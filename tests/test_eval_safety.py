@@ -10,7 +10,7 @@ import pytest
 from sqltune.cli import main
 from sqltune.config import EvalConfig
 from sqltune.eval.evaluate import evaluate
-from sqltune.eval.safe_sqlite import QueryError, connect, run_query
+from sqltune.sandbox.readonly import QueryError, connect, run_query
 
 HOSTILE = [
     "DROP TABLE customer",

@@ -24,8 +24,8 @@ from sqltune.data.registry import read_registry, register_many
 from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
 from sqltune.errors import SqltuneError
-from sqltune.eval.safe_sqlite import QueryError, connect, run_query
 from sqltune.io import interaction_text, logging_to_file
+from sqltune.sandbox import Limits, Sandbox, count_rows, default_workers
 
 ROW_STYLES = ("ddl+rows", "mschema")  # styles that show sample_rows of data, which yield first to max_prompt_tokens
 GOLD_TIMEOUT, GOLD_MAX_ROWS = 30.0, 100_000  # the evaluator's default bounds (evaluate --timeout, --max_rows)
@@ -97,33 +97,31 @@ def gold_text(examples: list[Example]) -> str:
 
 def failing_gold(split: Split, disable_bar: bool = True) -> dict[int, str]:
     """Index -> why (`error`, `no rows`, `no database`) for each example whose gold query cannot teach a model
-    anything checkable: it fails, times out or returns no rows. Run with the evaluator's safe executor (read-only,
-    bounded in time, rows and memory), one connection per database."""
-    conns: dict[Path, object] = {}
+    anything checkable: it fails, times out or returns no rows. Run in the sandbox (read-only, in worker processes
+    killed past the evaluator's timeout, bounded in rows, bytes and memory), grouped by database."""
     why: dict[int, str] = {}
+    todo = []
+    for i, ex in enumerate(split.examples):
+        path = split.db_path(ex.db_id)
+        if path.is_file():
+            todo.append((i, (str(path), ex.query)))
+        else:
+            why[i] = "no database"
+    if not todo:
+        return why
+    limits = Limits(timeout=GOLD_TIMEOUT, max_rows=GOLD_MAX_ROWS)
+    bar = tqdm(total=len(todo), desc="run train gold", unit="q", leave=False, mininterval=1.0, disable=disable_bar)
     try:
-        for i, ex in enumerate(tqdm(split.examples, desc="run train gold", unit="q", leave=False, mininterval=1.0,
-                                    disable=disable_bar)):
-            path = split.db_path(ex.db_id)
-            if path not in conns:
-                try:
-                    conns[path] = connect(path)
-                except QueryError:
-                    conns[path] = None
-            if conns[path] is None:
-                why[i] = "no database"
-                continue
-            try:
-                rows = run_query(conns[path], ex.query, GOLD_TIMEOUT, GOLD_MAX_ROWS)
-            except QueryError:
-                why[i] = "error"
-                continue
-            if not rows:
-                why[i] = "no rows"
+        with Sandbox(default_workers(0, len({item[0] for _, item in todo})), limits) as sandbox:
+            counts = sandbox.map(count_rows, [item for _, item in todo], key=lambda item: item[0],
+                                 on_fail=lambda item, reason, phase, step: None, progress=bar.update)
     finally:
-        for conn in conns.values():
-            if conn is not None:
-                conn.close()
+        bar.close()
+    for (i, _), count in zip(todo, counts):
+        if count is None:
+            why[i] = "error"
+        elif count == 0:
+            why[i] = "no rows"
     return why
 
 

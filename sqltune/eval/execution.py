@@ -8,23 +8,31 @@ Rules:
 - every SQLite database file in the database's folder must agree (test-suite accuracy); with one file, that is
   Spider EX. Files are picked by content (the SQLite header), not by name: a `-wal`, `-journal` or notes file
   beside a database is never taken for one;
-- with plug_value, the prediction also passes if any filling of its values with gold values passes.
+- with plug_value, the prediction also passes if any filling of its values with gold values passes (at most
+  PLUG_MAX fillings, tried within one timeout).
 
-Unlike the official script, a gold query that fails is reported (not a crash), and every query is bounded.
+Unlike the official script, a gold query that fails is reported (not a crash), and every query runs in the
+sandbox (sqltune.sandbox): read-only, bounded in time, rows, bytes and memory. A question stops at its first
+query that times out. Gold results are cached per worker (per file and query), within a byte budget.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
+import time
 from collections import Counter
 from pathlib import Path
 
-from sqltune.eval.safe_sqlite import QueryError, connect, run_query
-from sqltune.eval.values import first_statement_tokens, plugged_candidates
+from sqltune.eval.databases import database_files
+from sqltune.eval.values import plugged_candidates
+from sqltune.sandbox import QueryError, limits, query, result_size
+from sqltune.sqltext import first_statement_tokens
 
 _CUR_YEAR = re.compile(r"YEAR\s*\(\s*CURDATE\s*\(\s*\)\s*\)\s*", re.IGNORECASE)
+
+PLUG_MAX = 256  # fillings tried with --plug_value (a prediction with 40 literals has 2^80)
+_GOLD_CACHE_BYTES = 128 << 20
 
 
 def close_operators(query: str) -> str:
@@ -39,6 +47,23 @@ def remove_distinct(query: str) -> str:
     if tokens is None:
         return query
     return "".join(value for _, value in tokens if value.lower() != "distinct")
+
+
+def spider_form(pred: str, keep_distinct: bool) -> str:
+    """A prediction as Spider's EX runs it: the `value` placeholder becomes 1 (the official rule, applied to the
+    whole text), operators closed up, DISTINCT dropped unless keep_distinct, YEAR(CURDATE()) as 2020."""
+    pred = close_operators(pred.replace("value", "1"))
+    return pred if keep_distinct else remove_distinct(pred)
+
+
+def gold_form(gold: str, keep_distinct: bool) -> str:
+    gold = close_operators(gold)
+    return gold if keep_distinct else remove_distinct(gold)
+
+
+def run(path: Path, sql: str, phase: str) -> list[tuple]:
+    """Rows of one query in the sandbox, `YEAR(CURDATE())` read as 2020 (the official rule)."""
+    return query(path, _CUR_YEAR.sub("2020", sql), phase)
 
 
 def _unordered_row(row: tuple) -> tuple:
@@ -101,93 +126,64 @@ def results_equal(gold: list[tuple], pred: list[tuple], order_matters: bool) -> 
     return next(_candidate_permutations(gold, pred, n_cols, order_matters), None) is not None
 
 
-SQLITE_HEADER = b"SQLite format 3\x00"
+# ------------------------------------------------------------------------------------------ gold results
+_GOLD: dict[tuple[Path, str], object] = {}
+_gold_bytes = 0
 
 
-def is_sqlite_file(path: Path) -> bool:
+def gold_result(path: Path, sql: str, cache: bool = True):
+    """Rows of a gold query, or its QueryError; cached per (file, query) in this worker while the cache holds
+    fewer than _GOLD_CACHE_BYTES (beyond, results are not kept: the worker's memory is bounded)."""
+    global _gold_bytes
+    key = (path, sql)
+    if key in _GOLD:
+        return _GOLD[key]
     try:
-        with open(path, "rb") as handle:
-            return handle.read(16) == SQLITE_HEADER
-    except OSError:
-        return False
+        rows = run(path, sql, "gold query")
+    except QueryError as exc:
+        rows = exc
+    size = 0 if isinstance(rows, QueryError) else result_size(rows)
+    if cache and _gold_bytes + size <= _GOLD_CACHE_BYTES:
+        _GOLD[key] = rows
+        _gold_bytes += size
+    return rows
 
 
-def database_files(db_path: str | Path) -> list[Path]:
-    """Every SQLite database file in the folder of `db_path` (test-suite accuracy uses them all)."""
-    folder = Path(db_path).parent
-    return sorted(p for p in (folder / name for name in os.listdir(folder)) if p.is_file() and is_sqlite_file(p))
-
-
-class Executor:
-    """Runs queries with a connection per database file and caches gold results per (file, query)."""
-
-    def __init__(self, timeout: float, max_rows: int, max_bytes: int = 64 << 20):
-        self.timeout = timeout
-        self.max_rows = max_rows
-        self.max_bytes = max_bytes
-        self._conns: dict[Path, object] = {}
-        self._gold: dict[tuple[Path, str], object] = {}
-        self._files: dict[Path, list[Path]] = {}
-
-    def run(self, path: Path, sql: str) -> list[tuple]:
-        conn = self._conns.get(path)
-        if conn is None:
-            conn = self._conns[path] = connect(path, self.max_bytes)
-        return run_query(conn, _CUR_YEAR.sub("2020", sql), self.timeout, self.max_rows, self.max_bytes)
-
-    def files(self, db_path: Path) -> list[Path]:
-        """database_files, listed once per folder."""
-        if db_path not in self._files:
-            self._files[db_path] = database_files(db_path)
-        return self._files[db_path]
-
-    def gold_result(self, path: Path, sql: str):
-        key = (path, sql)
-        if key not in self._gold:
+def exec_match(db_path: Path, pred: str, gold: str, plug_value: bool, keep_distinct: bool, cache: bool = True
+               ) -> tuple[int, str | None, str | None]:
+    """(1 or 0, prediction error, gold error); `pred` in spider_form already (EM reads the same text)."""
+    gold = gold_form(gold, keep_distinct)
+    order_matters = "order by" in gold.lower()
+    files = database_files(db_path)
+    if not files:
+        return 0, f"no SQLite database file beside {db_path}", None
+    candidates = [pred]
+    if plug_value:
+        try:
+            candidates = itertools.chain([pred], itertools.islice(plugged_candidates(gold, pred), PLUG_MAX))
+        except Exception:  # noqa: BLE001 - an unparseable prediction just has no plugged variants
+            candidates = [pred]
+    stop = time.monotonic() + limits().timeout  # the fillings share one timeout
+    first_error = None
+    for k, candidate in enumerate(candidates):
+        if k and time.monotonic() > stop:
+            break
+        passes = True
+        for path in files:
+            gold_rows = gold_result(path, gold, cache)
+            if isinstance(gold_rows, QueryError):
+                return 0, None, f"gold query failed on {path.name}: {gold_rows}"
             try:
-                self._gold[key] = self.run(path, sql)
+                pred_rows = run(path, candidate, "predicted query")
             except QueryError as exc:
-                self._gold[key] = exc
-        return self._gold[key]
-
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
-
-    def exec_match(self, db_path: Path, pred: str, gold: str, plug_value: bool, keep_distinct: bool
-                   ) -> tuple[int, str | None, str | None]:
-        """(1 or 0, prediction error, gold error)."""
-        pred, gold = close_operators(pred), close_operators(gold)
-        if not keep_distinct:
-            pred, gold = remove_distinct(pred), remove_distinct(gold)
-        order_matters = "order by" in gold.lower()
-        files = self.files(db_path)
-        if not files:
-            return 0, f"no SQLite database file beside {db_path}", None
-        candidates = [pred]
-        if plug_value:
-            try:
-                candidates = itertools.chain([pred], plugged_candidates(gold, pred))
-            except Exception:  # noqa: BLE001 - an unparseable prediction just has no plugged variants
-                candidates = [pred]
-        first_error = None
-        for candidate in candidates:
-            passes = True
-            for path in files:
-                gold_rows = self.gold_result(path, gold)
-                if isinstance(gold_rows, QueryError):
-                    return 0, None, f"gold query failed on {path.name}: {gold_rows}"
-                try:
-                    pred_rows = self.run(path, candidate)
-                except QueryError as exc:
-                    if first_error is None:
-                        first_error = str(exc)
-                    passes = False
-                    break
-                if not results_equal(gold_rows, pred_rows, order_matters):
-                    passes = False
-                    break
-            if passes:
-                return 1, None, None
-        return 0, first_error, None
+                first_error = first_error or str(exc)
+                if str(exc).startswith("timed out"):
+                    return 0, first_error, None  # a question stops at its first timeout
+                passes = False
+                break
+            if not results_equal(gold_rows, pred_rows, order_matters):
+                passes = False
+                break
+        if passes:
+            return 1, None, None
+    return 0, first_error, None

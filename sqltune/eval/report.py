@@ -164,6 +164,7 @@ def _write(folder: Path, cfg, figures: dict, results: list[dict], table: str) ->
             {"index": r["index"], "interaction": r["interaction"], "turn": r["turn"], "db_id": r["db_id"],
              "hardness": r["hardness"], "question": r["question"], "gold": r["gold"], "pred": r["pred"],
              "ex": r["ex"], "em": r["em"], "error": r["error"] or r["gold_error"] or r.get("left_out"),
+             "gold_unparsed": r.get("gold_unparsed"),
              "failure": failure_kind(r)} for r in results))
         with atomic_write(tmp / "report.md") as handle:
             handle.write(report_text(cfg, figures, results, table))

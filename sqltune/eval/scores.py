@@ -1,6 +1,8 @@
 """Aggregating per-example results into the official tables (evaluation.evaluate / print_scores).
 
-Per level (easy, medium, hard, extra, all): count, EX and EM averaged over the count; each partial component's
+Per level (easy, medium, hard, extra, all): count, EX averaged over the count, EM over the questions it could
+score (`em_count`; a gold the parser cannot read has hardness "unknown": it counts in `all` for EX only, so where
+every gold parses the figures are the official ones); each partial component's
 accuracy is averaged over the examples whose prediction has that component, recall over those whose gold has it,
 and F1 comes from those two averages (1 when both are 0, as the official prints it). Multi-turn files add
 joint_all (every turn of an interaction right) and per-turn tables.
@@ -23,20 +25,23 @@ def aggregate(results: list[dict], multi_turn: bool, etype: str) -> dict:
     levels = LEVELS + (("joint_all",) if multi_turn else ())
     scores: dict = {}
     for level in levels:
-        scores[level] = {"count": 0, "exec": 0.0, "exact": 0.0,
+        scores[level] = {"count": 0, "em_count": 0, "exec": 0.0, "exact": 0.0,
                          "partial": {t: {"acc": 0.0, "rec": 0.0, "f1": 0.0, "acc_count": 0, "rec_count": 0}
                                      for t in PARTIAL_TYPES}}
     for turn in TURNS:
-        scores[turn] = {"count": 0, "exec": 0.0, "exact": 0.0}
+        scores[turn] = {"count": 0, "em_count": 0, "exec": 0.0, "exact": 0.0}
     interactions: dict[int, list[dict]] = {}
     for r in results:
         interactions.setdefault(r["interaction"], []).append(r)
-        for key in (r["hardness"], "all", turn_name(r["turn"])):
+        keys = [k for k in (r["hardness"], "all", turn_name(r["turn"])) if k in scores]
+        for key in keys:
             scores[key]["count"] += 1
             scores[key]["exec"] += r.get("ex") or 0
-            scores[key]["exact"] += r.get("em") or 0
+            if r.get("em") is not None:
+                scores[key]["em_count"] += 1
+                scores[key]["exact"] += r["em"]
         if etype in ("all", "match") and r.get("partial"):
-            for level in (r["hardness"], "all"):
+            for level in [k for k in (r["hardness"], "all") if k in LEVELS]:
                 for t in PARTIAL_TYPES:
                     part, mine = scores[level]["partial"][t], r["partial"][t]
                     if mine["pred_total"] > 0:
@@ -48,13 +53,15 @@ def aggregate(results: list[dict], multi_turn: bool, etype: str) -> dict:
     if multi_turn:
         for turns in interactions.values():
             scores["joint_all"]["count"] += 1
+            scores["joint_all"]["em_count"] += 1
             scores["joint_all"]["exec"] += all(t.get("ex") == 1 for t in turns)
             scores["joint_all"]["exact"] += all(t.get("em") == 1 for t in turns)
     for key in levels + TURNS:
         s = scores[key]
         if s["count"]:
             s["exec"] /= s["count"]
-            s["exact"] /= s["count"]
+        if s["em_count"]:
+            s["exact"] /= s["em_count"]
         if "partial" not in s or not s["count"]:
             continue
         for part in s["partial"].values():

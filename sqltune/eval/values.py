@@ -12,24 +12,12 @@ import re
 from typing import Iterator
 
 import sqlparse
-from sqlparse import lexer
 from sqlparse import tokens as T
-from sqlparse.engine import StatementSplitter
+
+from sqltune.sqltext import first_statement_tokens
 
 SLOT = "VALUERARE"
 _TABLE_STARS = ("t1.*", "t2.*", "t3.*", "T1.*", "T2.*", "T3.*")
-
-
-def first_statement_tokens(query: str) -> list[tuple] | None:
-    """(ttype, text) of the first statement's tokens, as `sqlparse.parse(query)[0].flatten()` gives them.
-
-    The statement splitter alone yields the same leaf tokens without sqlparse's costly grouping pass (the leaves
-    are what the official rules read). None when the text holds no statement.
-    """
-    statement = next(iter(StatementSplitter().process(lexer.tokenize(query))), None)
-    if statement is None:
-        return None
-    return [(tok.ttype, tok.value) for tok in statement.flatten()]
 
 
 def _flat(query: str) -> list[tuple]:

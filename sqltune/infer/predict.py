@@ -54,6 +54,7 @@ from sqltune.data.registry import lookup
 from sqltune.digest import files_digest, model_digest, records_digest
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
+from sqltune.infer.vote import EXEC_TIMEOUT
 from sqltune.io import (append_once, atomic_write, interaction_text, read_json, read_jsonl, refuse_link, truncate,
                         write_json)
 from sqltune.lock import held
@@ -457,16 +458,16 @@ def _generation_config(model: Path):
 
 
 # ------------------------------------------------------------------------------------------- the stage
-def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path], executor, end: str | None
-             ) -> list[dict]:
+def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path], executor, end: str | None,
+             bird: bool = False) -> list[dict]:
     """Per prompt: the raw text, the SQL to write, the tokens generated and (when voting or retrying) the record
-    of the candidates."""
+    of the candidates (grouped as EX scores them: BIRD's sets for a BIRD dataset)."""
     if cfg.vote == "execution":
         from sqltune.infer.vote import vote
 
         rows = []
         for cands, db in zip(gen.candidates(prompts, cfg.num_samples, cfg.include_greedy, end), dbs):
-            sql, record = vote(cands, db, executor, prefer_rows=cfg.prefer_rows)
+            sql, record = vote(cands, db, executor, prefer_rows=cfg.prefer_rows, bird=bird)
             rows.append({"raw": cands[record["chosen"]]["text"], "sql": sql, "vote": record,
                          "new_tokens": sum(c["new_tokens"] or 0 for c in cands)})
         return rows
@@ -474,13 +475,12 @@ def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path],
         from sqltune.infer.vote import choose_retry
 
         greedy = [c[0] for c in gen.candidates(prompts, 0, True, end)]
-        seen: list[dict] = [{} for _ in prompts]  # each greedy SQL runs once
-        first = [choose_retry(g, [], db, executor, _seen=s) for g, db, s in zip(greedy, dbs, seen)]
+        first = [choose_retry(g, [], db, executor, bird=bird) for g, db in zip(greedy, dbs)]
         failing = [i for i, (_, record) in enumerate(first) if record["fallback"]]
         drawn = gen.candidates([prompts[i] for i in failing], cfg.retry_on_error, False, end) if failing else []
         chosen = list(first)
         for i, samples in zip(failing, drawn):
-            chosen[i] = choose_retry(greedy[i], samples, dbs[i], executor, _seen=seen[i])
+            chosen[i] = choose_retry(greedy[i], samples, dbs[i], executor, bird=bird)
         return [{"raw": record["candidates"][record["chosen"]]["text"], "sql": sql, "vote": record,
                  "new_tokens": sum(c["new_tokens"] or 0 for c in record["candidates"])} for sql, record in chosen]
     return [{"raw": text, "sql": extract_sql(text, end), "new_tokens": n} for text, n in gen.generate(prompts)]
@@ -581,7 +581,8 @@ def predict(cfg: PredictConfig) -> dict:
     meta = {**{k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY}, "history": mode,
             "records": len(records), "records_sha256": records_digest(records), "model_sha256": model_digest(model),
             "adapter_sha256": model_digest(adapter) if adapter else None,
-            **({"databases_sha256": files_digest(dbs)} if dbs else {}),  # a vote's choice depends on their rows
+            **({"databases_sha256": files_digest(dbs), "exec_timeout": EXEC_TIMEOUT,  # a vote's choice depends
+                "bird": entry.get("source") == "bird"} if dbs else {}),  # on their rows and how they compare
             "about": {"dataset": cfg.dataset, "file": str(Path(entry["file_name"]).resolve()),  # evaluate's questions
                       "model": str(model.resolve()),
                       "adapter": str(adapter.resolve()) if adapter else "",
@@ -640,7 +641,7 @@ def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, ad
                 asked = [_with_predicted_history(records, i, answers) if predicted else records[i] for i in wave]
                 encoded = [encode_prompt(tokenizer, template, r, cfg.max_source_length) for r in asked]
                 results = _answers(gen, cfg, [ids for ids, _ in encoded], [dbs[i] for i in wave] if dbs else [],
-                                   executor, end)
+                                   executor, end, meta.get("bird", False))
                 for i, (ids, cut), res in zip(wave, encoded, results):
                     r = records[i]
                     answers[i] = res["sql"]

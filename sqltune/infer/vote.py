@@ -5,9 +5,11 @@ because many different queries give the same answer. Two parts, kept apart so th
 
 - `generate_candidates` (transformers): N samples per prompt in one batched `generate` call, plus the greedy answer;
   each candidate carries the summed log-probability of its tokens;
-- `vote` / `choose_retry` (pure): run candidates with the evaluator's safe executor (read-only, bounded in time and
-  rows), group equal results the way EX compares them, pick the winner; `choose_retry` keeps the greedy SQL
-  unless it fails to run (predict's `--retry_on_error` samples only for those).
+- `vote` / `choose_retry`: run candidates in the sandbox (sqltune.sandbox: read-only, in a worker process killed
+  past each query's deadline, bounded in rows, bytes and memory), grouped there exactly as EX would score them
+  (sqltune.eval.answers: Spider's `value` rule, DISTINCT, every file of a test-suite folder, BIRD's sets), pick
+  the winner; `choose_retry` keeps the greedy SQL unless it fails to run (predict's `--retry_on_error` samples
+  only for those). The timeout is one figure (the evaluator's), recorded in each vote record.
 
 Log-probabilities are those of the model's own distribution (predict keeps no decoding setting of the checkpoint's
 generation_config, such as a repetition penalty; before temperature and top-p), so greedy and sampled candidates
@@ -17,18 +19,20 @@ the sum runs over the answer's tokens and the token that ended it (a stop token)
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
+from sqltune.config import EvalConfig
 from sqltune.errors import SqltuneError
-from sqltune.eval.execution import Executor, close_operators, remove_distinct, results_equal
-from sqltune.eval.safe_sqlite import QueryError
+from sqltune.eval.answers import ordered_sql, same_answers, signature
 from sqltune.infer.extract import extract_sql
+from sqltune.sandbox import Killed, Limits, Sandbox
 
 SAMPLING_TEMPERATURE = 0.7  # used when sampling is asked for with --temperature 0 (greedy's setting)
-EXEC_TIMEOUT = 10.0  # seconds per candidate query: a runaway cross join must not hold up N+1 candidates for long
-EXEC_MAX_ROWS = 100_000  # as the evaluator: more rows counts as a failed query
+EXEC_TIMEOUT = EvalConfig.timeout  # seconds per candidate query: the evaluator's, so a candidate EX would wait for
+EXEC_MAX_ROWS = EvalConfig.max_rows  # is waited for here too; more rows counts as a failed query, as there
+
+__all__ = ["EXEC_TIMEOUT", "choose_retry", "generate_candidates", "make_executor", "signature", "vote"]
 
 
 def sampling_temperature(temperature: float) -> float:
@@ -36,9 +40,10 @@ def sampling_temperature(temperature: float) -> float:
     return temperature if temperature > 0 else SAMPLING_TEMPERATURE
 
 
-def make_executor(timeout: float = EXEC_TIMEOUT, max_rows: int = EXEC_MAX_ROWS) -> Executor:
-    """One executor for a whole predict run (it keeps a read-only connection per database); close() at the end."""
-    return Executor(timeout, max_rows)
+def make_executor(timeout: float = EXEC_TIMEOUT, max_rows: int = EXEC_MAX_ROWS) -> Sandbox:
+    """One sandbox worker for a whole predict run (it keeps a read-only connection per database); close() at the
+    end."""
+    return Sandbox(1, Limits(timeout=timeout, max_rows=max_rows))
 
 
 # ------------------------------------------------------------------------------------------------ candidates
@@ -189,64 +194,29 @@ def generate_candidates(model, tokenizer, prompts: list[list[int]], stop_ids: li
 
 
 # ------------------------------------------------------------------------------------------------ execution
-def _ordered(sql: str) -> bool:
-    return "order by" in sql.lower()  # the evaluator's own test for "row order matters"
-
-
-def rows_in_order(candidates: list[dict], results: list) -> bool:
-    """Whether the vote compares results with their row order. EX takes that from the gold query (ORDER BY in it),
-    not from the prediction, so two candidates returning the same rows in the same order always score alike,
-    whatever their own SQL says. The vote has no gold: it guesses from the candidates that ran (order counts when
-    at least half of them have ORDER BY) and compares every pair the same way, as EX does for one question."""
-    ran = [c for c, r in zip(candidates, results) if not isinstance(r, QueryError)]
-    return 2 * sum(_ordered(c["sql"]) for c in ran) >= len(ran) > 0
-
-
-def _canonical(value):
-    """1 and 1.0 are equal to EX (Python ==), so a whole float is written as an int in the signature."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return value
-
-
-def signature(rows: list[tuple], ordered: bool) -> str:
-    """A short hash of a result that ignores column order (and row order unless `ordered`): equal results under
-    results_equal always get the same signature (the converse is checked with results_equal itself)."""
-    canon = [sorted(repr(_canonical(v)) for v in row) for row in rows]
-    if not ordered:
-        canon.sort()
-    return hashlib.sha1(repr((ordered, canon)).encode()).hexdigest()[:12]
-
-
-def _execute(candidates: list[dict], db_path: Path, executor: Executor, keep_distinct: bool,
-             seen: dict | None = None) -> list:
-    """Rows or QueryError per candidate, each distinct SQL run once (`seen` caches results for one database); the
-    SQL is normalised as the evaluator does (operators closed up, DISTINCT dropped unless keep_distinct) so a vote
-    groups what EX would score alike."""
+def _execute(candidates: list[dict], db_path: Path, executor: Sandbox, keep_distinct: bool, bird: bool) -> dict:
+    """same_answers for the candidates' SQL, run in the sandbox; a candidate whose query the parent had to kill
+    fails with that reason and the rest run again without it (each kill takes one candidate out)."""
     if not Path(db_path).is_file():
         raise SqltuneError(f"execution vote needs the question's database, and {db_path} is missing")
-    seen = {} if seen is None else seen
-    results = []
-    for cand in candidates:
-        sql = close_operators(cand["sql"])
-        if not keep_distinct:
-            sql = remove_distinct(sql)
-        if sql not in seen:
-            try:
-                seen[sql] = executor.run(Path(db_path), sql) if sql.strip() else QueryError("empty query")
-            except QueryError as exc:
-                seen[sql] = exc
-        results.append(seen[sql])
-    return results
+    sqls = [c["sql"] for c in candidates]
+    failed: dict[int, str] = {}
+    while True:
+        try:
+            return executor.call(same_answers, Path(db_path), sqls, bird, keep_distinct, failed)
+        except Killed as exc:
+            if exc.step in failed or not 0 <= exc.step < len(sqls):
+                raise SqltuneError(f"the vote's sandbox failed twice on one candidate: {exc}") from None
+            failed[exc.step] = str(exc)
 
 
-def _record(cand: dict, result, group: int | None, ordered: bool) -> dict:
+def _record(cand: dict, result: dict, ordered: bool) -> dict:
     rec = {k: cand.get(k) for k in ("source", "sql", "logprob", "new_tokens", "text")}
-    if isinstance(result, QueryError):
-        rec.update(error=str(result), result=None, group=None)
+    if "error" in result:
+        rec.update(error=result["error"], result=None, group=None)
     else:
-        rec.update(error=None, group=group, result={"rows": len(result), "cols": len(result[0]) if result else 0,
-                                                   "ordered": ordered, "signature": signature(result, ordered)})
+        rec.update(error=None, group=result["group"], result={"rows": result["rows"], "cols": result["cols"],
+                                                              "ordered": ordered, "signature": result["signature"]})
     return rec
 
 
@@ -263,13 +233,14 @@ def _fallback(candidates: list[dict]) -> int:
     return max(range(len(candidates)), key=lambda i: (_logprob(candidates[i]), -i))
 
 
-def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_distinct: bool = False,
-         prefer_rows: bool = False) -> tuple[str, dict]:
+def vote(candidates: list[dict], db_path: str | Path, executor: Sandbox, keep_distinct: bool = False,
+         prefer_rows: bool = False, bird: bool = False) -> tuple[str, dict]:
     """The SQL to write and a JSON-able record of the vote.
 
-    Candidates that fail to run are dropped. The rest are grouped: two results are the same answer when
-    results_equal holds, as EX compares them (any column order; row order as `rows_in_order` guesses it for the
-    question, the same for every pair, so the grouping is an equivalence, independent of candidate order). The
+    Candidates that fail to run are dropped. The rest are grouped as EX would score them (same_answers: for
+    Spider any column order, row order as guessed for the whole question from the candidates that ran, every file
+    of a test-suite folder; for BIRD sets of rows), so the grouping is an equivalence, independent of candidate
+    order. The
     largest group wins; among equally large groups, the one with the larger summed
     log-probability of its members (sizes being equal, this is the larger mean log-probability); then the group
     whose first member comes first. The winning group's most probable member is written. When every candidate
@@ -281,26 +252,17 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
     """
     if not candidates:
         raise SqltuneError("vote needs at least one candidate")
-    results = _execute(candidates, Path(db_path), executor, keep_distinct)
-    ordered = rows_in_order(candidates, results)
-    groups: list[dict] = []  # {"key", "rows" (representative), "members"}
-    member_of: list[int | None] = []
+    outcome = _execute(candidates, Path(db_path), executor, keep_distinct, bird)
+    ordered, results = outcome["ordered"], outcome["results"]
+    groups: dict[int, dict] = {}  # group id -> {"members", "rows"}, in order of first member
     for i, result in enumerate(results):
-        if isinstance(result, QueryError):
-            member_of.append(None)
-            continue
-        key = (ordered, signature(result, ordered))
-        for g, group in enumerate(groups):
-            if group["key"] == key and results_equal(group["rows"], result, ordered):
-                group["members"].append(i)
-                member_of.append(g)
-                break
-        else:
-            groups.append({"key": key, "rows": result, "members": [i]})
-            member_of.append(len(groups) - 1)
-    summary = [{"id": g, "size": len(group["members"]), "members": group["members"], "signature": group["key"][1],
-                "logprob_sum": sum(_logprob(candidates[i]) for i in group["members"]), "rows": len(group["rows"])}
-               for g, group in enumerate(groups)]
+        if "error" not in result:
+            groups.setdefault(result["group"], {"members": [], "rows": result["rows"],
+                                                "signature": result["signature"]})["members"].append(i)
+    groups = {g: groups[g] for g in sorted(groups, key=lambda g: groups[g]["members"][0])}
+    summary = [{"id": g, "size": len(group["members"]), "members": group["members"], "signature": group["signature"],
+                "logprob_sum": sum(_logprob(candidates[i]) for i in group["members"]), "rows": group["rows"]}
+               for g, group in groups.items()]
     if summary:
         best = max(summary, key=lambda s: (prefer_rows and s["rows"] > 0, s["size"], s["logprob_sum"],
                                            -s["members"][0]))
@@ -312,21 +274,21 @@ def vote(candidates: list[dict], db_path: str | Path, executor: Executor, keep_d
     for s in summary:
         s["logprob_sum"] = s["logprob_sum"] if math.isfinite(s["logprob_sum"]) else None
     record = {"method": "execution", "prefer_rows": prefer_rows, "rows_in_order": ordered, "winner": winner,
-              "chosen": chosen, "fallback": fallback, "groups": summary,
-              "candidates": [_record(c, r, g, ordered) for c, r, g in zip(candidates, results, member_of)]}
+              "chosen": chosen, "fallback": fallback, "groups": summary, "timeout": executor.limits.timeout,
+              "candidates": [_record(c, r, ordered) for c, r in zip(candidates, results)]}
     return candidates[chosen]["sql"], record
 
 
 # ------------------------------------------------------------------------------------------------ retry
-def choose_retry(greedy: dict, samples: list[dict], db_path: str | Path, executor: Executor,
-                 keep_distinct: bool = False, _seen: dict | None = None) -> tuple[str, dict]:
+def choose_retry(greedy: dict, samples: list[dict], db_path: str | Path, executor: Sandbox,
+                 keep_distinct: bool = False, bird: bool = False) -> tuple[str, dict]:
     """Execution-guided greedy: the greedy SQL when it runs; otherwise the most probable sample that runs; the
     greedy SQL again when none does. An empty result counts as running (only errors trigger a retry)."""
     cands = [greedy] + list(samples)
-    results = _execute(cands, Path(db_path), executor, keep_distinct, _seen)
-    runs = [i for i, r in enumerate(results) if not isinstance(r, QueryError)]
+    results = _execute(cands, Path(db_path), executor, keep_distinct, bird)["results"]
+    runs = [i for i, r in enumerate(results) if "error" not in r]
     chosen = 0 if 0 in runs or not runs else max(runs, key=lambda i: (_logprob(cands[i]), -i))
-    record = {"method": "retry", "chosen": chosen, "retried": len(samples),
+    record = {"method": "retry", "chosen": chosen, "retried": len(samples), "timeout": executor.limits.timeout,
               "fallback": "greedy" if not runs else None,
-              "candidates": [_record(c, r, None, _ordered(c["sql"])) for c, r in zip(cands, results)]}
+              "candidates": [_record(c, r, ordered_sql(c["sql"])) for c, r in zip(cands, results)]}
     return cands[chosen]["sql"], record

@@ -1,15 +1,15 @@
-"""Running model-written SQL without risk: read-only connections, an allow-list authorizer, and bounds on every
-query's time, rows and memory.
+"""A read-only SQLite connection for model-written SQL, and one query run on it with bounds on rows and size.
 
 - the file is opened with the SQLite URI `mode=ro&immutable=1`, so no statement can write it and nothing is
-  created beside it (no -wal/-shm files, even for a WAL-mode database);
+  created beside it (no -wal/-shm files, even for a WAL-mode database); temporary tables and sort spills stay in
+  memory (`temp_store = MEMORY`), bounded by SQLite's heap limit, so an ORDER BY never writes a temp file;
 - an authorizer allows only reading (SELECT, reading columns, functions other than load_extension, recursive
   CTEs): DROP, DELETE, UPDATE, INSERT, CREATE, ATTACH, PRAGMA and VACUUM are refused before they run;
-- a progress handler interrupts a query after `timeout` seconds (a runaway cross join stops and counts wrong);
-- at most `max_rows` rows are fetched, and at most `max_bytes` of text and blob values (counted row by row); no
-  single value may be longer than `max_bytes` (SQLite's length limit); SQLite's own heap is capped for the process
-  (soft and hard heap limits), so a query such as `SELECT randomblob(1e9)` or a row of many huge values fails as
-  "result too large" instead of taking the machine's memory.
+- a progress handler interrupts a query after `timeout` seconds. It runs only between SQLite's steps (a LIKE over
+  a long string is one step), so it is the polite stop; the hard one is the sandbox's worker being killed;
+- at most `max_rows` rows are fetched, and every cell is counted against `max_bytes` (a fixed cost per cell and
+  per row, as Python holds them, plus the length of text and blobs), row by row; no single value may be longer
+  than `max_bytes` (SQLite's length limit).
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ from pathlib import Path
 
 from sqlparse import tokens as T
 
-from sqltune.eval.values import first_statement_tokens
 from sqltune.io import connect_read_only
+from sqltune.sqltext import first_statement_tokens
 
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
             getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
 _DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
 _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER", "VACUUM", "REINDEX", "ANALYZE")
 MB = 1 << 20
-_heap_capped = False
+CELL_BYTES = 32  # what Python spends on one value in a row (pointer + object), text and blob bytes come on top
+ROW_BYTES = 64  # a row's tuple and its place in the list
 
 
 class QueryError(Exception):
@@ -43,25 +44,30 @@ def _authorize(action, arg1, arg2, db_name, source):
     return sqlite3.SQLITE_OK
 
 
-def _cap_heap(conn: sqlite3.Connection, max_bytes: int) -> None:
-    """SQLite's heap limits are per process: set once (the hard one can only be lowered later)."""
-    global _heap_capped
-    if not _heap_capped:
-        conn.execute(f"PRAGMA soft_heap_limit = {64 * MB + max_bytes}")
-        conn.execute(f"PRAGMA hard_heap_limit = {256 * MB + 2 * max_bytes}")
-        _heap_capped = True
-
-
 def connect(path: str | Path, max_bytes: int = 64 * MB) -> sqlite3.Connection:
     """A read-only connection that only lets SELECT statements through, with no value longer than max_bytes."""
     path = Path(path)
     if not path.is_file():
         raise QueryError(f"database file not found: {path}")
-    conn = connect_read_only(path)  # as the official, undecodable text bytes are dropped
-    _cap_heap(conn, max_bytes)
+    try:
+        conn = connect_read_only(path)  # as the official, undecodable text bytes are dropped
+        conn.execute("PRAGMA temp_store = MEMORY")  # before the authorizer, which refuses every PRAGMA
+    except sqlite3.Error as exc:
+        raise QueryError(f"database unreadable: {exc}") from None
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max_bytes)
     conn.set_authorizer(_authorize)
     return conn
+
+
+def cap_heap(conn: sqlite3.Connection, soft: int, hard: int) -> None:
+    """SQLite's heap limits, per process (the sandbox's workers set them once; over the hard one a query fails
+    with 'out of memory' instead of growing)."""
+    conn.set_authorizer(None)
+    try:
+        conn.execute(f"PRAGMA soft_heap_limit = {int(soft)}")
+        conn.execute(f"PRAGMA hard_heap_limit = {int(hard)}")
+    finally:
+        conn.set_authorizer(_authorize)
 
 
 def refusal(sql: str) -> str:
@@ -75,6 +81,17 @@ def refusal(sql: str) -> str:
     if verb == "SELECT":
         return f"refused: a function that is not allowed ({', '.join(sorted(_DENIED_FUNCTIONS))})"
     return "refused: only SELECT statements run" + (f" ({verb})" if verb else "")
+
+
+def result_size(rows: list[tuple]) -> int:
+    """The bytes `rows` count against a result bound (the same rule run_query applies row by row)."""
+    size = 0
+    for row in rows:
+        size += ROW_BYTES + CELL_BYTES * len(row)
+        for value in row:
+            if value.__class__ is str or value.__class__ is bytes:
+                size += len(value)
+    return size
 
 
 def run_query(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int, max_bytes: int = 64 * MB
@@ -96,6 +113,7 @@ def run_query(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int,
         rows: list[tuple] = []
         size = 0
         for row in cursor:  # row by row: a result over the byte bound stops at the row that crosses it
+            size += ROW_BYTES + CELL_BYTES * len(row)
             for value in row:
                 if value.__class__ is str or value.__class__ is bytes:
                     size += len(value)
@@ -113,9 +131,11 @@ def run_query(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int,
             raise QueryError(refusal(sql)) from None
         if "string or blob too big" in text:
             raise QueryError(f"result too large: a value over {max_bytes / MB:g} MB") from None
+        if "out of memory" in text:
+            raise QueryError("result too large: the memory bound was reached") from None
         raise QueryError(f"{type(exc).__name__}: {exc}") from None
     except MemoryError:
-        raise QueryError("result too large: SQLite's memory bound reached") from None
+        raise QueryError("result too large: the memory bound was reached") from None
     except (sqlite3.Warning, ValueError, OverflowError) as exc:  # e.g. two statements, huge ints
         raise QueryError(f"{type(exc).__name__}: {exc}") from None
     finally:

@@ -1,0 +1,199 @@
+"""The parent side of the sandbox: long-lived worker processes that run SQL tasks, each killed and replaced the
+moment its current step overruns its deadline.
+
+Why processes: SQLite's progress handler runs only between steps, so a LIKE, GLOB or instr over a long string
+runs on for minutes inside one step and ignores SIGTERM; only killing the process stops it. The workers are
+forked from a clean forkserver (never from a process running torch's threads), each limits its own address space,
+and each dies with its parent. The parent reads every busy worker's deadline from shared memory at least every
+0.1 s and kills a worker past it, so every step ends within its timeout plus GRACE plus that tick; Ctrl-C or
+SIGTERM in the parent kills every worker at once.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any, Callable, Sequence
+
+from sqltune.sandbox.readonly import QueryError
+from sqltune.sandbox.worker import GRACE, PHASES, Limits, serve
+
+_TICK = 0.1
+_PRELOAD = ["sqltune.sandbox.worker", "sqltune.eval.execution", "sqltune.eval.scoring"]
+
+
+class Killed(QueryError):
+    """A task's worker was killed (past its deadline) or died; `phase` and `step` say what it was doing."""
+
+    def __init__(self, reason: str, phase: str, step: int):
+        super().__init__(reason)
+        self.phase, self.step = phase, step
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: Any = None
+    conn: Any = None
+    item: int | None = None  # the index of the item it works on (None: idle)
+    key: Any = None  # the affinity key of its last item
+    task_id: int = 0
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+class Sandbox:
+    """Worker processes for SQL tasks. `init` = (function, args) runs in every worker when it starts (its state
+    for the tasks). Use as a context manager, or close()."""
+
+    def __init__(self, workers: int = 1, limits: Limits = Limits(), init: tuple[Callable, tuple] | None = None):
+        self.limits, self.init = limits, init
+        self.size = max(1, int(workers))
+        self._ctx = _context()
+        self._shared = self._ctx.RawArray("d", 3 * self.size)
+        self._slots = [_Slot(i) for i in range(self.size)]
+        self._next_id = 0
+        self.killed = 0  # workers killed past their deadline (or dead) so far
+
+    # ------------------------------------------------------------------ workers
+    def _start(self, slot: _Slot) -> None:
+        parent, child = self._ctx.Pipe()
+        self._shared[3 * slot.index] = math.inf
+        slot.process = self._ctx.Process(target=serve, args=(child, self._shared, slot.index, self.limits,
+                                                             self.init), daemon=True, name="sqltune-sql")
+        slot.process.start()
+        child.close()
+        slot.conn = parent
+
+    def _stop(self, slot: _Slot) -> None:
+        if slot.process is not None:
+            if slot.process.is_alive():
+                slot.process.kill()
+            slot.process.join(5)
+            slot.conn.close()
+        slot.process = slot.conn = slot.item = None
+
+    def close(self) -> None:
+        for slot in self._slots:
+            self._stop(slot)
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _where(self, slot: _Slot) -> tuple[float, str, int]:
+        base = 3 * slot.index
+        phase = int(self._shared[base + 1])
+        return self._shared[base], PHASES[phase] if 0 <= phase < len(PHASES) else "work", int(self._shared[base + 2])
+
+    def _send(self, slot: _Slot, fn: Callable, args: tuple) -> None:
+        if slot.process is None or not slot.process.is_alive():
+            self._stop(slot)
+            self._start(slot)
+        self._next_id += 1
+        slot.task_id = self._next_id
+        base = 3 * slot.index
+        self._shared[base + 1], self._shared[base + 2] = PHASES.index("work"), 0
+        self._shared[base] = time.monotonic() + self.limits.timeout + GRACE
+        slot.conn.send((slot.task_id, fn, args))
+
+    def _collect(self, slot: _Slot) -> tuple[str, Any, str, int]:
+        """(kind, value, phase, step) of a busy worker: kind "ok", "query_error", "error", or "" while it works;
+        a worker past its deadline is killed ("killed"), a dead one reported ("died")."""
+        if slot.conn.poll():
+            try:
+                task_id, kind, value = slot.conn.recv()
+                if task_id == slot.task_id:
+                    return kind, value, "", 0
+            except (EOFError, OSError):
+                pass
+        deadline, phase, step = self._where(slot)
+        if not slot.process.is_alive():
+            code = slot.process.exitcode
+            self.killed += 1
+            self._stop(slot)
+            return "died", f"worker stopped ({phase}; exit code {code}: the memory bound is the usual cause)", \
+                phase, step
+        if time.monotonic() > deadline:
+            self.killed += 1
+            self._stop(slot)
+            return "killed", f"timed out after {self.limits.timeout:g} s ({phase}; worker stopped)", phase, step
+        return "", None, "", 0
+
+    # ------------------------------------------------------------------ tasks
+    def call(self, fn: Callable, *args) -> Any:
+        """fn(*args) in a worker; QueryError for a query error, Killed when the worker had to be stopped."""
+        slot = self._slots[0]
+        self._send(slot, fn, args)
+        while True:
+            wait([slot.conn, slot.process.sentinel], _TICK)
+            kind, value, phase, step = self._collect(slot)
+            if kind == "ok":
+                return value
+            if kind in ("killed", "died"):
+                raise Killed(value, phase, step)
+            if kind:
+                raise QueryError(value)
+
+    def map(self, fn: Callable, items: Sequence, key: Callable[[Any], Any] | None = None,
+            on_fail: Callable[[Any, str, str, int], Any] | None = None,
+            progress: Callable[[int], None] | None = None) -> list:
+        """[fn(item) for item in items], run in the workers. Items with the same `key` go to the same worker when
+        it is free (its caches stay warm). A failed item (killed, died, or fn raised) gets on_fail(item, reason,
+        phase, step) as its result; without on_fail the failure is raised."""
+        results: list = [None] * len(items)
+        queues: dict[Any, deque] = {}
+        for i, item in enumerate(items):
+            queues.setdefault(key(item) if key else None, deque()).append(i)
+        active = self._slots[:max(1, min(self.size, len(items)))]
+
+        def next_item(slot: _Slot) -> int | None:
+            """The next item of the slot's last key; else of the key with the most items left."""
+            if not queues.get(slot.key):
+                waiting = [k for k, q in queues.items() if q]
+                if not waiting:
+                    return None
+                slot.key = max(waiting, key=lambda k: len(queues[k]))
+            return queues[slot.key].popleft()
+
+        left = len(items)
+        while left:
+            for slot in active:
+                if slot.item is None and (i := next_item(slot)) is not None:
+                    self._send(slot, fn, (items[i],))
+                    slot.item = i
+            busy = [s for s in active if s.item is not None]
+            wait([s.conn for s in busy] + [s.process.sentinel for s in busy], _TICK)
+            for slot in busy:
+                i = slot.item
+                kind, value, phase, step = self._collect(slot)
+                if not kind:
+                    continue
+                slot.item = None
+                if kind == "ok":
+                    results[i] = value
+                elif on_fail is None:
+                    raise QueryError(value)
+                else:
+                    results[i] = on_fail(items[i], value, phase, step)
+                left -= 1
+                if progress:
+                    progress(1)
+        return results
+
+
+def default_workers(requested: int, work: int) -> int:
+    """Workers for `work` items: the request (0: one per core), never more than the cores or the items."""
+    cores = os.cpu_count() or 1
+    return max(1, min(requested or cores, cores, work))
