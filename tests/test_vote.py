@@ -9,6 +9,7 @@ import sqlite3
 
 import pytest
 
+from sqltune.config import EvalConfig
 from sqltune.errors import SqltuneError
 from sqltune.infer.vote import choose_retry, make_executor, signature, vote
 from sqltune.io import read_jsonl
@@ -304,3 +305,74 @@ def test_samples_read_each_prompt_once_and_match_plain_sampling(tiny, prompts):
         tokens = plain[k]
         cut = next((j for j, t in enumerate(tokens) if t in stop or t == tok.pad_token_id), len(tokens))
         assert row["text"] == tok.decode(tokens[:cut], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------ the vote groups exactly as EX scores (issue 26)
+def test_the_value_placeholder_groups_as_ex_reads_it(db, executor):
+    """Pins: EX runs a prediction with `value` read as 1 (the official rule), the vote ran it as written (a
+    failing column), so two candidates EX scores alike were split."""
+    _, rec = vote(cands(("SELECT name FROM singer WHERE age > value", -1.0),
+                        ("SELECT name FROM singer WHERE age > 1", -2.0)), db, executor)
+    assert [g["members"] for g in rec["groups"]] == [[0, 1]]
+
+
+def test_every_file_of_a_test_suite_folder_must_agree(db, executor):
+    """Pins: EX compares on every SQLite file of the database's folder (test-suite accuracy), the vote on the one
+    file only, so candidates equal there but not on the other files were one answer."""
+    other = db.parent / "concert_2.sqlite"
+    import shutil
+
+    shutil.copy(db, other)
+    conn = sqlite3.connect(other)
+    conn.execute("INSERT INTO singer VALUES (5, 'Ed', 20, 'Chad')")
+    conn.commit()
+    conn.close()
+    pair = cands(("SELECT name FROM singer WHERE age > 30", -1.0), ("SELECT name FROM singer WHERE name != 'Bo'", -2.0))
+    _, rec = vote(pair, db, executor)
+    assert len(rec["groups"]) == 2
+
+
+def test_bird_groups_sets_of_rows_in_column_order(db, executor):
+    """Pins: a BIRD dataset is scored as sets of rows with columns in order, the vote grouped it with Spider's
+    rules (any column order)."""
+    pair = cands(("SELECT name, age FROM singer", -1.0), ("SELECT age, name FROM singer", -2.0))
+    assert len(vote(pair, db, executor)[1]["groups"]) == 1
+    assert len(vote(pair, db, executor, bird=True)[1]["groups"]) == 2
+    dup = cands(("SELECT country FROM singer", -1.0), ("SELECT DISTINCT country FROM singer", -2.0))
+    assert len(vote(dup, db, executor, bird=True, keep_distinct=True)[1]["groups"]) == 1
+
+
+def test_the_record_keeps_the_timeout_it_ran_with(db, executor):
+    """Pins: the vote ran with its own 10 s timeout, kept nowhere; each record now says the timeout (the
+    evaluator's by default, also written in predict's meta)."""
+    _, rec = vote(cands(("SELECT name FROM singer", -1.0)), db, executor)
+    assert rec["timeout"] == 5.0
+    from sqltune.infer.vote import EXEC_TIMEOUT
+
+    assert EXEC_TIMEOUT == EvalConfig().timeout
+
+
+def test_a_candidate_that_hangs_is_killed_and_the_vote_goes_on(db):
+    """Pins: the vote's 10 s limit held for 128 s on a LIKE over a long string. The worker running it is killed
+    after the timeout; that candidate fails with the reason and the others are grouped."""
+    from sqltune.sandbox import Limits, Sandbox
+
+    hang = ("SELECT name FROM singer WHERE replace(hex(zeroblob(300000)), '00', 'aa') LIKE "
+            "'%' || replace(hex(zeroblob(20000)), '00', 'aa') || 'b%'")
+    with Sandbox(1, Limits(timeout=1)) as sandbox:
+        sql, rec = vote(cands((hang, -0.1), ("SELECT name FROM singer", -1.0), ("SELECT name FROM singer", -2.0)),
+                        db, sandbox)
+    assert sql == "SELECT name FROM singer" and "timed out after 1 s" in rec["candidates"][0]["error"]
+
+
+def test_the_results_a_vote_keeps_are_bounded_in_total(db):
+    """Pins: the vote kept every candidate's result at once (6 wide candidates: 1.99 GB). One result per group is
+    kept, at most twice the per-result bound in all; past it a candidate fails with that reason."""
+    from sqltune.sandbox import Limits, Sandbox
+
+    wide = [(f"SELECT hex(zeroblob(20000)) || '{k}' FROM singer", -float(k)) for k in range(6)]  # ~160 kB each
+    with Sandbox(1, Limits(timeout=10, max_bytes=200_000)) as sandbox:
+        _, rec = vote(cands(*wide), db, sandbox)
+    errors = [c["error"] for c in rec["candidates"]]
+    assert errors[0] is None and errors[1] is None
+    assert all(e and "in total" in e for e in errors[2:])

@@ -156,10 +156,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     return out
 
 
+_BROKEN_FILE = ("database disk image is malformed", "file is not a database", "database unreadable")
+
+
 def _warnings(results: list[dict], unreadable: dict, notices: list[str], note: str, skip: bool,
               quiet: bool) -> list[str]:
-    """Each unusable database once, and how many golds EM could not read (even when quiet); then each failing
-    gold query and what was left out."""
+    """Each unusable or damaged database once, and how many golds EM could not read (even when quiet); then each
+    failing gold query on a sound database, and what was left out."""
     counts: dict[str, int] = {}
     for r in results:
         counts[r["db_id"]] = counts.get(r["db_id"], 0) + 1
@@ -170,10 +173,16 @@ def _warnings(results: list[dict], unreadable: dict, notices: list[str], note: s
     if unparsed:
         lines.append(f"warning: {unparsed} gold queries cannot be read by the exact-match parser: they are scored "
                      "in EX, not in EM")
+    broken: dict[str, list[str]] = {}  # db_id -> gold errors that say the file itself is damaged
+    for r in results:
+        if r["gold_error"] and any(sign in r["gold_error"] for sign in _BROKEN_FILE):
+            broken.setdefault(r["db_id"], []).append(r["gold_error"])
+    lines += [f"warning: database {db} is damaged ({errors[0].split(': ', 1)[-1]}): {len(errors)} questions' gold "
+              "queries fail on it and count wrong in EX" for db, errors in sorted(broken.items())]
     if quiet:
         return lines
     lines += [f"warning: question {r['index'] + 1} ({r['db_id']}): {r['gold_error']}" for r in results
-              if r["gold_error"]]
+              if r["gold_error"] and r["db_id"] not in broken]
     n_absent = sum(1 for r in results if r.get("left_out") and r["db_id"] not in unreadable)
     if n_absent:
         lines.append(f"note: {n_absent} questions on absent databases were left out")

@@ -149,12 +149,22 @@ def gold_result(path: Path, sql: str, cache: bool = True):
     return rows
 
 
+_FILES: dict[Path, list[Path]] = {}
+
+
+def _files(db_path: Path) -> list[Path]:
+    """database_files, listed once per folder in this worker."""
+    if db_path not in _FILES:
+        _FILES[db_path] = database_files(db_path)
+    return _FILES[db_path]
+
+
 def exec_match(db_path: Path, pred: str, gold: str, plug_value: bool, keep_distinct: bool, cache: bool = True
                ) -> tuple[int, str | None, str | None]:
     """(1 or 0, prediction error, gold error); `pred` in spider_form already (EM reads the same text)."""
     gold = gold_form(gold, keep_distinct)
     order_matters = "order by" in gold.lower()
-    files = database_files(db_path)
+    files = _files(db_path)
     if not files:
         return 0, f"no SQLite database file beside {db_path}", None
     candidates = [pred]

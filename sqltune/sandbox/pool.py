@@ -3,8 +3,8 @@ moment its current step overruns its deadline.
 
 Why processes: SQLite's progress handler runs only between steps, so a LIKE, GLOB or instr over a long string
 runs on for minutes inside one step and ignores SIGTERM; only killing the process stops it. The workers are
-forked from a clean forkserver (never from a process running torch's threads), each limits its own address space,
-and each dies with its parent. The parent reads every busy worker's deadline from shared memory at least every
+forked (from a clean forkserver once torch's threads run in the parent), each limits its own address space, and
+each dies with its parent. The parent reads every busy worker's deadline from shared memory at least every
 0.1 s and kills a worker past it, so every step ends within its timeout plus GRACE plus that tick; Ctrl-C or
 SIGTERM in the parent kills every worker at once.
 """
@@ -14,16 +14,18 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
 
 from sqltune.sandbox.readonly import QueryError
-from sqltune.sandbox.worker import GRACE, PHASES, Limits, serve
+from sqltune.sandbox.worker import GRACE, PHASES, SLOT_SIZE, Limits, serve
 
 _TICK = 0.1
+_CHUNK = 16
 _PRELOAD = ["sqltune.sandbox.worker", "sqltune.eval.execution", "sqltune.eval.scoring"]
 
 
@@ -40,12 +42,17 @@ class _Slot:
     index: int
     process: Any = None
     conn: Any = None
-    item: int | None = None  # the index of the item it works on (None: idle)
+    busy: bool = False
+    chunk: list = field(default_factory=list)  # the indices of the items sent with it, in order (map)
     key: Any = None  # the affinity key of its last item
     task_id: int = 0
 
 
 def _context():
+    """fork when it is safe (instant, nothing to import again); a clean forkserver once torch has started its
+    thread pools (`sqltune run`, predict's vote), since forking a process with running threads can deadlock."""
+    if "torch" not in sys.modules:
+        return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
@@ -59,7 +66,7 @@ class Sandbox:
         self.limits, self.init = limits, init
         self.size = max(1, int(workers))
         self._ctx = _context()
-        self._shared = self._ctx.RawArray("d", 3 * self.size)
+        self._shared = self._ctx.RawArray("d", SLOT_SIZE * self.size)
         self._slots = [_Slot(i) for i in range(self.size)]
         self._next_id = 0
         self.killed = 0  # workers killed past their deadline (or dead) so far
@@ -67,7 +74,7 @@ class Sandbox:
     # ------------------------------------------------------------------ workers
     def _start(self, slot: _Slot) -> None:
         parent, child = self._ctx.Pipe()
-        self._shared[3 * slot.index] = math.inf
+        self._shared[SLOT_SIZE * slot.index] = math.inf
         slot.process = self._ctx.Process(target=serve, args=(child, self._shared, slot.index, self.limits,
                                                              self.init), daemon=True, name="sqltune-sql")
         slot.process.start()
@@ -80,7 +87,8 @@ class Sandbox:
                 slot.process.kill()
             slot.process.join(5)
             slot.conn.close()
-        slot.process = slot.conn = slot.item = None
+        slot.process = slot.conn = None
+        slot.busy = False
 
     def close(self) -> None:
         for slot in self._slots:
@@ -93,20 +101,20 @@ class Sandbox:
         self.close()
 
     def _where(self, slot: _Slot) -> tuple[float, str, int]:
-        base = 3 * slot.index
+        base = SLOT_SIZE * slot.index
         phase = int(self._shared[base + 1])
         return self._shared[base], PHASES[phase] if 0 <= phase < len(PHASES) else "work", int(self._shared[base + 2])
 
-    def _send(self, slot: _Slot, fn: Callable, args: tuple) -> None:
+    def _send(self, slot: _Slot, fn: Callable, args, each: bool = False) -> None:
         if slot.process is None or not slot.process.is_alive():
             self._stop(slot)
             self._start(slot)
         self._next_id += 1
         slot.task_id = self._next_id
-        base = 3 * slot.index
-        self._shared[base + 1], self._shared[base + 2] = PHASES.index("work"), 0
+        base = SLOT_SIZE * slot.index
+        self._shared[base + 1], self._shared[base + 2], self._shared[base + 3] = PHASES.index("work"), 0, 0
         self._shared[base] = time.monotonic() + self.limits.timeout + GRACE
-        slot.conn.send((slot.task_id, fn, args))
+        slot.conn.send((slot.task_id, fn, args, each))
 
     def _collect(self, slot: _Slot) -> tuple[str, Any, str, int]:
         """(kind, value, phase, step) of a busy worker: kind "ok", "query_error", "error", or "" while it works;
@@ -149,49 +157,63 @@ class Sandbox:
     def map(self, fn: Callable, items: Sequence, key: Callable[[Any], Any] | None = None,
             on_fail: Callable[[Any, str, str, int], Any] | None = None,
             progress: Callable[[int], None] | None = None) -> list:
-        """[fn(item) for item in items], run in the workers. Items with the same `key` go to the same worker when
-        it is free (its caches stay warm). A failed item (killed, died, or fn raised) gets on_fail(item, reason,
-        phase, step) as its result; without on_fail the failure is raised."""
+        """[fn(item) for item in items], run in the workers. Items with the same `key` go to one worker in chunks
+        (its caches stay warm; one reply per chunk). A failed item (killed, died, or fn raised) gets
+        on_fail(item, reason, phase, step) as its result; without on_fail the failure is raised. When a worker is
+        killed, the item it was on fails and the rest of its chunk goes back to the queue."""
         results: list = [None] * len(items)
         queues: dict[Any, deque] = {}
         for i, item in enumerate(items):
             queues.setdefault(key(item) if key else None, deque()).append(i)
         active = self._slots[:max(1, min(self.size, len(items)))]
-
-        def next_item(slot: _Slot) -> int | None:
-            """The next item of the slot's last key; else of the key with the most items left."""
-            if not queues.get(slot.key):
-                waiting = [k for k, q in queues.items() if q]
-                if not waiting:
-                    return None
-                slot.key = max(waiting, key=lambda k: len(queues[k]))
-            return queues[slot.key].popleft()
-
         left = len(items)
+
+        def done(i: int, kind: str, value, phase: str = "", step: int = 0) -> None:
+            nonlocal left
+            if kind == "ok":
+                results[i] = value
+            elif on_fail is None:
+                raise QueryError(value)
+            else:
+                results[i] = on_fail(items[i], value, phase, step)
+            left -= 1
+
         while left:
             for slot in active:
-                if slot.item is None and (i := next_item(slot)) is not None:
-                    self._send(slot, fn, (items[i],))
-                    slot.item = i
-            busy = [s for s in active if s.item is not None]
+                if not slot.busy and (chunk := self._next_chunk(slot, queues, left, len(active))):
+                    self._send(slot, fn, [items[i] for i in chunk], each=True)
+                    slot.chunk, slot.busy = chunk, True
+            busy = [s for s in active if s.busy]
             wait([s.conn for s in busy] + [s.process.sentinel for s in busy], _TICK)
             for slot in busy:
-                i = slot.item
+                chunk, at = slot.chunk, int(self._shared[SLOT_SIZE * slot.index + 3])
                 kind, value, phase, step = self._collect(slot)
                 if not kind:
                     continue
-                slot.item = None
-                if kind == "ok":
-                    results[i] = value
-                elif on_fail is None:
-                    raise QueryError(value)
-                else:
-                    results[i] = on_fail(items[i], value, phase, step)
-                left -= 1
+                slot.busy = False
+                if kind == "chunk":
+                    for i, (one_kind, one_value) in zip(chunk, value):
+                        done(i, one_kind, one_value)
+                else:  # killed or died on chunk[at]: the rest is done again
+                    at = min(max(at, 0), len(chunk) - 1)
+                    done(chunk[at], kind, value, phase, step)
+                    queues[slot.key].extendleft(reversed(chunk[:at] + chunk[at + 1:]))
                 if progress:
-                    progress(1)
+                    progress(len(chunk) if kind == "chunk" else 1)
         return results
 
+    @staticmethod
+    def _next_chunk(slot: _Slot, queues: dict, left: int, workers: int) -> list[int]:
+        """Up to _CHUNK items of the slot's last key; else of the key with the most items left. Small enough
+        that the work spreads over every worker to the end."""
+        if not queues.get(slot.key):
+            waiting = [k for k, q in queues.items() if q]
+            if not waiting:
+                return []
+            slot.key = max(waiting, key=lambda k: len(queues[k]))
+        queue = queues[slot.key]
+        size = max(1, min(_CHUNK, len(queue), left // (2 * workers)))
+        return [queue.popleft() for _ in range(size)]
 
 def default_workers(requested: int, work: int) -> int:
     """Workers for `work` items: the request (0: one per core), never more than the cores or the items."""

@@ -27,6 +27,7 @@ GRACE = 1.0  # seconds past a step's timeout before the parent kills the worker
 PHASES = ("idle", "work", "query", "gold query", "predicted query")
 MAX_SQL_BYTES = 100_000  # longer model output is not SQL anyone meant: wrong with a named reason, never parsed
 _MAX_CONNECTIONS = 32
+SLOT_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,11 @@ class Limits:
 
 
 class _Worker:
-    """This process's slot in the shared array: [deadline (monotonic), phase, step] per worker."""
+    """This process's slot in the shared array: [deadline (monotonic), phase, step, item] per worker (item: the
+    position in the chunk being worked on)."""
 
     def __init__(self, slots, index: int, limits: Limits):
-        self.slots, self.base, self.limits = slots, 3 * index, limits
+        self.slots, self.base, self.limits = slots, SLOT_SIZE * index, limits
         self.connections: dict[Path, object] = {}
 
     def mark(self, seconds: float, phase: str, step: int | None = None) -> None:
@@ -122,13 +124,46 @@ def _die_with_parent() -> None:
         pass
 
 
+def _address_space() -> int:
+    """This process's virtual size now (bytes), from /proc; 0 where there is none."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _run(task_id: int, fn, args: tuple) -> tuple:
+    try:
+        return task_id, "ok", fn(*args)
+    except QueryError as exc:
+        return task_id, "query_error", str(exc)
+    except MemoryError:
+        return task_id, "error", "out of memory (the worker's memory bound)"
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
+        return task_id, "error", f"{type(exc).__name__}: {exc}"
+
+
+def _send(conn, reply: tuple) -> None:
+    try:
+        conn.send(reply)
+    except MemoryError:
+        conn.send((reply[0], "error", "out of memory (the worker's memory bound)"))
+
+
 def serve(conn, slots, index: int, lim: Limits, init) -> None:
-    """The worker's loop: (task id, function, args) in, (task id, kind, value) out; None or a closed pipe ends it."""
+    """The worker's loop. (task id, function, args, False) in: one (task id, kind, value) out. (task id, function,
+    items, True) in: one (task id, "chunk", [(kind, value) per item]) out, the item being worked on kept in the
+    slot (so the parent knows which item a kill hits). None or a closed pipe ends it. The address space may grow by lim.memory_bytes over what the process holds at start."""
     global _WORKER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     _die_with_parent()
     if lim.memory_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (lim.memory_bytes, lim.memory_bytes))
+        cap = _address_space() + lim.memory_bytes
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
     _WORKER = _Worker(slots, index, lim)
     import sqlite3
 
@@ -144,18 +179,16 @@ def serve(conn, slots, index: int, lim: Limits, init) -> None:
             return
         if message is None:
             return
-        task_id, fn, args = message
-        _WORKER.mark(lim.timeout, "work", 0)
-        try:
-            reply = (task_id, "ok", fn(*args))
-        except QueryError as exc:
-            reply = (task_id, "query_error", str(exc))
-        except MemoryError:
-            reply = (task_id, "error", "out of memory (the worker's memory bound)")
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
-            reply = (task_id, "error", f"{type(exc).__name__}: {exc}")
+        task_id, fn, args, each = message
+        if not each:
+            _WORKER.mark(lim.timeout, "work", 0)
+            reply = _run(task_id, fn, args)
+        else:
+            replies = []
+            for k, item in enumerate(args):
+                slots[_WORKER.base + 3] = k
+                _WORKER.mark(lim.timeout, "work", 0)
+                replies.append(_run(task_id, fn, (item,))[1:])
+            reply = (task_id, "chunk", replies)
         _WORKER.mark(math.inf, "idle")
-        try:
-            conn.send(reply)
-        except MemoryError:
-            conn.send((task_id, "error", "out of memory (the worker's memory bound)"))
+        _send(conn, reply)
