@@ -42,10 +42,8 @@ class _Slot:
     index: int
     process: Any = None
     conn: Any = None
-    busy: bool = False
-    chunk: list = field(default_factory=list)  # the indices of the items sent with it, in order (map)
-    key: Any = None  # the affinity key of its last item
-    task_id: int = 0
+    key: Any = None  # the affinity key of its last chunk
+    sent: deque = field(default_factory=deque)  # (task id, item indices) sent and not yet answered, in order
 
 
 def _context():
@@ -88,7 +86,7 @@ class Sandbox:
             slot.process.join(5)
             slot.conn.close()
         slot.process = slot.conn = None
-        slot.busy = False
+        slot.sent.clear()
 
     def close(self) -> None:
         for slot in self._slots:
@@ -100,44 +98,47 @@ class Sandbox:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _where(self, slot: _Slot) -> tuple[float, str, int]:
+    def _where(self, slot: _Slot) -> tuple[float, str, int, int, int]:
+        """(deadline, phase, step, task id, position in its chunk) the worker last published."""
         base = SLOT_SIZE * slot.index
-        phase = int(self._shared[base + 1])
-        return self._shared[base], PHASES[phase] if 0 <= phase < len(PHASES) else "work", int(self._shared[base + 2])
+        deadline, phase, step, at, task = self._shared[base:base + SLOT_SIZE]
+        name = PHASES[int(phase)] if 0 <= int(phase) < len(PHASES) else "work"
+        return deadline, name, int(step), int(task), int(at)
 
-    def _send(self, slot: _Slot, fn: Callable, args, each: bool = False) -> None:
+    def _send(self, slot: _Slot, fn: Callable, args, each: bool = False, indices: list[int] | None = None) -> None:
+        """Send a task; the worker takes it when it is done with what it has (a second one waits in the pipe)."""
         if slot.process is None or not slot.process.is_alive():
             self._stop(slot)
             self._start(slot)
         self._next_id += 1
-        slot.task_id = self._next_id
-        base = SLOT_SIZE * slot.index
-        self._shared[base + 1], self._shared[base + 2], self._shared[base + 3] = PHASES.index("work"), 0, 0
-        self._shared[base] = time.monotonic() + self.limits.timeout + GRACE
-        slot.conn.send((slot.task_id, fn, args, each))
+        if not slot.sent:  # idle: its deadline starts now (a busy worker keeps publishing its own)
+            base = SLOT_SIZE * slot.index
+            self._shared[base + 1:base + SLOT_SIZE] = [PHASES.index("work"), 0, 0, self._next_id]
+            self._shared[base] = time.monotonic() + self.limits.timeout + GRACE
+        slot.sent.append((self._next_id, indices or []))
+        slot.conn.send((self._next_id, fn, args, each))
 
     def _collect(self, slot: _Slot) -> tuple[str, Any, str, int]:
-        """(kind, value, phase, step) of a busy worker: kind "ok", "query_error", "error", or "" while it works;
-        a worker past its deadline is killed ("killed"), a dead one reported ("died")."""
+        """(kind, value, phase, step) for the oldest task sent to a busy worker: kind "ok", "chunk",
+        "query_error", "error", or "" while it works; a worker past its deadline is killed ("killed"), a dead one
+        reported ("died"); either way the tasks sent to it stay in `slot.sent` for the caller."""
         if slot.conn.poll():
             try:
                 task_id, kind, value = slot.conn.recv()
-                if task_id == slot.task_id:
+                if task_id == slot.sent[0][0]:
                     return kind, value, "", 0
             except (EOFError, OSError):
                 pass
-        deadline, phase, step = self._where(slot)
-        if not slot.process.is_alive():
-            code = slot.process.exitcode
-            self.killed += 1
-            self._stop(slot)
-            return "died", f"worker stopped ({phase}; exit code {code}: the memory bound is the usual cause)", \
-                phase, step
-        if time.monotonic() > deadline:
-            self.killed += 1
-            self._stop(slot)
+        deadline, phase, step, _, _ = self._where(slot)
+        if slot.process.is_alive() and time.monotonic() <= deadline:
+            return "", None, "", 0
+        self.killed += 1
+        if slot.process.is_alive():
+            slot.process.kill()
+            slot.process.join(5)
             return "killed", f"timed out after {self.limits.timeout:g} s ({phase}; worker stopped)", phase, step
-        return "", None, "", 0
+        code = slot.process.exitcode
+        return "died", f"worker stopped ({phase}; exit code {code}: the memory bound is the usual cause)", phase, step
 
     # ------------------------------------------------------------------ tasks
     def call(self, fn: Callable, *args) -> Any:
@@ -147,20 +148,24 @@ class Sandbox:
         while True:
             wait([slot.conn, slot.process.sentinel], _TICK)
             kind, value, phase, step = self._collect(slot)
+            if not kind:
+                continue
+            if kind in ("killed", "died"):
+                self._stop(slot)
+                raise Killed(value, phase, step)
+            slot.sent.popleft()
             if kind == "ok":
                 return value
-            if kind in ("killed", "died"):
-                raise Killed(value, phase, step)
-            if kind:
-                raise QueryError(value)
+            raise QueryError(value)
 
     def map(self, fn: Callable, items: Sequence, key: Callable[[Any], Any] | None = None,
             on_fail: Callable[[Any, str, str, int], Any] | None = None,
             progress: Callable[[int], None] | None = None) -> list:
         """[fn(item) for item in items], run in the workers. Items with the same `key` go to one worker in chunks
-        (its caches stay warm; one reply per chunk). A failed item (killed, died, or fn raised) gets
-        on_fail(item, reason, phase, step) as its result; without on_fail the failure is raised. When a worker is
-        killed, the item it was on fails and the rest of its chunk goes back to the queue."""
+        (its caches stay warm; one reply per chunk; two chunks in flight, so a worker never waits for the
+        parent). A failed item (killed, died, or fn raised) gets on_fail(item, reason, phase, step) as its
+        result; without on_fail the failure is raised. When a worker is killed, the item it was on fails and the
+        rest of what it was sent goes back to the queue."""
         results: list = [None] * len(items)
         queues: dict[Any, deque] = {}
         for i, item in enumerate(items):
@@ -177,30 +182,44 @@ class Sandbox:
             else:
                 results[i] = on_fail(items[i], value, phase, step)
             left -= 1
+            if progress:
+                progress(1)
 
         while left:
             for slot in active:
-                if not slot.busy and (chunk := self._next_chunk(slot, queues, left, len(active))):
-                    self._send(slot, fn, [items[i] for i in chunk], each=True)
-                    slot.chunk, slot.busy = chunk, True
-            busy = [s for s in active if s.busy]
+                while len(slot.sent) < 2 and (chunk := self._next_chunk(slot, queues, left, len(active))):
+                    self._send(slot, fn, [items[i] for i in chunk], each=True, indices=chunk)
+            busy = [s for s in active if s.sent]
             wait([s.conn for s in busy] + [s.process.sentinel for s in busy], _TICK)
             for slot in busy:
-                chunk, at = slot.chunk, int(self._shared[SLOT_SIZE * slot.index + 3])
-                kind, value, phase, step = self._collect(slot)
-                if not kind:
-                    continue
-                slot.busy = False
-                if kind == "chunk":
-                    for i, (one_kind, one_value) in zip(chunk, value):
-                        done(i, one_kind, one_value)
-                else:  # killed or died on chunk[at]: the rest is done again
-                    at = min(max(at, 0), len(chunk) - 1)
-                    done(chunk[at], kind, value, phase, step)
-                    queues[slot.key].extendleft(reversed(chunk[:at] + chunk[at + 1:]))
-                if progress:
-                    progress(len(chunk) if kind == "chunk" else 1)
+                while slot.sent:
+                    kind, value, phase, step = self._collect(slot)
+                    if not kind:
+                        break
+                    if kind == "chunk":
+                        for i, (one_kind, one_value) in zip(slot.sent.popleft()[1], value):
+                            done(i, one_kind, one_value)
+                        continue
+                    _, _, _, task, at = self._where(slot)  # the worker is gone: where it stopped is final
+                    self._fail_sent(slot, task, at, queues, lambda i: done(i, kind, value, phase, step))
         return results
+
+    def _fail_sent(self, slot: _Slot, task: int, at: int, queues: dict, fail: Callable[[int], None]) -> None:
+        """A worker was killed or died: the item it was on fails; everything else sent to it is queued again."""
+        again: list[int] = []
+        for task_id, chunk in slot.sent:
+            if task_id == task and chunk:
+                at = min(max(at, 0), len(chunk) - 1)
+                fail(chunk[at])
+                again += chunk[:at] + chunk[at + 1:]
+            else:
+                again += chunk
+        if not any(task_id == task for task_id, _ in slot.sent) and slot.sent:  # died before it said where
+            first = slot.sent[0][1]
+            fail(first[0])
+            again.remove(first[0])
+        queues[slot.key].extendleft(reversed(again))
+        self._stop(slot)
 
     @staticmethod
     def _next_chunk(slot: _Slot, queues: dict, left: int, workers: int) -> list[int]:
@@ -212,8 +231,9 @@ class Sandbox:
                 return []
             slot.key = max(waiting, key=lambda k: len(queues[k]))
         queue = queues[slot.key]
-        size = max(1, min(_CHUNK, len(queue), left // (2 * workers)))
+        size = max(1, min(_CHUNK, len(queue), left // (4 * workers)))
         return [queue.popleft() for _ in range(size)]
+
 
 def default_workers(requested: int, work: int) -> int:
     """Workers for `work` items: the request (0: one per core), never more than the cores or the items."""

@@ -27,7 +27,7 @@ GRACE = 1.0  # seconds past a step's timeout before the parent kills the worker
 PHASES = ("idle", "work", "query", "gold query", "predicted query")
 MAX_SQL_BYTES = 100_000  # longer model output is not SQL anyone meant: wrong with a named reason, never parsed
 _MAX_CONNECTIONS = 32
-SLOT_SIZE = 4
+SLOT_SIZE = 5
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ class Limits:
 
 
 class _Worker:
-    """This process's slot in the shared array: [deadline (monotonic), phase, step, item] per worker (item: the
-    position in the chunk being worked on)."""
+    """This process's slot in the shared array: [deadline (monotonic), phase, step, item, task] per worker (item:
+    the position in the chunk being worked on; task: the id of the task)."""
 
     def __init__(self, slots, index: int, limits: Limits):
         self.slots, self.base, self.limits = slots, SLOT_SIZE * index, limits
@@ -180,6 +180,7 @@ def serve(conn, slots, index: int, lim: Limits, init) -> None:
         if message is None:
             return
         task_id, fn, args, each = message
+        slots[_WORKER.base + 3], slots[_WORKER.base + 4] = 0, task_id
         if not each:
             _WORKER.mark(lim.timeout, "work", 0)
             reply = _run(task_id, fn, args)
