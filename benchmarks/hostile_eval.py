@@ -37,8 +37,8 @@ HOSTILE = {  # what each line tries, as issue 26 found it
     "100k rows x 500 numeric columns": _ROWS.format(n=100_000, cols=", ".join(f"x + {i}" for i in range(500))),
     "ORDER BY over 3M rows of 1 kB (a temp-file spill)": _ROWS.format(n=3_000_000, cols="x, hex(zeroblob(500))")
                                                          + " ORDER BY 2 DESC, 1",
-    "a 60-MB string in one value": "SELECT hex(zeroblob(30000000))",
-    "DROP TABLE": "DROP TABLE singer",
+    "a 100-MB string in one value": "SELECT hex(zeroblob(50000000))",
+    "CREATE TABLE (a write)": "CREATE TABLE evil (x)",
     "ATTACH and write": "ATTACH DATABASE 'x.sqlite' AS x",
     "a 55-MB line": "SELECT 1 WHERE 1 = 1" + " OR 1 = 1" * 6_000_000,
 }
