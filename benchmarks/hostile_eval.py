@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from sqltune.testing import alive, descendants, tree_rss
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT.parent / "shared" / "spider-eval-cases"
 SPIDER = ROOT.parent / "shared" / "spider"
@@ -50,27 +52,6 @@ def digest(folder: Path) -> str:
         if path.is_file():
             h.update(str(path.relative_to(folder)).encode() + hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(stat[1]), []).append(int(entry.name))
-            rss[int(entry.name)] = int(stat[21]) * 4096
-        except (OSError, IndexError, ValueError):
-            continue
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        total += rss.get(p, 0)
-        todo += children.get(p, [])
-    return total
 
 
 def run(pred: Path, gold: Path, report: Path, timeout: float) -> tuple[float, int, int]:
@@ -109,30 +90,6 @@ def stop_time(pred: Path, gold: Path, timeout: float) -> dict:
     seconds = time.monotonic() - started
     time.sleep(2.0)
     return {"sigterm_to_exit_s": round(seconds, 2), "processes_left": sum(alive(p) for p in family)}
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                children.setdefault(int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                    int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def per_example(report: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from sqltune.config import EvalConfig
 from sqltune.eval.evaluate import evaluate
 from sqltune.sandbox import Killed, Limits, QueryError, Sandbox, count_rows, default_workers
 from sqltune.sandbox.readonly import connect
+from sqltune.testing import alive, descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,32 +99,6 @@ def test_sigterm_stops_evaluation_and_its_workers(db_copy, demo_dir, tmp_path):
             break
         time.sleep(0.1)
     assert not any(alive(pid) for pid in workers)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def test_every_cell_counts_against_the_result_bound(db_copy):
