@@ -113,3 +113,13 @@ def test_slow_gold_counts_as_failing(zoo, tmp_path, monkeypatch):
     (zoo / "train_spider.json").write_text(_rows([TRAIN[0], slow]))
     figures = prepare(PrepareConfig(data_dir=str(zoo), out=str(tmp_path / "o"), drop_failing_gold=True))
     assert figures["train_dropped_failing_gold"] == 1 and figures["train_records"] == 1
+
+
+def test_an_unusable_database_is_named_once_and_none_of_its_queries_run(zoo, tmp_path, capsys):
+    """Pins (issue 26): a database file that exists but cannot be used failed every one of its train gold queries
+    in turn, unnamed; now it is checked once, named in one warning, and its records count as `no database`."""
+    (zoo / "database" / "zoo" / "zoo.sqlite").write_bytes(b"not a database at all" * 10)
+    figures = prepare(PrepareConfig(data_dir=str(zoo), out=str(tmp_path / "o"), drop_failing_gold=True))
+    err = capsys.readouterr().err
+    assert err.count("zoo.sqlite is unusable (not a SQLite database)") == 1
+    assert "0 error, 0 no rows, 6 no database" in err and figures["train_dropped_failing_gold"] == 6

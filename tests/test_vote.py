@@ -376,3 +376,18 @@ def test_the_results_a_vote_keeps_are_bounded_in_total(db):
     errors = [c["error"] for c in rec["candidates"]]
     assert errors[0] is None and errors[1] is None
     assert all(e and "in total" in e for e in errors[2:])
+
+
+def test_an_unusable_database_stops_a_vote_before_it_starts(tmp_path):
+    """Pins (issue 26): predict checked only that each database file existed, so with a broken one every candidate
+    failed and every answer fell back to greedy, silently. Now it is one line naming the file, before any model
+    is loaded."""
+    from sqltune.config import PredictConfig
+    from sqltune.infer.predict import vote_databases
+
+    broken = tmp_path / "db" / "shop" / "shop.sqlite"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"")
+    cfg = PredictConfig(dataset="x", vote="execution", num_samples=2)
+    with pytest.raises(SqltuneError, match=r"shop.sqlite is empty file \(0 bytes\)"):
+        vote_databases(cfg, [{"db_id": "shop"}], {"db_dir": str(tmp_path / "db")})

@@ -25,7 +25,7 @@ from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
 from sqltune.errors import SqltuneError
 from sqltune.io import interaction_text, logging_to_file
-from sqltune.sandbox import Limits, Sandbox, count_rows, default_workers
+from sqltune.sandbox import Limits, Sandbox, count_rows, database_problem, default_workers
 
 ROW_STYLES = ("ddl+rows", "mschema")  # styles that show sample_rows of data, which yield first to max_prompt_tokens
 GOLD_TIMEOUT, GOLD_MAX_ROWS = 30.0, 100_000  # the evaluator's default bounds (evaluate --timeout, --max_rows)
@@ -97,13 +97,20 @@ def gold_text(examples: list[Example]) -> str:
 
 def failing_gold(split: Split, disable_bar: bool = True) -> dict[int, str]:
     """Index -> why (`error`, `no rows`, `no database`) for each example whose gold query cannot teach a model
-    anything checkable: it fails, times out or returns no rows. Run in the sandbox (read-only, in worker processes
+    anything checkable: it fails, times out or returns no rows; or its database file is absent or unusable (each
+    unusable file named once, none of its queries run). Run in the sandbox (read-only, in worker processes
     killed past the evaluator's timeout, bounded in rows, bytes and memory), grouped by database."""
     why: dict[int, str] = {}
     todo = []
+    usable: dict[Path, bool] = {}
     for i, ex in enumerate(split.examples):
         path = split.db_path(ex.db_id)
-        if path.is_file():
+        if path not in usable:
+            problem = database_problem(path) if path.is_file() else "absent"
+            usable[path] = problem is None
+            if problem and problem != "absent":
+                say(f"warning: database {path} is unusable ({problem}): its train gold queries are not run")
+        if usable[path]:
             todo.append((i, (str(path), ex.query)))
         else:
             why[i] = "no database"

@@ -487,7 +487,8 @@ def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path],
 
 
 def vote_databases(cfg: PredictConfig, records: list[dict], entry: dict) -> list[Path]:
-    """Each record's database, checked up front when candidates are to be run (one line naming the missing)."""
+    """Each record's database, checked up front when candidates are to be run (one line naming the missing or
+    unusable: a broken file would make every candidate fail and every answer fall back to greedy, silently)."""
     if cfg.vote == "none" and not cfg.retry_on_error:
         return []
     from sqltune.io import database_path
@@ -500,6 +501,13 @@ def vote_databases(cfg: PredictConfig, records: list[dict], entry: dict) -> list
     if missing:
         raise SqltuneError(f"--vote/--retry_on_error need the databases; missing: {', '.join(missing[:3])}"
                            + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    from sqltune.sandbox import database_problem
+
+    broken = {str(db): why for db in sorted(set(dbs)) if (why := database_problem(db))}
+    if broken:
+        first = next(iter(broken))
+        raise SqltuneError(f"--vote/--retry_on_error need usable databases; {first} is {broken[first]}"
+                           + (f" (and {len(broken) - 1} more are unusable)" if len(broken) > 1 else ""))
     return dbs
 
 

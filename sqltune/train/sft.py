@@ -229,7 +229,8 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
                         h.update(name.encode())
                         h.update(p.detach().float().cpu().numpy().tobytes())
                 work.mkdir(parents=True, exist_ok=True)
-                (work / f"rank{rank}_weights.sha256").write_text(h.hexdigest() + "\n")
+                with atomic_write(work / f"rank{rank}_weights.sha256") as handle:  # replaces a link, never follows it
+                    handle.write(h.hexdigest() + "\n")
 
     class BudgetSchedule(TrainerCallback, ExportableState):
         """With --max_train_minutes: reads the budget clock after each optimizer step (before the schedule moves,
@@ -311,7 +312,8 @@ def plot_loss(log_path: Path, out: Path) -> None:
     ax.set_title("sqltune train")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with atomic_write(out, "wb") as handle:  # replaces a link at `out`, never writes through it
+        fig.savefig(handle, dpi=120, format="png")
     plt.close(fig)
 
 
