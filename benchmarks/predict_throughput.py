@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sqltune.config import PredictConfig, PrepareConfig
     from sqltune.data.prepare import prepare
-    from sqltune.infer.predict import HFGenerator
+    from sqltune.infer.hf_backend import HFGenerator
     from sqltune.io import read_jsonl
     from sqltune.templates import encode_prompt
 
@@ -115,7 +115,7 @@ def vote_arms(a, records: list[dict]) -> int:
     import torch
 
     from sqltune.config import PredictConfig
-    from sqltune.infer.predict import HFGenerator
+    from sqltune.infer.hf_backend import HFGenerator
     from sqltune.infer.vote import generate_candidates
     from sqltune.templates import encode_prompt
 

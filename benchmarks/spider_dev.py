@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sqltune.infer.predict import output_totals
+    from sqltune.infer.outputs import output_totals
 
     p = build_parser()
     a = p.parse_args(argv)

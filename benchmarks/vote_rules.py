@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="a benchmarks/spider_dev.py --out folder with a vote arm")
     p.add_argument("--arm", default="finetuned_vote8", help="the vote arm: <run>/<arm>.sql.raw.jsonl")
     a = p.parse_args(argv)
-    from sqltune.infer.predict import sql_text
+    from sqltune.infer.outputs import sql_text
 
     run = Path(a.run)
     raw_path = run / f"{a.arm}.sql.raw.jsonl"

@@ -98,9 +98,9 @@ def training_killed_after_save(step: int):
 @contextmanager
 def predict_killed_at_batch(batch: int):
     """Within the block, `sqltune predict` is interrupted (KeyboardInterrupt) when it starts its `batch`-th batch."""
-    import sqltune.infer.predict as predict_mod
+    from sqltune.infer.hf_backend import HFGenerator
 
-    original = predict_mod.HFGenerator.generate
+    original = HFGenerator.generate
     calls = {"n": 0}
 
     def dies(self, prompts):
@@ -109,8 +109,8 @@ def predict_killed_at_batch(batch: int):
             raise KeyboardInterrupt
         return original(self, prompts)
 
-    predict_mod.HFGenerator.generate = dies
+    HFGenerator.generate = dies
     try:
         yield
     finally:
-        predict_mod.HFGenerator.generate = original
+        HFGenerator.generate = original

@@ -144,7 +144,7 @@ def test_no_fence_or_prose_is_sql(raw, sql):
 
 def test_no_query_is_written_as_the_empty_answer():
     """An empty extract reaches the prediction file as predict's empty answer (SELECT), one line per record."""
-    from sqltune.infer.predict import NO_SQL, sql_text
+    from sqltune.infer.outputs import NO_SQL, sql_text
 
     rows = [{"sql": extract_sql(raw)} for raw in ("I cannot tell.", "SELECT a FROM t", "```")]
     assert sql_text(rows) == f"{NO_SQL}\nSELECT a FROM t\n{NO_SQL}\n"

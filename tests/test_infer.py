@@ -13,8 +13,8 @@ from conftest import predict_killed_at_batch
 from sqltune.cli import main
 from sqltune.config import MergeConfig, PredictConfig, TrainConfig
 from sqltune.errors import SqltuneError
-from sqltune.infer import predict as predict_mod
 from sqltune.infer.extract import extract_sql
+from sqltune.infer.hf_backend import HFGenerator
 from sqltune.infer.merge import merge
 from sqltune.infer.predict import predict
 from sqltune.train.sft import train
@@ -232,7 +232,7 @@ def _canned(greedy_sql="SELECT nothing FROM nowhere"):
 def test_vote_writes_the_largest_group_and_keeps_every_candidate(tiny_model, prepared_demo, tmp_path, monkeypatch):
     """Pins: predict had no --vote execution (issue #16): the largest group of equal results wins and its most
     probable member is written; the raw line keeps every candidate and the vote; a rerun resumes."""
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    monkeypatch.setattr(HFGenerator, "candidates", _canned())
     out = tmp_path / "v.sql"
     settings = dict(num_samples=3, vote="execution", max_samples=4)
     figures = predict(pcfg(tiny_model, prepared_demo, out, **settings))
@@ -255,7 +255,7 @@ def test_prefer_rows_reaches_the_vote(tiny_model, prepared_demo, tmp_path, monke
                                                                                       "sample", 4),
                  make_candidate("SELECT 7", -3.0, "sample", 2)] for _ in prompts]
 
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", candidates)
+    monkeypatch.setattr(HFGenerator, "candidates", candidates)
     settings = dict(num_samples=2, vote="execution", max_samples=2)
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "v.sql", **settings))
     assert (tmp_path / "v.sql").read_text().splitlines() == ["SELECT 1 WHERE 0"] * 2
@@ -268,7 +268,7 @@ def test_prefer_rows_reaches_the_vote(tiny_model, prepared_demo, tmp_path, monke
 def test_a_vote_on_changed_databases_is_not_resumed(tiny_model, prepared_demo, demo_dir, tmp_path, monkeypatch):
     """Pins: a vote's choice depends on the databases' rows, but predict's identity held only the records, so a
     rerun on changed databases (same records, same --out) said `generated=0` and kept the old votes."""
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    monkeypatch.setattr(HFGenerator, "candidates", _canned())
     data = tmp_path / "prepared"
     shutil.copytree(prepared_demo, data)
     shutil.copytree(demo_dir / "database", tmp_path / "db")
@@ -290,7 +290,7 @@ def test_a_vote_on_changed_databases_is_not_resumed(tiny_model, prepared_demo, d
 def test_an_option_newer_than_the_meta_reads_as_its_default(tiny_model, prepared_demo, tmp_path, monkeypatch):
     """Pins: a vote run whose meta was written before --prefer_rows existed (no such key) could not be resumed:
     `different prefer_rows`, though its default is the rule that run used."""
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    monkeypatch.setattr(HFGenerator, "candidates", _canned())
     out = tmp_path / "v.sql"
     settings = dict(num_samples=3, vote="execution", max_samples=2)
     predict(pcfg(tiny_model, prepared_demo, out, **settings))
@@ -317,7 +317,7 @@ def test_figures_after_a_resume_cover_the_whole_output(tiny_model, prepared_demo
         return [[make_candidate("SELECT x FROM nowhere", -1.0, "greedy", 4)]
                 + [make_candidate("SELECT y FROM nowhere", -2.0, "sample", 3)] * n for _ in prompts]
 
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", none_run)
+    monkeypatch.setattr(HFGenerator, "candidates", none_run)
     settings = dict(num_samples=2, vote="execution", max_samples=4, batch_size=2, max_source_length=16)
     with pytest.raises(KeyboardInterrupt):
         predict(pcfg(tiny_model, prepared_demo, tmp_path / "v.sql", **settings))
@@ -329,12 +329,12 @@ def test_figures_after_a_resume_cover_the_whole_output(tiny_model, prepared_demo
 def test_retry_on_error_samples_only_when_greedy_fails(tiny_model, prepared_demo, tmp_path, monkeypatch):
     """Pins: predict had no --retry_on_error: a failing greedy SQL is replaced by the most probable sample that
     runs; a greedy SQL that runs is kept and nothing is sampled."""
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned())
+    monkeypatch.setattr(HFGenerator, "candidates", _canned())
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "r.sql", retry_on_error=3, max_samples=2))
     assert (tmp_path / "r.sql").read_text().splitlines() == ["SELECT 3"] * 2
     raw = json.loads((tmp_path / "r.sql.raw.jsonl").read_text().splitlines()[0])
     assert raw["vote"]["method"] == "retry" and raw["vote"]["retried"] == 3
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates", _canned("SELECT 5"))
+    monkeypatch.setattr(HFGenerator, "candidates", _canned("SELECT 5"))
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "k.sql", retry_on_error=3, max_samples=2))
     assert (tmp_path / "k.sql").read_text().splitlines() == ["SELECT 5"] * 2
     assert json.loads((tmp_path / "k.sql.raw.jsonl").read_text().splitlines()[0])["vote"]["retried"] == 0
@@ -346,8 +346,8 @@ def test_retry_on_the_tiny_model_samples_the_failing_prompts_in_one_call(tiny_mo
     called, was removed with the copy): a random model's SQL fails, so the batch's failing prompts get their K
     samples in one batched call, and when no sample runs either the greedy SQL is kept."""
     calls = []
-    original = predict_mod.HFGenerator.candidates
-    monkeypatch.setattr(predict_mod.HFGenerator, "candidates",
+    original = HFGenerator.candidates
+    monkeypatch.setattr(HFGenerator, "candidates",
                         lambda self, prompts, n, *a: calls.append((len(prompts), n)) or original(self, prompts, n, *a))
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "g.sql", max_samples=3))
     predict(pcfg(tiny_model, prepared_demo, tmp_path / "r.sql", max_samples=3, retry_on_error=3, temperature=0.8))

@@ -9,7 +9,7 @@ import pytest
 from conftest import training_killed_after_save
 
 from sqltune.cli import main
-from sqltune.infer import predict as predict_mod
+from sqltune.infer.hf_backend import HFGenerator
 
 ROOT_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -73,7 +73,7 @@ def test_run_end_to_end_with_trace(run_config, tmp_path, capsys):
 
 def test_interrupted_run_continues_where_it_stopped(run_config, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
-    original = predict_mod.HFGenerator.generate
+    original = HFGenerator.generate
     calls = {"n": 0}
 
     def fails_in_second_predict(self, prompts):
@@ -82,9 +82,9 @@ def test_interrupted_run_continues_where_it_stopped(run_config, tmp_path, monkey
             raise RuntimeError("simulated crash")
         return original(self, prompts)
 
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", fails_in_second_predict)
+    monkeypatch.setattr(HFGenerator, "generate", fails_in_second_predict)
     assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 1
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", original)
+    monkeypatch.setattr(HFGenerator, "generate", original)
     (run,) = list(runs.iterdir())
     assert spans(run)[-1]["stage"] == "run" and spans(run)[-1]["status"] == "failed"
     assert main(["run", str(run_config), "--runs_dir", str(runs)]) == 0

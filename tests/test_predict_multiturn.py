@@ -13,8 +13,9 @@ from sqltune.config import EvalConfig, PredictConfig
 from sqltune.data.prompts import make_input, question_of
 from sqltune.errors import SqltuneError
 from sqltune.eval.evaluate import evaluate
-from sqltune.infer import predict as predict_mod
-from sqltune.infer.predict import NO_SQL, predict, sql_text
+from sqltune.infer.hf_backend import HFGenerator
+from sqltune.infer.outputs import NO_SQL, sql_text
+from sqltune.infer.predict import predict
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_predicted_history_is_turn_by_turn_and_batched_across_interactions(tiny_
     from sqltune.templates import encode_prompt, get_template
 
     calls: list = []
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", _fake_generate(calls))
+    monkeypatch.setattr(HFGenerator, "generate", _fake_generate(calls))
     out = tmp_path / "h.sql"
     predict(cfg(tiny_model, multiturn, out, history="predicted", batch_size=3))
     records = _records(multiturn)
@@ -134,7 +135,7 @@ def test_multiturn_resume_counts_records(tiny_model, multiturn, tmp_path, monkey
     """Pins: resume counted lines of the .sql file, which holds blank lines between interactions; it must count
     records, and with predicted history restart at the start of an interaction (its earlier answers are history)."""
     calls: list = []
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", _fake_generate(calls))
+    monkeypatch.setattr(HFGenerator, "generate", _fake_generate(calls))
     whole = tmp_path / "whole.sql"
     predict(cfg(tiny_model, multiturn, whole, history=history))
     generate = _fake_generate(calls)
@@ -145,7 +146,7 @@ def test_multiturn_resume_counts_records(tiny_model, multiturn, tmp_path, monkey
         return generate(self, prompts)
 
     whole_calls = list(calls)
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", dies)
+    monkeypatch.setattr(HFGenerator, "generate", dies)
     out = tmp_path / "cut.sql"
     with pytest.raises(KeyboardInterrupt):
         predict(cfg(tiny_model, multiturn, out, history=history))
@@ -155,7 +156,7 @@ def test_multiturn_resume_counts_records(tiny_model, multiturn, tmp_path, monkey
     assert len(lines) == {"records": 6, "predicted": 9}[history]
     if history == "predicted":  # a crash tore the group's write after the first turn of interaction 3 (record 6):
         partial.write_text("\n".join(lines[:7]) + "\n")  # that interaction restarts from its first turn
-    monkeypatch.setattr(predict_mod.HFGenerator, "generate", _fake_generate(calls))
+    monkeypatch.setattr(HFGenerator, "generate", _fake_generate(calls))
     figures = predict(cfg(tiny_model, multiturn, out, history=history))
     assert figures["resumed_from"] == 6
     assert out.read_text() == whole.read_text()

@@ -150,7 +150,7 @@ def test_predict_stops_on_the_merged_ids(tokenizers, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sqltune.config import PredictConfig
-    from sqltune.infer.predict import HFGenerator
+    from sqltune.infer.hf_backend import HFGenerator
 
     tok, generation_eos = tokenizers["llama3"]
     torch.manual_seed(0)

@@ -1,34 +1,18 @@
 """The predict stage: one SQL per prepared record, in record order, batched, resumable and never stale.
 
 Order of work: every input is checked first (records, model folder, tokenizer, template, adapter, the training
-record, the backend); then `<out>.lock` is taken (fcntl: a second predict on the same --out stops with one line
-naming the holder; the file goes when the run ends); only then is anything written, and nothing at all before the
-first batch has been generated.
-
-Files: a run appends one JSON line per record to `<out>.partial.raw.jsonl` (one write per batch; a torn last line is
-dropped on resume), beside `<out>.partial.meta.json`, which says what the lines were made from. When every record
-has its line, the `.sql` file is written from them and the three files take their final names `<out>`,
-`<out>.raw.jsonl`, `<out>.meta.json`; the meta names its .sql by digest, and a file at `<out>` is replaced only when
-a meta names it. No file is written through a symbolic link. So a finished output is only ever replaced by another
-finished one (with --overwrite as well), a failed or interrupted run leaves only partial files, and the next run
-with the same settings continues them (counting records, not lines).
-
-Identity: the meta holds a digest of the model's and the adapter's files (small files by content, weights over
-64 MiB by size and modification time), a digest of the records answered, the resolved template, prompt length and
-history mode, and the generation settings; never a path string. A finished output or a partial run whose meta
-differs is another run's: an error naming what differs, unless --overwrite.
-
-Prompt format: template and max_source_length default to the ones in the training record (`sqltune_train.yaml` of
-the adapter, or of the model folder for a full fine-tune or a merged model (merge copies the adapter's), or of the
-adapter an older merged model names in `sqltune_merge.json`), else auto and 1024. A max_source_length other than the trained one is refused unless
---template is given too (the user then sets the prompt format knowingly).
+record (sqltune.infer.prompt_format), the backend); then `<out>.lock` is taken (fcntl: a second predict on the same
+--out stops with one line naming the holder; the file goes when the run ends); only then is anything written, and
+nothing at all before the first batch has been generated. The files, their identity and resuming:
+sqltune.infer.outputs.
 
 Multi-turn records (with an `interaction` field): the .sql file has a blank line after each interaction, as the
 gold file does. `--history predicted` answers turn by turn: the t-th turns of up to batch_size interactions are
 generated together, each with the model's own earlier SQL of its interaction as history.
 
-Backends: `hf` (transformers, batches of batch_size) and `vllm` (all remaining prompts in one `generate` call, which
-vLLM batches continuously; lines are written when it returns).
+Backends: `hf` (sqltune.infer.hf_backend: transformers, batches of batch_size) and `vllm`
+(sqltune.infer.vllm_backend: all remaining prompts in one `generate` call, which vLLM batches continuously; lines
+are written when it returns).
 
 Beyond greedy (sqltune.infer.vote): `--vote execution --num_samples N` samples N candidates per question (plus the
 greedy one), runs them on the question's database and writes one of the largest group of equal results;
@@ -39,12 +23,8 @@ the vote; the chosen SQL is also the history of later turns with `--history pred
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm import tqdm
@@ -54,410 +34,15 @@ from sqltune.data.registry import lookup
 from sqltune.digest import files_digest, model_digest, records_digest
 from sqltune.errors import SqltuneError
 from sqltune.infer.extract import extract_sql
+from sqltune.infer.hf_backend import HFGenerator
+from sqltune.infer.outputs import (NOT_IDENTITY, check_out, output_lock, output_totals, partial_of, publish,
+                                   resume_point, side_files)
+from sqltune.infer.prompt_format import history_mode, prompt_settings, training_record
+from sqltune.infer.vllm_backend import VLLMGenerator, check_vllm
 from sqltune.infer.vote import EXEC_TIMEOUT
-from sqltune.io import (append_once, atomic_write, interaction_text, read_json, read_jsonl, refuse_link, truncate,
-                        write_json)
-from sqltune.lock import held
+from sqltune.io import append_once, read_jsonl, write_json
 
-TRAIN_RECORD = "sqltune_train.yaml"  # written by sqltune.train.sft next to the adapter or full model
-MERGE_RECORD = "sqltune_merge.json"  # written by sqltune.infer.merge: which adapter a merged model holds
-DEFAULT_LENGTH = 1024
-NOT_IDENTITY = {"model_name_or_path", "adapter", "dataset", "dataset_dir", "out", "batch_size", "overwrite",
-                "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization"}
-# written for an empty answer: the official Spider evaluator drops blank lines (every later answer then meets the gold
-# of the question before it), and in a SParC/CoSQL file a blank line ends the interaction
-NO_SQL = "SELECT"
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
 
-
-def side_files(out: Path) -> tuple[Path, Path]:
-    return out.with_name(out.name + ".raw.jsonl"), out.with_name(out.name + ".meta.json")
-
-
-def partial_of(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-# ------------------------------------------------------------------------------------------- identity
-def training_record(model: Path, adapter: Path | None) -> tuple[dict, Path | None]:
-    """The settings the model was trained with: the adapter's record, else the model folder's (full fine-tune),
-    else that of the adapter a merged model names.
-
-    The record may come with a model folder from elsewhere: it is read with the bounded YAML loader (an alias bomb,
-    a value YAML cannot build, text over 1 MiB, not UTF-8 or not a mapping is one line naming the file)."""
-    from sqltune.config import parse_yaml
-
-    if adapter is not None:
-        folders = [adapter]
-    else:
-        folders = [model]
-        merged = read_json(model / MERGE_RECORD) if (model / MERGE_RECORD).is_file() else {}
-        if isinstance(merged, dict) and merged.get("adapter"):
-            folders.append(Path(merged["adapter"]))
-    for folder in folders:
-        path = folder / TRAIN_RECORD
-        if path.is_file():
-            try:
-                with open(path, "rb") as handle:
-                    raw = handle.read((1 << 20) + 1)  # sft writes a few hundred bytes
-                if len(raw) > 1 << 20:
-                    raise SqltuneError(f"training record {path} is over 1 MiB: is it really sqltune's record?")
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise SqltuneError(f"training record {path} is not UTF-8 text (byte {exc.start}): is it really "
-                                   "sqltune's record?") from None
-            except OSError as exc:
-                raise SqltuneError(f"cannot read the training record {path}: {exc.strerror or exc}") from None
-            data = parse_yaml(text, f"training record {path}")
-            if data is None:
-                return {}, path
-            if not isinstance(data, dict):
-                raise SqltuneError(f"training record {path} must hold a mapping of settings, not "
-                                   f"{type(data).__name__}")
-            return data, path
-    return {}, None
-
-
-def prompt_settings(cfg: PredictConfig, trained: dict, where: Path | None) -> tuple[str, int]:
-    """(template, max_source_length): as given, else as in training, else auto and 1024."""
-    t_template = trained.get("template") or trained.get("template_resolved")
-    t_length = trained.get("max_source_length")
-    if cfg.max_source_length and t_length and cfg.max_source_length != t_length and not cfg.template:
-        raise SqltuneError(f"the model was trained with max_source_length {t_length} ({where}); "
-                           f"--max_source_length {cfg.max_source_length} would cut prompts differently: leave it out, "
-                           "or give --template as well to set the prompt format yourself")
-    if cfg.template and t_template and cfg.template != t_template:
-        print(f"predict: note: the model was trained with template {t_template} ({where}); using --template "
-              f"{cfg.template} as given", file=sys.stderr)
-    return cfg.template or t_template or "auto", cfg.max_source_length or t_length or DEFAULT_LENGTH
-
-
-def history_mode(cfg: PredictConfig, records: list[dict], entry: dict) -> str:
-    """`none` (single-turn), `gold`/`questions` (multi-turn prompts as prepared) or `predicted`."""
-    multi = any("interaction" in r for r in records)
-    if cfg.history == "predicted":
-        for i, r in enumerate(records):
-            if not isinstance(r.get("question"), str) or "interaction" not in r or "turn" not in r:
-                raise SqltuneError(f"--history predicted needs multi-turn records with `question`, `interaction` and "
-                                   f"`turn` fields; record {i} of {entry['file_name']} lacks them (prepare it with "
-                                   "--source sparc or cosql)")
-        return "predicted"
-    if not multi:
-        return "none"
-    return entry.get("history") or ("gold" if any(r.get("history") for r in records) else "questions")
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def check_out(out: Path, folders: list[Path], files: list[Path]) -> None:
-    """--out must not be a folder, lie inside an input folder, or be (or share a file name with) an input."""
-    if out.is_dir():
-        raise SqltuneError(f"--out {out} is a folder; give a file name such as {out / 'pred.sql'}")
-    target = out.resolve()
-    for folder in folders:
-        if _inside(target, folder.resolve()):
-            raise SqltuneError(f"--out {out} lies inside the input folder {folder}: write predictions elsewhere")
-    written = {target, *(p.resolve() for p in (*side_files(out), partial_of(out), *side_files(partial_of(out))))}
-    for path in files:
-        if path.resolve() in written:
-            raise SqltuneError(f"--out {out} would overwrite the input {path}: choose another file name")
-
-
-@contextmanager
-def output_lock(out: Path):
-    """Hold `<out>.lock` for the whole run; a second predict on the same --out gets one line naming the holder. The
-    lock file is removed when the run ends (sqltune.lock)."""
-    with held(out.with_name(out.name + ".lock"), f"another predict is writing {out}",
-              "wait for it to finish or choose another --out"):
-        yield
-
-
-# ------------------------------------------------------------------------------------------- files
-def _meta_of(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _identity(meta: dict | None) -> dict | None:
-    """The settings that decide the output. An option added since a meta was written is absent from it and read
-    as its default (a new option's default keeps the old behaviour), so adding one does not end every resume."""
-    if meta is None:
-        return None
-    defaults = {k: v for k, v in to_dict(PredictConfig()).items() if k not in NOT_IDENTITY}
-    return {**defaults, **{k: v for k, v in meta.items() if k != "about"}}
-
-
-def _differences(old: dict | None, new: dict) -> str:
-    if old is None:
-        return "it has no readable meta file"
-    names = {"model_sha256": "model", "adapter_sha256": "adapter", "records_sha256": "records",
-             "databases_sha256": "databases"}
-    keys = [names.get(k, k) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    return "different " + ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
-
-
-def _valid_rows(raw: Path, records: list[dict], predicted: bool) -> int:
-    """Records of `raw` that are whole and in order; the rest is cut off the file. With predicted history the cut
-    goes back to the start of an interaction (its turns were generated and written together)."""
-    if not raw.is_file():
-        return 0
-    data = raw.read_bytes()
-    pos = n = 0
-    while n < len(records):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            break
-        try:
-            row = json.loads(data[pos:end])
-        except ValueError:
-            break
-        if not isinstance(row, dict) or row.get("index") != n:
-            break
-        pos, n = end + 1, n + 1
-    if predicted:
-        while 0 < n < len(records) and records[n].get("interaction") == records[n - 1].get("interaction"):
-            n -= 1
-            pos = data.rfind(b"\n", 0, pos - 1) + 1
-    if pos != len(data):
-        truncate(raw, pos)
-    return n
-
-
-def _names(meta: dict | None, out: Path) -> bool:
-    """Whether a meta names this very output: it holds the digest of the .sql file now at `out` (a stray or copied
-    meta, `{}` say, never vouches for a file predict did not write)."""
-    about = meta.get("about") if isinstance(meta, dict) else None
-    want = about.get("sql_sha256") if isinstance(about, dict) else None
-    return isinstance(want, str) and out.is_file() and hashlib.sha256(out.read_bytes()).hexdigest() == want
-
-
-def resume_point(out: Path, meta: dict, records: list[dict], overwrite: bool, predicted: bool) -> int | None:
-    """Records this run has already answered in its partial files; None when `out` is finished with these settings.
-    A finished output or partial run of other settings is an error unless `overwrite`; a file at `out` that no meta
-    names is never replaced, and a link among the files is refused (never followed)."""
-    meta_path = side_files(out)[1]
-    part_raw, part_meta = side_files(partial_of(out))
-    for path in (out, *side_files(out), part_raw, part_meta):
-        refuse_link(path, "--out's file")
-    old_meta, old_part = _meta_of(meta_path), _meta_of(part_meta)
-    if out.exists() and not _names(old_meta, out) and not _names(old_part, out):
-        raise SqltuneError(f"{out} exists and is not a prediction file of sqltune (no {meta_path.name} naming it "
-                           "beside it): predict does not replace it, even with --overwrite; choose another --out, or "
-                           "remove it yourself if it is not needed")
-    if overwrite:
-        return 0
-    if _names(old_meta, out) and _identity(old_meta) == _identity(meta):
-        return None
-    if _identity(old_part) == _identity(meta):
-        return _valid_rows(part_raw, records, predicted)
-    if out.exists():
-        why = _differences(_identity(old_meta), _identity(meta))
-        raise SqltuneError(f"{out} holds predictions of another run ({why}); pass --overwrite to replace them (they "
-                           "stay until the new run is complete)")
-    if part_raw.exists() or part_meta.exists():
-        why = _differences(_identity(old_part), _identity(meta))
-        raise SqltuneError(f"{part_raw} holds an unfinished run with other settings ({why}); pass --overwrite to "
-                           "start again")
-    return 0
-
-
-def _one_line(sql: str) -> str:
-    return sql.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
-
-
-def sql_text(rows: list[dict]) -> str:
-    """The .sql file: one line per record (NO_SQL for an empty answer); for multi-turn records a blank line after
-    each interaction, as the gold file has (interaction_text)."""
-    return interaction_text([(row.get("interaction"), _answer_line(row["sql"])) for row in rows])
-
-
-def _answer_line(sql: str) -> str:
-    line = _one_line(sql)
-    return line if line.strip() else NO_SQL
-
-
-def publish(out: Path) -> None:
-    """Give a complete partial run its final names. The meta names the .sql it describes (its digest) and is
-    written before it, so a crash at any point leaves a .sql that a meta names, or the old files."""
-    raw, meta_path = side_files(out)
-    part_raw, part_meta = side_files(partial_of(out))
-    text = sql_text(list(read_jsonl(part_raw)))
-    meta = read_json(part_meta)
-    write_json(part_meta, {**meta, "about": {**meta.get("about", {}),
-                                             "sql_sha256": hashlib.sha256(text.encode()).hexdigest()}})
-    with atomic_write(out) as handle:
-        handle.write(text)
-    os.replace(part_raw, raw)
-    os.replace(part_meta, meta_path)
-
-
-# ------------------------------------------------------------------------------------------- generators
-def _torch_dtype(cfg: PredictConfig, gpu: bool):
-    import torch
-
-    return {"auto": torch.bfloat16 if gpu else torch.float32, "float32": torch.float32,
-            "bfloat16": torch.bfloat16}[cfg.dtype]
-
-
-def only_token_ids(model) -> None:
-    """Keep only the token ids of the model's generation_config. generate() fills every option it is not given from
-    there, so a checkpoint's repetition_penalty (Qwen2.5 instruct models ship 1.05-1.1), top_k or
-    no_repeat_ngram_size would silently change "greedy" answers and the samples and log-probabilities of a vote,
-    and the vLLM backend, which decodes as the options say, would give other figures for the same model."""
-    from transformers import GenerationConfig
-
-    saved = model.generation_config
-    model.generation_config = GenerationConfig(**{k: getattr(saved, k, None) for k in
-                                                  ("bos_token_id", "eos_token_id", "pad_token_id")})
-
-
-class HFGenerator:
-    """Batched generation with transformers: left padding, greedy unless temperature > 0."""
-
-    def __init__(self, cfg: PredictConfig, tokenizer=None, template=None):
-        import torch
-
-        from sqltune.infer.merge import attach_adapter, check_adapter
-        from sqltune.loading import load_model, load_tokenizer, resolve
-        from sqltune.templates import get_template, stop_token_ids
-
-        path = resolve(cfg.model_name_or_path)
-        self.tokenizer = tokenizer or load_tokenizer(path)
-        self.template = template or get_template(cfg.template or "auto", self.tokenizer)
-        gpu = torch.cuda.is_available()
-        model = load_model(path, None, dtype=_torch_dtype(cfg, gpu), device_map="auto" if gpu else None,
-                           attn_implementation=cfg.attn_implementation)
-        if cfg.adapter:
-            model = attach_adapter(model, check_adapter(cfg.adapter))
-        self.model = model.eval()
-        self.cfg = cfg
-        self.stop = stop_token_ids(self.tokenizer, self.template, self.model.generation_config)
-        only_token_ids(self.model)
-        torch.manual_seed(cfg.seed)
-
-    def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:
-        import torch
-
-        pad = self.tokenizer.pad_token_id
-        longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
-        device = next(self.model.parameters()).device
-        sample = self.cfg.temperature > 0
-        kwargs = dict(max_new_tokens=self.cfg.max_new_tokens, num_beams=self.cfg.num_beams, do_sample=sample,
-                      eos_token_id=self.stop or None, pad_token_id=pad)
-        kwargs.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p) if sample else \
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        results = []
-        for row in out[:, longest:]:
-            keep = row.tolist()
-            n = len(keep)
-            for j, tok in enumerate(keep):
-                if tok in self.stop or tok == pad:
-                    n = j
-                    break
-            results.append((self.tokenizer.decode(keep[:n], skip_special_tokens=True), n))
-        return results
-
-    def candidates(self, prompts: list[list[int]], n: int, include_greedy: bool, end: str | None) -> list[list[dict]]:
-        """Per prompt: the greedy candidate (when asked) then n samples, with their log-probabilities."""
-        from sqltune.infer.vote import generate_candidates
-
-        return generate_candidates(self.model, self.tokenizer, prompts, self.stop, n, self.cfg.temperature,
-                                   self.cfg.top_p, include_greedy, self.cfg.max_new_tokens, end=end)
-
-
-def check_vllm() -> None:
-    """vLLM importable and a CUDA GPU present (checked before any output is touched)."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise SqltuneError("--backend vllm needs vLLM (GPU only): pip install 'sqltune[gpu]'") from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SqltuneError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
-
-
-def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> dict:
-    """Keyword arguments of `vllm.LLM`: parallelism, memory and length limits, dtype, and LoRA sized from the
-    adapter (vLLM's default max_lora_rank 16 rejects an r=64 adapter)."""
-    args = dict(model=str(model), seed=cfg.seed, dtype="float32" if cfg.dtype == "float32" else "bfloat16",
-                tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                max_model_len=cfg.max_model_len or cfg.max_source_length + cfg.max_new_tokens)
-    if adapter is not None:
-        rank = read_json(adapter / "adapter_config.json").get("r")
-        if not isinstance(rank, int) or rank <= 0:
-            raise SqltuneError(f"{adapter}/adapter_config.json has no LoRA rank `r`")
-        fits = [r for r in VLLM_LORA_RANKS if r >= rank]
-        if not fits:
-            raise SqltuneError(f"vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}; {adapter} has r={rank}")
-        args.update(enable_lora=True, max_loras=1, max_lora_rank=fits[0])
-    return args
-
-
-class VLLMGenerator:
-    """vLLM on a GPU, for throughput; same prompts (token ids) and stop tokens as the HF path. predict hands it all
-    remaining prompts at once, so vLLM schedules them continuously."""
-
-    def __init__(self, cfg: PredictConfig, tokenizer, template, model: Path, adapter: Path | None):
-        from vllm import LLM, SamplingParams
-
-        from sqltune.templates import stop_token_ids
-
-        self.tokenizer, self.template = tokenizer, template
-        self.llm = LLM(**vllm_engine_args(cfg, model, adapter))
-        self.lora = None
-        if adapter is not None:
-            from vllm.lora.request import LoRARequest
-
-            self.lora = LoRARequest("adapter", 1, str(adapter))
-        self.cfg, self.sampling = cfg, SamplingParams
-        self.stop = stop_token_ids(tokenizer, template, _generation_config(model))
-        self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
-                                     seed=cfg.seed, stop_token_ids=self.stop)
-
-    def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params, lora_request=self.lora,
-                                 use_tqdm=True)
-        return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
-
-    def candidates(self, prompts: list[list[int]], n: int, include_greedy: bool, end: str | None) -> list[list[dict]]:
-        """Greedy and sampled candidates of every prompt in one `generate` call (a SamplingParams per request);
-        logprobs=0 makes vLLM fill cumulative_logprob (of the model's distribution, before temperature)."""
-        from sqltune.infer.vote import make_candidate, sampling_temperature
-
-        common = dict(max_tokens=self.cfg.max_new_tokens, stop_token_ids=self.stop, seed=self.cfg.seed, logprobs=0)
-        kinds = ([("greedy", self.sampling(temperature=0.0, **common))] if include_greedy else []) + \
-            ([("sample", self.sampling(n=n, temperature=sampling_temperature(self.cfg.temperature),
-                                       top_p=self.cfg.top_p, **common))] if n else [])
-        requests = [({"prompt_token_ids": p}, params) for _, params in kinds for p in prompts]
-        outs = self.llm.generate([r for r, _ in requests], [params for _, params in requests],
-                                 lora_request=self.lora, use_tqdm=True)
-        rows: list[list[dict]] = [[] for _ in prompts]
-        for k, (source, _) in enumerate(kinds):
-            for row, out in zip(rows, outs[k * len(prompts):(k + 1) * len(prompts)]):
-                row += [make_candidate(o.text, o.cumulative_logprob, source, len(o.token_ids), end)
-                        for o in out.outputs]
-        return rows
-
-
-def _generation_config(model: Path):
-    path = model / "generation_config.json"
-    return read_json(path) if path.is_file() else None
-
-
-# ------------------------------------------------------------------------------------------- the stage
 def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path], executor, end: str | None,
              bird: bool = False) -> list[dict]:
     """Per prompt: the raw text, the SQL to write, the tokens generated and (when voting or retrying) the record
@@ -611,16 +196,6 @@ def predict(cfg: PredictConfig) -> dict:
             figures.update(output_totals(list(read_jsonl(part_raw)), bool(dbs)))
         publish(out)
     return figures
-
-
-def output_totals(rows: list[dict], voted: bool) -> dict:
-    """Figures of the whole output, earlier sessions of a resumed run included: prompts cut, new tokens and, with a
-    vote, the questions where no candidate ran (the greedy answer was written)."""
-    totals = {"prompts_cut": sum(bool(r.get("prompt_cut")) for r in rows),
-              "new_tokens": sum(r.get("new_tokens") or 0 for r in rows)}
-    if voted:
-        totals["no_candidate_ran"] = sum(bool((r.get("vote") or {}).get("fallback")) for r in rows)
-    return totals
 
 
 def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, adapter, part_raw, part_meta, meta,
