@@ -46,7 +46,7 @@ def shown(value: Any, limit: int = 80) -> str:
 
 # --------------------------------------------------------------------------------------------- prepare
 SCHEMA_STYLES = ("words", "ddl", "ddl+rows", "mschema")
-SOURCES = ("spider", "bird", "sparc", "cosql", "demo")
+SOURCES = ("spider", "bird", "sparc", "cosql", "demo", "sqlite")
 
 
 @dataclass
@@ -69,6 +69,13 @@ class PrepareConfig:
                                     "as history (DB-GPT-Hub's way). Train always uses gold")
     drop_failing_gold: bool = arg(False, "leave out train records whose gold query fails, times out or returns no "
                                          "rows on its database (run read-only with the evaluator's bounds); counted")
+    db_dir: str = arg("", "source sqlite: folder of your databases, <db_dir>/<db_id>/<db_id>.sqlite or "
+                          "<db_dir>/<db_id>.sqlite")
+    pairs: str = arg("", "source sqlite: question/SQL pairs, JSONL (or .json list, or .csv with a header) with "
+                         "db_id, question, query")
+    dev_pairs: str = arg("", "source sqlite: the dev pairs, same format (else --dev_fraction of --pairs)")
+    dev_fraction: float = arg(0.0, "source sqlite: fraction of --pairs held out as the dev split, drawn with --seed")
+    seed: int = arg(0, "source sqlite: seed of the --dev_fraction draw")
 
     def __post_init__(self):
         _check(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}, not {shown(self.source)}")
@@ -81,6 +88,8 @@ class PrepareConfig:
                f"--name must be a plain name (letters, digits, _, -, and . not first), not {shown(self.name)}")
         _check(self.history in ("questions", "gold"),
                f"--history must be questions or gold, not {shown(self.history)}")
+        _check(0 <= self.dev_fraction < 1, f"--dev_fraction must be in [0, 1), not {self.dev_fraction:g}")
+        _check(not (self.dev_pairs and self.dev_fraction), "give --dev_pairs or --dev_fraction, not both")
 
 
 # --------------------------------------------------------------------------------------------- train

@@ -155,7 +155,7 @@ def stage_config(plan: RunPlan, stage: str, run: Path, **filled):
 # how a stage is carried out, not what it makes: a resumed stage is the same stage
 _EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet", "workers"}
 _PATHS = {"data_dir", "out", "dataset_dir", "output_dir", "deepspeed", "adapter", "pred", "gold", "db_dir", "tables",
-          "report", "questions", "difficulty"}
+          "report", "questions", "difficulty", "pairs", "dev_pairs"}
 _MAYBE_PATHS = {"model_name_or_path", "tokenizer"}  # a folder, or a catalog / hub name
 # Every other path a stage reads: when it lies outside the run folder, its identity holds what it contains.
 _INPUTS = (_PATHS | _MAYBE_PATHS) - {"out", "output_dir", "report"}

@@ -27,12 +27,17 @@ class Split:
     tables: dict[str, dict]  # db_id -> tables.json entry
     tables_file: Path
     db_dir: Path  # <db_dir>/<db_id>/<db_id>.sqlite
+    # db_id -> file, for databases not (yet) in the Spider layout under db_dir: prepare then writes db_dir as a
+    # folder of links to them (sqltune.data.dblinks), the layout every later stage reads
+    databases: dict[str, Path] = field(default_factory=dict)
 
     def db_path(self, db_id: str) -> Path:
-        return database_path(self.db_dir, db_id)
+        return self.databases.get(db_id) or database_path(self.db_dir, db_id)
 
 
 @dataclass
 class SourceData:
     splits: dict[str, Split]
     missing_splits: list[str] = field(default_factory=list)  # asked for but absent (e.g. SParC shipped dev only)
+    files: dict[str, str] = field(default_factory=dict)  # more files for the output folder (a built tables.json)
+    left_out: dict[str, list[str]] = field(default_factory=dict)  # why -> the input pairs left out for it, named

@@ -7,6 +7,7 @@ an old preparation behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from sqltune.config import PrepareConfig
+from sqltune.data.dblinks import link_databases
 from sqltune.data.examples import Example, Split
 from sqltune.data.prompts import fit_schema, fits, make_instruction, make_record, make_turn_record
 from sqltune.data.registry import read_registry, register_many
@@ -158,7 +160,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise SqltuneError("--splits names no split (e.g. train,dev)")
     out = Path(cfg.out)
     data_dir = cfg.data_dir or (str(out / "demo_source") if cfg.source == "demo" else "")
-    data = load_source(cfg.source, data_dir, splits)
+    data_dir = cfg.db_dir if cfg.source == "sqlite" else data_dir
+    data = load_source(cfg.source, data_dir, splits, cfg)
     if out.resolve() == Path(data_dir).resolve() or Path(data_dir).resolve() in out.resolve().parents:
         raise SqltuneError(f"--out {out} is inside the source folder {data_dir}: write prepared data elsewhere")
     read_registry(out)  # a broken registry is reported before anything is written
@@ -173,7 +176,12 @@ def prepare(cfg: PrepareConfig) -> dict:
         missing = ", ".join(data.missing_splits)
         say(f"no {missing} split in {data_dir}: prepared {', '.join(data.splits)} only")
         figures["missing_splits"] = missing
-    files: dict[str, str] = {}
+    for why, named in data.left_out.items():  # input pairs the source could not use
+        figures[f"left_out_{why}"] = len(named)
+        if named:
+            say(f"left out {len(named)} pairs ({why.replace('_', ' ')}): " + "; ".join(named[:5])
+                + ("; ..." if len(named) > 5 else ""))
+    files: dict[str, str] = dict(data.files)
     entries: dict[str, dict] = {}
     missing_dbs: set[str] = set()
     bar_off = logging_to_file()  # a log would show a frozen 0 %; one line per split is said instead
@@ -189,8 +197,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         if cfg.drop_failing_gold and split == "train":
             why = failing_gold(part, bar_off)
             dropped = len(why)
-            part = Split([ex for i, ex in enumerate(part.examples) if i not in why], part.tables, part.tables_file,
-                         part.db_dir)
+            part = dataclasses.replace(part, examples=[ex for i, ex in enumerate(part.examples) if i not in why])
             kinds = {k: sum(v == k for v in why.values()) for k in ("error", "no rows", "no database")}
             say(f"{name}: dropped {dropped} records whose gold query fails or returns no rows ("
                 + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
@@ -245,6 +252,8 @@ def prepare(cfg: PrepareConfig) -> dict:
             + (f"; {without_db} whose database is missing from {part.db_dir}" if without_db else "") + ")")
     out.mkdir(parents=True, exist_ok=True)
     _write_all(out, files)
+    for folder, databases in {part.db_dir: part.databases for part in data.splits.values() if part.databases}.items():
+        link_databases(folder, databases)
     register_many(out, entries)
     figures["missing_databases"] = sorted(missing_dbs)
     return figures
