@@ -24,6 +24,7 @@ OTHER = {
     "trace": "list runs and show each stage's timing and figures",
     "models": "list and fetch the catalog of real models (no model hub needed)",
     "demo-data": "generate the embedded Spider-layout demo dataset",
+    "ask": "ask a trained model a question about a SQLite file: its SQL and the result",
 }
 USAGE = {
     "run": "usage: sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config] "
@@ -33,6 +34,9 @@ USAGE = {
     "models": "usage: sqltune models list\n       sqltune models fetch NAME   (install, verify, convert once; "
               "prints the model folder)",
     "demo-data": "usage: sqltune demo-data --out DIR [--seed 0] [--train 400] [--dev 100]",
+    "ask": "usage: sqltune ask --model_name_or_path M [--adapter A] --db FILE.sqlite [\"question\"] [--format json] "
+           "[--max_rows N] [--num_samples N --vote execution] [--option value ...]\n\nWithout a question: one "
+           "question per line from stdin until its end, the model loaded once.",
 }
 
 
@@ -191,7 +195,29 @@ def demo_data_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "trace": trace_command, "models": models_command, "demo-data": demo_data_command}
+def ask_command(argv: list[str]) -> int:
+    from sqltune.config import AskConfig
+
+    positional, options = parse_flags(argv)
+    if options.pop("help", None) or "-h" in positional:
+        print(USAGE["ask"] + "\n\noptions:")
+        print("\n".join(help_lines(AskConfig)))
+        return 0
+    if positional:  # the question, quoted or not
+        options["question"] = " ".join(positional)
+    show = _flag(options, "print_config")
+    cfg = load(AskConfig, None, options)
+    if show:
+        print(to_yaml(cfg), end="")
+        return 0
+    from sqltune.infer.ask import ask
+
+    ask(cfg)
+    return 0
+
+
+COMMANDS = {"run": run_command, "trace": trace_command, "models": models_command, "demo-data": demo_data_command,
+            "ask": ask_command}
 
 
 class Terminated(KeyboardInterrupt):

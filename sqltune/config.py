@@ -286,6 +286,55 @@ class PredictConfig:
                "--num_beams > 1 cannot be combined with --vote or --retry_on_error (candidates are sampled)")
 
 
+# --------------------------------------------------------------------------------------------- ask
+@dataclass
+class AskConfig:
+    model_name_or_path: str = arg("", "model folder or catalog name")
+    adapter: str = arg("", "optional LoRA adapter folder applied on top of the model")
+    db: str = arg("", "the SQLite file to ask about: its schema goes into the prompt, the SQL runs on it read-only")
+    question: str = arg("", "the question (on the command line: the positional argument); none: questions are "
+                            "read from stdin, one per line, until end of input, with the model loaded once")
+    format: str = arg("table", "table (the SQL, then the result as a table) or json (one object per question: "
+                               "sql, columns, rows, error)")
+    max_rows: int = arg(20, "result rows shown at most (json: returned); a longer result is cut, not failed")
+    schema_style: str = arg("", f"how the schema is stated: {', '.join(SCHEMA_STYLES)} (default: the style of the "
+                                "data the model was trained on, from its training record and dataset_info.json, "
+                                "else words)")
+    sample_rows: int = arg(3, "rows per table with schema_style ddl+rows; example values per column with mschema")
+    template: str = arg("", f"chat template: {', '.join(TEMPLATES)} (default: the one the adapter or model was "
+                            "trained with, from its sqltune_train.yaml, else auto)")
+    max_source_length: int = arg(0, "prompt tokens kept, cut as in training (0 = the training value, else 1024)")
+    max_new_tokens: int = arg(256, "tokens generated per answer at most")
+    num_samples: int = arg(0, "with --vote execution: candidates sampled (at least 2), plus the greedy one")
+    vote: str = arg("none", "none, or execution: run every candidate and answer with one of the largest group of "
+                            "equal results")
+    prefer_rows: bool = arg(False, "with --vote execution: a result with rows beats any empty result")
+    temperature: float = arg(0.0, "0 = greedy (a vote samples at 0.7 then)")
+    top_p: float = arg(1.0, "nucleus sampling threshold (with temperature > 0), in (0, 1]")
+    timeout: float = arg(30.0, "seconds a query may run (the worker running it is killed one second later)")
+    dtype: str = arg("auto", "weights for generation: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16")
+    attn_implementation: str = arg("sdpa", "attention: sdpa, eager or flash_attention_2 (needs flash-attn)")
+    seed: int = arg(42, "random seed for sampling")
+
+    def __post_init__(self):
+        _check(self.format in ("table", "json"), f"--format must be table or json, not {shown(self.format)}")
+        _check(self.max_rows > 0, f"--max_rows must be > 0, not {self.max_rows}")
+        _check(self.schema_style == "" or self.schema_style in SCHEMA_STYLES,
+               f"--schema_style must be one of {', '.join(SCHEMA_STYLES)}, not {shown(self.schema_style)}")
+        _check(self.sample_rows >= 0, "--sample_rows must be >= 0")
+        _check(self.timeout > 0, "--timeout must be > 0")
+        # the generation settings are PredictConfig's, checked by it with the same flag names
+        predict_settings(self)
+
+
+def predict_settings(cfg: AskConfig) -> PredictConfig:
+    """The PredictConfig that generates `ask`'s answers (the backend and the vote read one)."""
+    return PredictConfig(model_name_or_path=cfg.model_name_or_path, adapter=cfg.adapter, template=cfg.template,
+                         max_source_length=cfg.max_source_length, max_new_tokens=cfg.max_new_tokens,
+                         num_samples=cfg.num_samples, vote=cfg.vote, prefer_rows=cfg.prefer_rows,
+                         temperature=cfg.temperature, top_p=cfg.top_p, dtype=cfg.dtype,
+                         attn_implementation=cfg.attn_implementation, seed=cfg.seed, batch_size=1)
+
 # --------------------------------------------------------------------------------------------- evaluate
 @dataclass
 class EvalConfig:

@@ -1,5 +1,6 @@
 """The prompt format a model was trained with, read back from its training record, so that prediction (and `ask`)
-word and cut prompts exactly as training did.
+word and cut prompts exactly as training did (`ask`, which states the schema itself, also reads the schema style
+of the training data from the registry the record names).
 
 Template and max_source_length default to the ones in the training record (`sqltune_train.yaml` of the adapter, or
 of the model folder for a full fine-tune or a merged model (merge copies the adapter's), or of the adapter an older
@@ -60,8 +61,9 @@ def training_record(model: Path, adapter: Path | None) -> tuple[dict, Path | Non
     return {}, None
 
 
-def prompt_settings(cfg: PredictConfig, trained: dict, where: Path | None) -> tuple[str, int]:
-    """(template, max_source_length): as given, else as in training, else auto and 1024."""
+def prompt_settings(cfg: PredictConfig, trained: dict, where: Path | None, who: str = "predict") -> tuple[str, int]:
+    """(template, max_source_length): as given, else as in training, else auto and 1024. `cfg` is any config with
+    those two fields (predict's, ask's); `who` names the command in a note."""
     t_template = trained.get("template") or trained.get("template_resolved")
     t_length = trained.get("max_source_length")
     if cfg.max_source_length and t_length and cfg.max_source_length != t_length and not cfg.template:
@@ -69,9 +71,26 @@ def prompt_settings(cfg: PredictConfig, trained: dict, where: Path | None) -> tu
                            f"--max_source_length {cfg.max_source_length} would cut prompts differently: leave it out, "
                            "or give --template as well to set the prompt format yourself")
     if cfg.template and t_template and cfg.template != t_template:
-        print(f"predict: note: the model was trained with template {t_template} ({where}); using --template "
+        print(f"{who}: note: the model was trained with template {t_template} ({where}); using --template "
               f"{cfg.template} as given", file=sys.stderr)
     return cfg.template or t_template or "auto", cfg.max_source_length or t_length or DEFAULT_LENGTH
+
+
+def trained_schema_style(trained: dict) -> str | None:
+    """The schema style of the data the model was trained on: prepare records it per dataset in dataset_info.json,
+    and the training record names the datasets and their folder. None when any of that cannot be read (a record
+    from elsewhere, data moved) or the datasets disagree."""
+    from sqltune.data.registry import lookup
+
+    names = [n.strip() for n in str(trained.get("dataset") or "").split(",") if n.strip()]
+    folder = trained.get("dataset_path") or trained.get("dataset_dir")
+    if not names or not isinstance(folder, str):
+        return None
+    try:
+        styles = {lookup(folder, name).get("schema_style") for name in names}
+    except (SqltuneError, OSError, ValueError, TypeError, AttributeError):  # a registry we cannot read
+        return None
+    return styles.pop() if len(styles) == 1 and None not in styles else None
 
 
 def history_mode(cfg: PredictConfig, records: list[dict], entry: dict) -> str:

@@ -9,8 +9,8 @@ from sqltune.sandbox.health import SQLITE_HEADER, database_problem, is_sqlite_fi
 from sqltune.sandbox.pool import Killed, Sandbox, default_workers
 from sqltune.sandbox.readonly import MB, QueryError, result_size
 from sqltune.sandbox.worker import (GRACE, MAX_SQL_BYTES, Limits, count_rows, in_worker, limits, query, set_step,
-                                    too_long)
+                                    shown_rows, too_long)
 
 __all__ = ["GRACE", "MAX_SQL_BYTES", "MB", "SQLITE_HEADER", "Killed", "Limits", "QueryError", "Sandbox",
            "count_rows", "database_problem", "default_workers", "in_worker", "is_sqlite_file", "limits", "query",
-           "result_size", "set_step", "too_long"]
+           "result_size", "set_step", "shown_rows", "too_long"]

@@ -96,7 +96,21 @@ def result_size(rows: list[tuple]) -> int:
 
 def run_query(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int, max_bytes: int = 64 * MB
               ) -> list[tuple]:
-    """All rows of `sql`, or QueryError. The connection stays usable afterwards."""
+    """All rows of `sql`, or QueryError (more than max_rows is one). The connection stays usable afterwards."""
+    return _fetch(conn, sql, timeout, max_rows, max_bytes, cut=False)[1]
+
+
+def first_rows(conn: sqlite3.Connection, sql: str, timeout: float, n: int, max_bytes: int = 64 * MB
+               ) -> tuple[list[str], list[tuple], bool]:
+    """(column names, the first n rows, whether more followed) of `sql`, or QueryError: for showing a result,
+    where a long one is cut rather than failed."""
+    columns, rows = _fetch(conn, sql, timeout, n, max_bytes, cut=True)
+    return columns, rows[:n], len(rows) > n
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int, max_bytes: int, cut: bool
+           ) -> tuple[list[str], list[tuple]]:
+    """(column names, rows); past max_rows: one row more and stop (`cut`), else QueryError."""
     deadline = time.monotonic() + timeout
     timed_out = False
 
@@ -110,6 +124,7 @@ def run_query(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int,
     conn.set_progress_handler(check, 10_000)
     try:
         cursor = conn.execute(sql)
+        columns = [d[0] for d in cursor.description or ()]
         rows: list[tuple] = []
         size = 0
         for row in cursor:  # row by row: a result over the byte bound stops at the row that crosses it
@@ -121,8 +136,11 @@ def run_query(conn: sqlite3.Connection, sql: str, timeout: float, max_rows: int,
                 raise QueryError(f"result too large: more than {max_bytes / MB:g} MB")
             rows.append(row)
             if len(rows) > max_rows:
+                if cut:
+                    cursor.close()  # the statement ends here, not when the cursor is collected
+                    break
                 raise QueryError(f"more than {max_rows} rows")
-        return rows
+        return columns, rows
     except sqlite3.Error as exc:
         if timed_out:
             raise QueryError(f"timed out after {timeout:g} s") from None

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqltune.sandbox.readonly import MB, QueryError, cap_heap, connect, run_query
+from sqltune.sandbox.readonly import MB, QueryError, cap_heap, connect, first_rows, run_query
 
 GRACE = 1.0  # seconds past a step's timeout before the parent kills the worker
 PHASES = ("idle", "work", "query", "gold query", "predicted query")
@@ -93,6 +93,19 @@ def too_long(sql: str) -> str | None:
 
 def query(path: str | Path, sql: str, phase: str = "query", timeout: float | None = None) -> list[tuple]:
     """Rows of `sql` on the read-only database `path`, or QueryError; bounded by the worker's limits."""
+    return _bounded(path, sql, phase, timeout,
+                    lambda conn, seconds, lim: run_query(conn, sql, seconds, lim.max_rows, lim.max_bytes))
+
+
+def shown_rows(path: str | Path, sql: str, n: int) -> tuple[list[str], list[tuple], bool]:
+    """(column names, the first n rows, whether more followed) of `sql`: a task for showing one result (`sqltune
+    ask`), where a long result is cut, not failed; bounded as `query` is."""
+    return _bounded(path, sql, "query", None,
+                    lambda conn, seconds, lim: first_rows(conn, sql, seconds, min(n, lim.max_rows), lim.max_bytes))
+
+
+def _bounded(path: str | Path, sql: str, phase: str, timeout: float | None, run):
+    """run(connection, timeout, limits) on the read-only database `path`, under the worker's deadline."""
     lim = limits()
     timeout = lim.timeout if timeout is None else timeout
     if (why := too_long(sql)) is not None:
@@ -100,12 +113,12 @@ def query(path: str | Path, sql: str, phase: str = "query", timeout: float | Non
     if _WORKER is None:
         conn = connect(path, lim.max_bytes)
         try:
-            return run_query(conn, sql, timeout, lim.max_rows, lim.max_bytes)
+            return run(conn, timeout, lim)
         finally:
             conn.close()
     _WORKER.mark(timeout, phase)
     try:
-        return run_query(_WORKER.connection(Path(path)), sql, timeout, lim.max_rows, lim.max_bytes)
+        return run(_WORKER.connection(Path(path)), timeout, lim)
     finally:
         _WORKER.mark(lim.timeout, "work")
 
