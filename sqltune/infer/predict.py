@@ -159,7 +159,7 @@ def predict(cfg: PredictConfig) -> dict:
     mode = history_mode(cfg, records, entry)
     dbs = vote_databases(cfg, records, entry)
     if cfg.backend == "vllm":
-        check_vllm()
+        check_vllm(cfg)
     else:
         from sqltune.loading import check_attention
 

@@ -1,8 +1,15 @@
-"""The vLLM backend (GPU only): all remaining prompts in one `generate` call, which vLLM batches continuously; the
-same prompts (token ids) and stop tokens as the transformers backend."""
+"""The vLLM backend, on a GPU or with vLLM's CPU build (`make install-vllm`): all remaining prompts in one `generate`
+call, which vLLM batches continuously; the same prompts (token ids) and stop tokens as the transformers backend.
+
+Memory: on a GPU vLLM gives the KV cache what the model leaves of --gpu_memory_utilization; on a CPU that flag is a
+share of all RAM for model and cache together (vLLM's 0.9 default never starts beside anything else), so there the
+cache gets a fixed size, --kv_cache_gb (4 GiB by default), passed as vLLM's kv_cache_memory_bytes. vLLM's engine
+runs in spawned worker processes: a Python script calling predict(backend="vllm") needs `if __name__ == "__main__":`."""
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from sqltune.config import PredictConfig
@@ -10,26 +17,66 @@ from sqltune.errors import SqltuneError
 from sqltune.io import read_json
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
+CPU_KV_CACHE_GB = 4  # in float32: ~170k tokens of Qwen2.5-0.5B's KV cache, ~37k of Qwen2.5-7B's
 
 
-def check_vllm() -> None:
-    """vLLM importable and a CUDA GPU present (checked before any output is touched)."""
+def check_vllm(cfg: PredictConfig) -> None:
+    """vLLM importable and the KV cache's size settled (checked before any output is touched). A broken install
+    (native parts built for another torch) raises OSError or RuntimeError, not ImportError: one line too."""
     try:
-        import vllm  # noqa: F401
+        from vllm import LLM, SamplingParams  # noqa: F401
     except ImportError:
-        raise SqltuneError("--backend vllm needs vLLM (GPU only): pip install 'sqltune[gpu]'") from None
-    import torch
+        raise SqltuneError("--backend vllm needs vLLM: pip install 'sqltune[gpu]' on a GPU, `make install-vllm` "
+                           "(its CPU build, in .venv-vllm) on a CPU") from None
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:300]
+        raise SqltuneError(f"--backend vllm: vLLM is installed but does not load: {type(exc).__name__}: {text}") \
+            from None
+    kv_cache_bytes(cfg, vllm_on_cpu())
 
-    if not torch.cuda.is_available():
-        raise SqltuneError("--backend vllm needs a CUDA GPU; use --backend hf on this machine")
+
+def vllm_on_cpu() -> bool:
+    """Whether vLLM runs on the CPU: its platform says so; without it (a stand-in module), no CUDA means the CPU."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:
+        import torch
+
+        return not torch.cuda.is_available()
+
+
+def kv_cache_bytes(cfg: PredictConfig, on_cpu: bool) -> int | None:
+    """The KV cache's size for vLLM (None: vLLM's own sizing). On a CPU vLLM replaces any size with
+    VLLM_CPU_KVCACHE_SPACE (GiB) when that is set, so the variable decides unless --kv_cache_gb says otherwise,
+    which is refused rather than silently overridden."""
+    env = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "") if on_cpu else ""
+    if env:
+        try:
+            env_gb = int(env)
+        except ValueError:
+            raise SqltuneError(f"VLLM_CPU_KVCACHE_SPACE must be a whole number of GiB, not {env!r}") from None
+        if cfg.kv_cache_gb and not math.isclose(cfg.kv_cache_gb, env_gb):
+            raise SqltuneError(f"VLLM_CPU_KVCACHE_SPACE={env} (GiB) overrides --kv_cache_gb {cfg.kv_cache_gb:g} in "
+                               "vLLM's CPU build; unset one of them")
+        return env_gb << 30 if cfg.kv_cache_gb else None
+    gb = cfg.kv_cache_gb or (CPU_KV_CACHE_GB if on_cpu else 0)
+    return int(gb * (1 << 30)) if gb else None
 
 
 def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> dict:
-    """Keyword arguments of `vllm.LLM`: parallelism, memory and length limits, dtype, and LoRA sized from the
-    adapter (vLLM's default max_lora_rank 16 rejects an r=64 adapter)."""
-    args = dict(model=str(model), seed=cfg.seed, dtype="float32" if cfg.dtype == "float32" else "bfloat16",
-                tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+    """Keyword arguments of `vllm.LLM`: parallelism, memory (the KV cache sized on a CPU) and length limits, dtype,
+    eager mode, prefix caching, and LoRA sized from the adapter (vLLM's default max_lora_rank 16 rejects r=64)."""
+    on_cpu = vllm_on_cpu()
+    dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if on_cpu else "bfloat16"  # as the hf backend's auto
+    args = dict(model=str(model), seed=cfg.seed, dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size,
+                gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
+                enable_prefix_caching=True,  # a vote's greedy and n samples (and questions on one schema) share blocks
                 max_model_len=cfg.max_model_len or cfg.max_source_length + cfg.max_new_tokens)
+    size = kv_cache_bytes(cfg, on_cpu)
+    if size is not None:
+        args["kv_cache_memory_bytes"] = size
     if adapter is not None:
         rank = read_json(adapter / "adapter_config.json").get("r")
         if not isinstance(rank, int) or rank <= 0:
@@ -42,7 +89,7 @@ def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> d
 
 
 class VLLMGenerator:
-    """vLLM on a GPU, for throughput; same prompts (token ids) and stop tokens as the HF path. predict hands it all
+    """vLLM (GPU or CPU build), for throughput; same prompts (token ids) and stop tokens as the HF path. predict hands it all
     remaining prompts at once, so vLLM schedules them continuously."""
 
     def __init__(self, cfg: PredictConfig, tokenizer, template, model: Path, adapter: Path | None):
