@@ -256,3 +256,16 @@ def test_a_broken_vllm_install_is_one_line(tiny_model, prepared_demo, tmp_path, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "libtorchcodec_image.so" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_vllm_cpu_kvcache_space_that_is_no_size_is_one_line(tiny_model, prepared_demo, tmp_path, on_cpu,
+                                                               monkeypatch, capsys):
+    """Pins: vLLM's CPU build reads VLLM_CPU_KVCACHE_SPACE with int(); "1.5" was a traceback from inside the engine
+    after the output's lock and folder existed; it is one line first."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1.5")
+    argv = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+            str(prepared_demo), "--out", str(tmp_path / "o" / "k.sql"), "--backend", "vllm"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "VLLM_CPU_KVCACHE_SPACE" in err[0] and "'1.5'" in err[0]
+    assert not (tmp_path / "o").exists() and not on_cpu["llm"]
