@@ -25,6 +25,7 @@ OTHER = {
     "models": "list and fetch the catalog of real models (no model hub needed)",
     "demo-data": "generate the embedded Spider-layout demo dataset",
     "ask": "ask a trained model a question about a SQLite file: its SQL and the result",
+    "serve": "serve a tuned model with vLLM's OpenAI-compatible server (prints and runs its command)",
 }
 USAGE = {
     "run": "usage: sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config] "
@@ -36,7 +37,11 @@ USAGE = {
     "demo-data": "usage: sqltune demo-data --out DIR [--seed 0] [--train 400] [--dev 100]",
     "ask": "usage: sqltune ask --model_name_or_path M [--adapter A] --db FILE.sqlite [\"question\"] [--format json] "
            "[--max_rows N] [--num_samples N --vote execution] [--option value ...]\n\nWithout a question: one "
-           "question per line from stdin until its end, the model loaded once.",
+           "question per line from stdin until its end, the model loaded once.\n       sqltune ask ... "
+           "--endpoint http://127.0.0.1:8000   (ask a running `sqltune serve` instead of loading the model)",
+    "serve": "usage: sqltune serve --model_name_or_path M [--adapter A] [--port 8000] [--host 127.0.0.1] "
+             "[--dry_run] [--option value ...]\n\nBuilds vLLM's `vllm serve` command for the model (the adapter as a "
+             "LoRA module, the trained chat template and stop tokens), prints it and runs it.",
 }
 
 
@@ -216,8 +221,29 @@ def ask_command(argv: list[str]) -> int:
     return 0
 
 
+def serve_command(argv: list[str]) -> int:
+    from sqltune.config import ServeConfig
+
+    positional, options = parse_flags(argv)
+    if options.pop("help", None) or "-h" in positional:
+        print(USAGE["serve"] + "\n\noptions:")
+        print("\n".join(help_lines(ServeConfig)))
+        return 0
+    if positional:
+        raise SqltuneError(f"serve takes no positional argument: {' '.join(positional)!r} (options are --option value)")
+    show = _flag(options, "print_config")
+    cfg = load(ServeConfig, None, options)
+    if show:
+        print(to_yaml(cfg), end="")
+        return 0
+    from sqltune.infer.serve import serve
+
+    serve(cfg)
+    return 0
+
+
 COMMANDS = {"run": run_command, "trace": trace_command, "models": models_command, "demo-data": demo_data_command,
-            "ask": ask_command}
+            "ask": ask_command, "serve": serve_command}
 
 
 class Terminated(KeyboardInterrupt):

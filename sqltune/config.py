@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import reprlib
 import types
 import typing
@@ -322,9 +323,17 @@ class AskConfig:
     dtype: str = arg("auto", "weights for generation: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16")
     attn_implementation: str = arg("sdpa", "attention: sdpa, eager or flash_attention_2 (needs flash-attn)")
     seed: int = arg(42, "random seed for sampling")
+    endpoint: str = arg("", "ask an OpenAI-compatible server (`sqltune serve`, at http://HOST:PORT) instead of "
+                            "loading the model; the model folder still gives the tokenizer and training record")
+    served_model: str = arg("", "with --endpoint: the model name to request (default: the server's LoRA module, "
+                                "else its only model)")
+    request_timeout: float = arg(300.0, "with --endpoint: seconds to wait for one reply")
 
     def __post_init__(self):
         _check(self.format in ("table", "json"), f"--format must be table or json, not {shown(self.format)}")
+        _check(self.request_timeout > 0, "--request_timeout must be > 0")
+        _check(not self.endpoint or self.endpoint.startswith(("http://", "https://")),
+               f"--endpoint must be an http:// or https:// URL, not {shown(self.endpoint)}")
         _check(self.max_rows > 0, f"--max_rows must be > 0, not {self.max_rows}")
         _check(self.schema_style == "" or self.schema_style in SCHEMA_STYLES,
                f"--schema_style must be one of {', '.join(SCHEMA_STYLES)}, not {shown(self.schema_style)}")
@@ -341,6 +350,50 @@ def predict_settings(cfg: AskConfig) -> PredictConfig:
                          num_samples=cfg.num_samples, vote=cfg.vote, prefer_rows=cfg.prefer_rows,
                          temperature=cfg.temperature, top_p=cfg.top_p, dtype=cfg.dtype,
                          attn_implementation=cfg.attn_implementation, seed=cfg.seed, batch_size=1)
+
+
+# --------------------------------------------------------------------------------------------- serve
+@dataclass
+class ServeConfig:
+    model_name_or_path: str = arg("", "model folder or catalog name (the base model when --adapter is given)")
+    adapter: str = arg("", "optional LoRA adapter folder, served as a LoRA module named --name")
+    host: str = arg("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = arg(8000, "port to listen on")
+    name: str = arg("sqltune", "the model name clients request (the LoRA module's name with --adapter)")
+    template: str = arg("", "chat template for chat clients (default: the one the model was trained with)")
+    max_source_length: int = arg(0, "prompt tokens (0 = the training value, else 1024); with --max_new_tokens it "
+                                    "sizes vLLM's --max-model-len")
+    max_new_tokens: int = arg(256, "answer tokens at most (sizes --max-model-len with --max_source_length)")
+    max_model_len: int = arg(0, "vLLM's longest prompt + answer in tokens (0 = max_source_length + max_new_tokens)")
+    dtype: str = arg("auto", "weights: auto (bfloat16 on GPU, float32 on CPU), float32 or bfloat16")
+    tensor_parallel_size: int = arg(1, "GPUs the model is split over")
+    gpu_memory_utilization: float = arg(0.9, "on a GPU: fraction of GPU memory vLLM may use (on a CPU see "
+                                             "--kv_cache_gb)")
+    kv_cache_gb: float = arg(0.0, "GiB for the KV cache (0 = on a GPU what --gpu_memory_utilization leaves; on a "
+                                  "CPU 4, or VLLM_CPU_KVCACHE_SPACE when set)")
+    enforce_eager: bool = arg(False, "no torch.compile or CUDA graphs: starts in seconds (a CPU compiles ~3 min), "
+                                     "decodes slower")
+    seed: int = arg(42, "random seed")
+    serve_dir: str = arg("", "folder for the chat template and generation config the server reads (default: "
+                             "$SQLTUNE_HOME/serve/<digest>)")
+    dry_run: bool = arg(False, "print the command and write its files, but do not start the server")
+
+    def __post_init__(self):
+        _check(0 < self.port < 65536, f"--port must be in 1..65535, not {shown(self.port)}")
+        _check(bool(self.host.strip()), "--host must not be empty")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or "")),
+               f"--name must be letters, digits, '.', '_' or '-', not {shown(self.name)}")
+        serve_settings(self)  # the engine settings are PredictConfig's, checked by it with the same flag names
+
+
+def serve_settings(cfg: ServeConfig) -> PredictConfig:
+    """The PredictConfig that sizes the vLLM engine (sqltune.infer.vllm_backend reads one)."""
+    return PredictConfig(model_name_or_path=cfg.model_name_or_path, adapter=cfg.adapter, template=cfg.template,
+                         max_source_length=cfg.max_source_length, max_new_tokens=cfg.max_new_tokens,
+                         max_model_len=cfg.max_model_len, dtype=cfg.dtype, backend="vllm",
+                         tensor_parallel_size=cfg.tensor_parallel_size,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
+                         enforce_eager=cfg.enforce_eager, seed=cfg.seed)
 
 # --------------------------------------------------------------------------------------------- evaluate
 @dataclass

@@ -265,3 +265,67 @@ def encode_example(tokenizer, template: Template, record: dict, max_source_lengt
     answer = answer[:max_target_length]
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer,
             "prompt_cut": prompt_cut, "answer_cut": answer_cut}
+
+
+# ------------------------------------------------------------------------------------------- served as Jinja
+def _jinja_expr(fmt: str, **names: str) -> str:
+    """A str.format pattern of a Template as a Jinja expression: its text as string literals (JSON-escaped, which
+    Jinja reads back unchanged), each {name} as the expression given for it."""
+    import json
+    import string
+
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(fmt):
+        if literal:
+            parts.append(json.dumps(literal))
+        if name is not None:
+            parts.append(names[name])
+    return "(" + " ~ ".join(parts) + ")" if parts else '""'
+
+
+def _adds_bos(template: Template, tokenizer) -> bool:
+    """Whether encoding a prompt adds a bos token the rendered text lacks (`default` on a Llama-2-like tokenizer):
+    a chat server tokenises the rendered text without special tokens, so the Jinja template writes that bos."""
+    bos = tokenizer.bos_token_id
+    return template.add_special_tokens and bos is not None and _ids(tokenizer, "x", True)[:1] == [bos]
+
+
+def chat_template_jinja(template: Template, tokenizer) -> str:
+    """The template as a Jinja chat template, for a server's chat endpoint (`sqltune serve`): for a conversation
+    of user and assistant messages it renders what `template.render` renders, so chat clients get the trained
+    prompt format (the same token ids once tokenised without special tokens, as chat servers do). A leading system
+    message replaces sqltune's system text; without one, training's is used."""
+    import json
+
+    system = json.dumps(SYSTEM)
+    if template.name == "auto":
+        own = getattr(tokenizer, "chat_template", None)
+        if not isinstance(own, str):
+            raise SqltuneError("template 'auto' needs a tokenizer with one chat template (a text); this one has "
+                               "none or several: give --template")
+        try:
+            _chat(tokenizer, [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], True)
+            add = '{%- set messages = [{"role": "system", "content": ' + system + '}] + messages %}'
+        except SqltuneError:  # no system role (Gemma): the system text opens the first user message, as training
+            add = ('{%- set messages = [{"role": "user", "content": ' + system + ' ~ "\\n\\n" ~ messages[0]'
+                   '["content"]}] + messages[1:] %}')
+        return ('{%- if messages and messages[0]["role"] != "system" %}' + add + '{%- endif %}\n' + own)
+    content = "(c | trim)" if template.strip else "c"
+    answer = '(m["content"] | trim)' if template.strip else 'm["content"]'
+    return "".join([
+        '{%- set has_system = messages and messages[0]["role"] == "system" -%}\n',
+        '{%- set system = messages[0]["content"] if has_system else ' + system + ' -%}\n',
+        '{%- set msgs = messages[1:] if has_system else messages -%}\n',
+        "{{- bos_token -}}\n" if template.bos or _adds_bos(template, tokenizer) else "",
+        "{{- " + _jinja_expr(template.system, system="system") + " -}}\n",
+        "{%- for m in msgs -%}\n",
+        '{%- if m["role"] == "user" -%}\n',
+        "{%- set c = " + _jinja_expr(template.first_user, system="system", content='m["content"]') +
+        ' if loop.first else m["content"] -%}\n',
+        "{{- " + _jinja_expr(template.user, content=content, bos="bos_token") + " -}}\n",
+        '{%- elif m["role"] == "assistant" -%}\n',
+        "{{- " + _jinja_expr(template.answer_start) + " ~ " + answer + " ~ " +
+        _jinja_expr(template.end, eos="eos_token") + " -}}\n",
+        "{%- endif -%}\n",
+        "{%- endfor -%}\n",
+    ])

@@ -9,7 +9,9 @@ its deadline, and a result is cut at --max_rows rather than read whole. `--vote 
 answers with one of the largest group of equal results (sqltune.infer.vote).
 
 Every input is checked before the model is loaded (the database, the model, the adapter, the training record), so
-a mistake is one line. Backend: transformers (sqltune.infer.hf_backend); the vLLM backend is not wired here yet.
+a mistake is one line. Backend: transformers (sqltune.infer.hf_backend), or with --endpoint an OpenAI-compatible
+server such as `sqltune serve` (sqltune.infer.endpoint), sent the same prompt token ids; the model folder then gives
+only the tokenizer and the training record.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ class Asker:
         template_name, length = prompt_settings(cfg, trained, where, who="ask")
         style = cfg.schema_style or trained_schema_style(trained) or DEFAULT_STYLE
         self.schema = database_schema(self.db, style, cfg.sample_rows)
-        check_attention(cfg.attn_implementation)
+        if not cfg.endpoint:
+            check_attention(cfg.attn_implementation)
+        self.model = model
         self.tokenizer = load_tokenizer(model)
         self.template = get_template(template_name, self.tokenizer)
         self.end = self.template.end_marker(self.tokenizer)
@@ -86,7 +90,17 @@ class Asker:
         from sqltune.infer.hf_backend import HFGenerator
         from sqltune.infer.vote import make_executor
 
-        self.generator = HFGenerator(self.settings, self.tokenizer, self.template)
+        if self.cfg.endpoint:
+            from sqltune.infer.endpoint import EndpointGenerator
+            from sqltune.io import read_json
+            from sqltune.templates import stop_token_ids
+
+            config = self.model / "generation_config.json"
+            stop = stop_token_ids(self.tokenizer, self.template, read_json(config) if config.is_file() else None)
+            self.generator = EndpointGenerator(self.settings, self.cfg.endpoint, self.cfg.served_model, stop,
+                                               self.end, self.cfg.request_timeout)
+        else:
+            self.generator = HFGenerator(self.settings, self.tokenizer, self.template)
         self.executor = make_executor(timeout=self.cfg.timeout)
         return self
 
