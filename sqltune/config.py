@@ -153,6 +153,7 @@ class TrainConfig:
                                "restarting per example, no attention across examples (on a GPU best with "
                                "flash_attention_2; with sdpa/eager a per-example mask spans the whole row)")
     report_to: str = arg("none", "transformers report_to (none, tensorboard, wandb, ...)")
+    quiet: bool = arg(False, "no progress bar or progress lines (step, time left, loss)")
 
     def __post_init__(self):
         if self.quantization_bit is not None:

@@ -149,14 +149,15 @@ def test_non_finite_loss_stops_training_with_one_line(tiny_model, prepared_demo,
     assert not (out / "train_figures.json").exists() and not (out / "adapter_model.safetensors").exists()
 
 
-def test_progress_in_a_log_is_one_line_per_logging_step(tiny_model, prepared_demo, tmp_path, capsys):
+def test_progress_in_a_log_is_lines_with_time_left_and_loss(tiny_model, prepared_demo, tmp_path, capsys):
     """Pins: with stderr not a terminal (a log file), the Trainer's progress bar showed only its first frame and raw
-    log dicts went to stdout; now each logging step prints `step N/M loss X lr Y tokens/s Z`."""
+    log dicts went to stdout; now whole lines `train: N/M [elapsed<remaining, rate, loss X, lr Y, tokens/s Z]`, the
+    last one for the last step (a quick run prints only that one)."""
     assert main(cli(tiny_model, prepared_demo, tmp_path / "out", "--max_steps", "3", "--logging_steps", "1")) == 0
     captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.startswith("step ")]
-    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
-    assert all(" loss " in line and " lr " in line and " tokens/s " in line for line in lines)
+    lines = [line for line in captured.err.splitlines() if line.startswith("train: ")]
+    assert lines and lines[-1].split()[1] == "3/3" and "<00:00" in lines[-1]
+    assert all(", loss " in line and ", lr " in line and ", tokens/s " in line for line in lines)
     assert "it/s" not in captured.err and "{'loss'" not in captured.out
     assert [line for line in captured.out.splitlines() if line.startswith("train:")] != []
 

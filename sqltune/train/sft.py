@@ -28,8 +28,9 @@ from sqltune.config import TrainConfig, parse_yaml, to_dict
 from sqltune.data.registry import lookup_many
 from sqltune.digest import model_digest, records_digest
 from sqltune.errors import SqltuneError
-from sqltune.io import append_once, atomic_write, logging_to_file, refuse_link, write_json
+from sqltune.io import append_once, atomic_write, refuse_link, write_json
 from sqltune.loading import load_model, load_tokenizer, resolve
+from sqltune.progress import Progress
 from sqltune.templates import get_template
 import sqltune.train.folders as folders
 from sqltune.train.data import Collator, load_records, tokenize_records
@@ -113,7 +114,7 @@ def spent_before(checkpoint: Path | None) -> float:
 
 # how the run is carried out, not what it learns: these may change between a run and its resume
 EXECUTION_ONLY = {"resume", "overwrite_output_dir", "output_dir", "max_train_minutes", "logging_steps", "save_steps",
-                  "save_total_limit", "plot_loss", "report_to", "gradient_checkpointing", "attn_implementation",
+                  "save_total_limit", "plot_loss", "report_to", "quiet", "gradient_checkpointing", "attn_implementation",
                   "model_name_or_path", "dataset_dir"}  # the last two are compared resolved (model_path, dataset_path)
 
 
@@ -152,26 +153,17 @@ def _inputs(cfg: TrainConfig, model_path: Path) -> dict[str, Path]:
     return inputs
 
 
-def progress_line(state, logs: dict, tokens_per_s: float) -> str:
-    """One readable line per logging step, for logs where a progress bar would show only its first frame."""
-    return (f"step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f} "
-            f"lr {logs.get('learning_rate', 0.0):.3g} tokens/s {tokens_per_s:.0f}")
-
-
 def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetClock | None):
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
 
     log_path = work / TRAIN_LOG
-    progress = logging_to_file()
 
     class JsonlLog(TrainerCallback):
         """Appends each logged step to trainer_log.jsonl (a resumed run first drops the lines after its checkpoint),
-        never through a symbolic link (one line instead); with stderr not a terminal, prints one progress line per
-        logging step instead of a progress bar."""
+        never through a symbolic link (one line instead)."""
 
         def on_train_begin(self, args, state, control, **kw):
-            self.last = (time.monotonic(), state.num_input_tokens_seen)
             if state.is_world_process_zero:
                 refuse_link(log_path, "the training log")  # a resume would read its target and copy it in
             if state.is_world_process_zero and log_path.is_file():
@@ -187,11 +179,6 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
                                                                          if isinstance(v, (int, float))}}
             row["tokens_seen"] = state.num_input_tokens_seen  # every process, the whole run
             append_once(log_path, json.dumps(row) + "\n")  # never through a link planted at the log's place
-            if progress and "loss" in logs:
-                now, tokens = time.monotonic(), state.num_input_tokens_seen
-                rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
-                self.last = (now, tokens)
-                print(progress_line(state, logs, rate), file=sys.stderr, flush=True)
 
     class FiniteLoss(TrainerCallback):
         """A NaN or infinite loss stops training with one line (the logged loss is averaged over all processes, so
@@ -260,8 +247,49 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
                 control.should_log = True
             return control
 
+    class ShowProgress(TrainerCallback):
+        """Steps done of the planned ones, time spent and left, the last loss, learning rate and tokens/s on stderr
+        (sqltune/progress.py: a bar on a terminal, a line now and then in a log, nothing with --quiet), on the first
+        process only. A step that logs is counted in on_log, so its line shows its own loss."""
+
+        bar: Progress | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                self.bar = Progress(state.max_steps, "train", "step", quiet=cfg.quiet, summary=True,
+                                    initial=min(state.global_step, state.max_steps))
+                self.last = (time.monotonic(), state.num_input_tokens_seen)
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.bar is not None and not control.should_log:
+                self.bar.advance_to(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.bar is None or not logs or "loss" not in logs or not math.isfinite(logs["loss"]):
+                return
+            now, tokens = time.monotonic(), state.num_input_tokens_seen
+            rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+            self.last = (now, tokens)
+            self.bar.postfix(**progress_figures(logs, rate))
+            self.bar.advance_to(state.global_step)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.close_progress()
+
+        def close_progress(self):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
     budget = [BudgetSchedule()] if clock else []  # before StepControl, which logs the step it stops at
-    return [JsonlLog(), FiniteLoss(), GradientCheck(), RankDigest(), *budget, StepControl()]
+    # ShowProgress last: it reads whether StepControl made this step log
+    return [JsonlLog(), FiniteLoss(), GradientCheck(), RankDigest(), *budget, StepControl(), ShowProgress()]
+
+
+def progress_figures(logs: dict, tokens_per_s: float) -> dict:
+    """The figures shown after the progress counts: the last logged loss, learning rate and tokens/s."""
+    return {"loss": f"{logs['loss']:.4f}", "lr": f"{logs.get('learning_rate', 0.0):.3g}",
+            "tokens/s": f"{tokens_per_s:.0f}"}
 
 
 def budget_trainer(clock: BudgetClock | None):
@@ -378,7 +406,7 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path) -> dict:
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), logging_first_step=True,
         include_num_input_tokens_seen="non_padding",  # summed over processes, kept in checkpoints
         logging_nan_inf_filter=False,  # a non-finite loss must be seen, not averaged away
-        disable_tqdm=logging_to_file())  # in a log file: one progress line per logging step instead
+        disable_tqdm=True)  # ShowProgress shows the steps: a bar on a terminal, lines in a log
     rank, world = _world()
     if rank == 0:  # every process planned before the process group started, so before this changes anything
         for ckpt in skipped:
@@ -394,10 +422,15 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path) -> dict:
     clock = (BudgetClock(cfg.max_train_minutes * 60, spent_before(checkpoint) if cfg.schedule_to_budget else 0.0)
              if cfg.max_train_minutes else None)
     trainer_class = budget_trainer(clock if cfg.schedule_to_budget else None)
+    callbacks = _callbacks(cfg, work, resume_step, clock)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                            callbacks=_callbacks(cfg, work, resume_step, clock))
-    trainer.remove_callback(PrinterCallback)  # raw log dicts; JsonlLog prints readable lines
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+                            callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; ShowProgress shows readable progress
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:  # a failed run ends its bar too, so the error line starts a line of its own
+        for callback in callbacks:
+            getattr(callback, "close_progress", lambda: None)()
 
     trainer.save_model(str(work))
     state = trainer.state
