@@ -77,6 +77,7 @@ class PrepareConfig:
     dev_pairs: str = arg("", "source sqlite: the dev pairs, same format (else --dev_fraction of --pairs)")
     dev_fraction: float = arg(0.0, "source sqlite: fraction of --pairs held out as the dev split, drawn with --seed")
     seed: int = arg(0, "source sqlite: seed of the --dev_fraction draw")
+    quiet: bool = arg(False, "no progress bars or progress lines")
 
     def __post_init__(self):
         _check(self.source in SOURCES, f"--source must be one of {', '.join(SOURCES)}, not {shown(self.source)}")
@@ -257,6 +258,7 @@ class PredictConfig:
     seed: int = arg(42, "random seed for sampling")
     overwrite: bool = arg(False, "start again even if `out` holds predictions of another run (the old files are "
                                  "replaced only when the new run is complete)")
+    quiet: bool = arg(False, "no progress bar or progress lines")
 
     def __post_init__(self):
         _check(self.backend in ("hf", "vllm"), f"--backend must be hf or vllm, not {shown(self.backend)}")
@@ -424,7 +426,7 @@ class EvalConfig:
     bird: bool = arg(False, "BIRD execution accuracy, as the official BIRD evaluator: result sets compared as sets, "
                             "a timeout or error counts wrong")
     difficulty: str = arg("", "BIRD: file with one difficulty (simple/moderate/challenging) per gold line")
-    quiet: bool = arg(False, "print no table")
+    quiet: bool = arg(False, "print no table and no progress bar")
 
     def __post_init__(self):
         _check(self.etype in ("exec", "match", "all"), f"--etype must be exec, match or all, not {shown(self.etype)}")

@@ -16,7 +16,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm import tqdm
 
 from sqltune.config import PrepareConfig
 from sqltune.data.dblinks import link_databases
@@ -26,7 +25,8 @@ from sqltune.data.registry import read_registry, register_many
 from sqltune.data.schema import render_schema
 from sqltune.data.sources import load_source
 from sqltune.errors import SqltuneError
-from sqltune.io import interaction_text, logging_to_file
+from sqltune.io import interaction_text
+from sqltune.progress import Progress
 from sqltune.sandbox import Limits, Sandbox, count_rows, database_problem, default_workers
 
 ROW_STYLES = ("ddl+rows", "mschema")  # styles that show sample_rows of data, which yield first to max_prompt_tokens
@@ -97,7 +97,7 @@ def gold_text(examples: list[Example]) -> str:
                              for ex in examples])
 
 
-def failing_gold(split: Split, disable_bar: bool = True) -> dict[int, str]:
+def failing_gold(split: Split, quiet: bool = True) -> dict[int, str]:
     """Index -> why (`error`, `no rows`, `no database`) for each example whose gold query cannot teach a model
     anything checkable: it fails, times out or returns no rows; or its database file is absent or unusable (each
     unusable file named once, none of its queries run). Run in the sandbox (read-only, in worker processes
@@ -119,7 +119,7 @@ def failing_gold(split: Split, disable_bar: bool = True) -> dict[int, str]:
     if not todo:
         return why
     limits = Limits(timeout=GOLD_TIMEOUT, max_rows=GOLD_MAX_ROWS)
-    bar = tqdm(total=len(todo), desc="run train gold", unit="q", leave=False, mininterval=1.0, disable=disable_bar)
+    bar = Progress(len(todo), "run train gold", "q", quiet=quiet, leave=False)
     try:
         with Sandbox(default_workers(0, len({item[0] for _, item in todo})), limits) as sandbox:
             counts = sandbox.map(count_rows, [item for _, item in todo], key=lambda item: item[0],
@@ -184,7 +184,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     files: dict[str, str] = dict(data.files)
     entries: dict[str, dict] = {}
     missing_dbs: set[str] = set()
-    bar_off = logging_to_file()  # a log would show a frozen 0 %; one line per split is said instead
     for split, part in data.splits.items():
         name = f"{cfg.name}_{split}"
         multi_turn = any(ex.interaction >= 0 for ex in part.examples)
@@ -195,14 +194,15 @@ def prepare(cfg: PrepareConfig) -> dict:
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
         dropped = None
         if cfg.drop_failing_gold and split == "train":
-            why = failing_gold(part, bar_off)
+            why = failing_gold(part, cfg.quiet)
             dropped = len(why)
             part = dataclasses.replace(part, examples=[ex for i, ex in enumerate(part.examples) if i not in why])
             kinds = {k: sum(v == k for v in why.values()) for k in ("error", "no rows", "no database")}
             say(f"{name}: dropped {dropped} records whose gold query fails or returns no rows ("
                 + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         without_db = sum(ex.db_id in no_db for ex in part.examples)  # of the records kept
-        for ex in tqdm(part.examples, desc=f"prepare {name}", unit="q", leave=False, mininterval=1.0, disable=bar_off):
+        bar = Progress(len(part.examples), f"prepare {name}", "q", quiet=cfg.quiet, leave=False)
+        for ex in part.examples:
             if count is None:
                 blocks = schema_of(part, ex.db_id, rows_asked)
             else:
@@ -220,6 +220,8 @@ def prepare(cfg: PrepareConfig) -> dict:
                                                 ex.turn, history))
             else:
                 records.append(make_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.evidence))
+            bar.update()
+        bar.close()
         files[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         entry: dict = {"file_name": out / f"{name}.jsonl", "source": cfg.source, "split": split,
                        "records": len(records), "schema_style": cfg.schema_style,

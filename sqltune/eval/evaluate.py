@@ -22,7 +22,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
 
 from sqltune.config import EvalConfig
 from sqltune.errors import SqltuneError
@@ -33,6 +32,7 @@ from sqltune.eval.files import Pair, read_meta, read_pairs
 from sqltune.eval.multiturn import format_matches, match_figures
 from sqltune.eval.scores import aggregate, format_table
 from sqltune.eval.scoring import UNKNOWN, blank_result, failed_result, init_worker, score_pair
+from sqltune.progress import Progress
 from sqltune.sandbox import MB, Limits, Sandbox, default_workers
 
 
@@ -46,7 +46,7 @@ def score_all(pairs: list[Pair], cfg: EvalConfig, kmaps: dict, tables: dict, unr
     if not pairs:
         return []
     workers = default_workers(cfg.workers, len({p.db_id for p in pairs}))
-    bar = tqdm(total=len(pairs), desc="evaluate", unit="q", disable=cfg.quiet or len(pairs) < 50, leave=False)
+    bar = Progress(len(pairs), "evaluate", "q", quiet=cfg.quiet or len(pairs) < 50, leave=False)  # few: seconds
     try:
         with Sandbox(workers, sandbox_limits(cfg), (init_worker, (cfg, kmaps, tables, unreadable))) as sandbox:
             results = sandbox.map(score_pair, pairs, key=lambda p: p.db_id, progress=bar.update,

@@ -29,7 +29,8 @@ from sqltune.io import atomic_write, interaction_text, read_json, read_jsonl, re
 from sqltune.lock import held
 
 NOT_IDENTITY = {"model_name_or_path", "adapter", "dataset", "dataset_dir", "out", "batch_size", "overwrite",
-                "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "kv_cache_gb"}
+                "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "kv_cache_gb",
+                "quiet"}
 # written for an empty answer: the official Spider evaluator drops blank lines (every later answer then meets the gold
 # of the question before it), and in a SParC/CoSQL file a blank line ends the interaction
 NO_SQL = "SELECT"

@@ -27,7 +27,6 @@ import json
 import time
 from pathlib import Path
 
-from tqdm import tqdm
 
 from sqltune.config import PredictConfig, to_dict
 from sqltune.data.registry import lookup
@@ -41,6 +40,7 @@ from sqltune.infer.prompt_format import history_mode, prompt_settings, training_
 from sqltune.infer.vllm_backend import VLLMGenerator, check_vllm
 from sqltune.infer.vote import EXEC_TIMEOUT
 from sqltune.io import append_once, read_jsonl, write_json
+from sqltune.progress import Progress
 
 
 def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path], executor, end: str | None,
@@ -216,7 +216,8 @@ def _generate(cfg, records, dbs, done, predicted, tokenizer, template, model, ad
 
         executor = make_executor()
     start = time.perf_counter()
-    bar = tqdm(total=len(records), initial=done, desc="predict", unit="ex", dynamic_ncols=True)
+    stage = "predict+vote" if cfg.vote != "none" else "predict+retry" if cfg.retry_on_error else "predict"
+    bar = Progress(len(records), stage, "ex", quiet=cfg.quiet, initial=done, summary=True)  # sampling counted here
     try:
         for group in _groups(records, done, size, predicted):
             rows = {}
