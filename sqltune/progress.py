@@ -103,6 +103,14 @@ class Progress:
         self.close()
 
 
+def quiet_libraries() -> None:
+    """With --quiet, transformers' own bars (loading and writing model shards) are turned off too, for the rest of
+    the process: a quiet stage prints no progress of any kind."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _isatty(stream) -> bool:
     try:
         return bool(stream.isatty())

@@ -169,11 +169,31 @@ def test_training_on_a_terminal_shows_a_bar_with_loss(tiny_model, prepared_demo,
     assert re.search(r"3/3 \[\d\d:\d\d<00:00, [^\]]*loss \d+\.\d{4}, lr ", term.getvalue())
 
 
-def test_training_quiet_prints_no_progress(tiny_model, prepared_demo, tmp_path, stderr_file):
+@pytest.fixture
+def library_bars_back():
+    """--quiet turns transformers' bars off for the process: on again for the tests after this one."""
+    yield
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+
+
+def test_training_quiet_prints_no_progress(tiny_model, prepared_demo, tmp_path, stderr_file, library_bars_back):
     stderr_file = stderr_file()
     assert _train(tiny_model, prepared_demo, tmp_path / "out", "--quiet") == 0
     stderr_file.seek(0)
     assert "train: " not in stderr_file.read()
+
+
+def test_training_quiet_on_a_terminal_shows_no_bar_at_all(tiny_model, prepared_demo, tmp_path, monkeypatch,
+                                                          library_bars_back):
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    assert _train(tiny_model, prepared_demo, tmp_path / "out", "--quiet") == 0
+    assert not any(mark in term.getvalue() for mark in PROGRESS_TEXT), term.getvalue()
+    from transformers.utils import logging as hf_logging
+
+    assert not hf_logging.is_progress_bar_enabled()  # transformers' loading and saving bars too
 
 
 def test_prediction_into_a_log_file_keeps_progress_out_of_its_files(tiny_model, prepared_demo, tmp_path,

@@ -40,7 +40,7 @@ from sqltune.infer.prompt_format import history_mode, prompt_settings, training_
 from sqltune.infer.vllm_backend import VLLMGenerator, check_vllm
 from sqltune.infer.vote import EXEC_TIMEOUT
 from sqltune.io import append_once, read_jsonl, write_json
-from sqltune.progress import Progress
+from sqltune.progress import Progress, quiet_libraries
 
 
 def _answers(gen, cfg: PredictConfig, prompts: list[list[int]], dbs: list[Path], executor, end: str | None,
@@ -143,6 +143,8 @@ def predict(cfg: PredictConfig) -> dict:
     from sqltune.loading import load_tokenizer, resolve
     from sqltune.templates import encode_prompt, get_template
 
+    if cfg.quiet:
+        quiet_libraries()
     # 1. every input, before anything is written
     if not cfg.dataset:
         raise SqltuneError("--dataset is required (a registry name such as spider_dev)")

@@ -30,7 +30,7 @@ from sqltune.digest import model_digest, records_digest
 from sqltune.errors import SqltuneError
 from sqltune.io import append_once, atomic_write, refuse_link, write_json
 from sqltune.loading import load_model, load_tokenizer, resolve
-from sqltune.progress import Progress
+from sqltune.progress import Progress, quiet_libraries
 from sqltune.templates import get_template
 import sqltune.train.folders as folders
 from sqltune.train.data import Collator, load_records, tokenize_records
@@ -274,6 +274,8 @@ def _callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: BudgetCloc
             self.bar.advance_to(state.global_step)
 
         def on_train_end(self, args, state, control, **kw):
+            if self.bar is not None:
+                self.bar.advance_to(state.global_step)  # a last step whose log showed no loss
             self.close_progress()
 
         def close_progress(self):
@@ -350,6 +352,8 @@ def train(cfg: TrainConfig) -> dict:
     from transformers import set_seed
 
     set_seed(cfg.seed)  # before the adapter is initialised, so a run is reproducible from its seed
+    if cfg.quiet:
+        quiet_libraries()
     # every input first: nothing is written (or removed) before all of them are known good
     model_path = resolve(cfg.model_name_or_path)
     out = Path(cfg.output_dir)
