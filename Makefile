@@ -48,9 +48,11 @@ $(VSTAMP): pyproject.toml
 	$(VBIN)/python -c "import sqltune; from vllm import LLM, SamplingParams; from transformers import LlamaForCausalLM; import vllm; print('vllm', vllm.__version__)"
 	touch $(VSTAMP)
 
-# the real-engine tests (tests/test_vllm_engine.py) with the vLLM environment; `make test` skips them
+# the tests that run the real engine (tests/test_vllm_engine.py) and server (tests/test_serve.py), with the vLLM
+# environment; under `make test` those real-engine tests skip, saying why
 test-vllm: install-vllm
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VBIN)/python -m pytest tests/test_vllm_engine.py tests/test_vllm_args.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VBIN)/python -m pytest tests/test_vllm_engine.py tests/test_vllm_args.py \
+		tests/test_serve.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs
