@@ -2,7 +2,7 @@
 
     sqltune <command> [config.yaml] [--name value ...]
 
-Every stage takes one typed config (sqltune/config.py); a YAML file gives values (for `run` files, the stage's
+Every stage takes one typed config (sqltune/config/); a YAML file gives values (for `run` files, the stage's
 own section), and `--name value` flags override them. Errors are one line on stderr and a non-zero exit.
 """
 
@@ -85,7 +85,7 @@ def print_figures(command: str, figures) -> None:
 
 
 def _flag(options: dict, key: str) -> bool:
-    from sqltune.config import _coerce
+    from sqltune.config.loading import _coerce
 
     return _coerce(key, options.pop(key, "false"), bool)
 

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import yaml
 
-from sqltune.config import RUN_KEYS, _coerce, build, field_name, load_yaml, recipe_values, shown
+from sqltune.config import RUN_KEYS, build, field_name, load_yaml, recipe_values, shown
+from sqltune.config.loading import _coerce
 from sqltune.digest import tree_digest
 from sqltune.errors import SqltuneError
 from sqltune.io import atomic_write, write_json
