@@ -154,7 +154,7 @@ def stage_config(plan: RunPlan, stage: str, run: Path, **filled):
 
 
 # how a stage is carried out, not what it makes: a resumed stage is the same stage
-_EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet", "workers"}
+_EXECUTION_ONLY = {"resume", "overwrite_output_dir", "overwrite", "quiet", "table", "workers"}
 _PATHS = {"data_dir", "out", "dataset_dir", "output_dir", "deepspeed", "adapter", "pred", "gold", "db_dir", "tables",
           "report", "questions", "difficulty", "pairs", "dev_pairs"}
 _MAYBE_PATHS = {"model_name_or_path", "tokenizer"}  # a folder, or a catalog / hub name
@@ -304,7 +304,7 @@ def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[d
             cfg = stage_config(plan, "evaluate", run, pred=str(pred_file), gold=entry["gold"],
                                db_dir=plan.sections["evaluate"].get("db_dir", entry["db_dir"]),
                                tables=plan.sections["evaluate"].get("tables", entry["tables"]),
-                               questions=entry["file_name"], report=str(run / "eval" / label), quiet=True,
+                               questions=entry["file_name"], report=str(run / "eval" / label), table=False,
                                max_samples=plan.sections["evaluate"].get("max_samples", predicted_prefix(plan)),
                                **scoring_of(plan, entry))
             step(f"evaluate_{label}", cfg, [ident("prepare"), ident(f"predict_{label}")])

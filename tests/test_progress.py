@@ -230,3 +230,21 @@ def test_evaluation_into_a_log_file_and_quiet(demo_dir, prepared_demo, tmp_path,
     evaluate(EvalConfig(quiet=True, **base))
     stderr_file.seek(0)
     assert "evaluate: " not in stderr_file.read()
+
+
+def test_evaluation_inside_run_keeps_its_bar_and_drops_its_table(demo_dir, tmp_path, capsys, stderr_file,
+                                                                   monkeypatch):
+    """Pins: `run` evaluated with quiet=True to keep the table off the screen, which also hid the progress bar.
+    Now `table=False` drops only the table; the bar (and its closing line in a log) stays."""
+    stderr_file = stderr_file()
+    monkeypatch.setattr("sqltune.progress.MIN_S", 0.0)  # a line even for these few seconds of work
+    from sqltune.config import EvalConfig
+    from sqltune.eval.evaluate import evaluate
+
+    golds = ["SELECT name FROM customer\tshop"] * 60
+    (tmp_path / "gold.sql").write_text("".join(g + "\n" for g in golds))
+    (tmp_path / "pred.sql").write_text("SELECT name FROM customer\n" * 60)
+    evaluate(EvalConfig(pred=str(tmp_path / "pred.sql"), gold=str(tmp_path / "gold.sql"),
+                        db_dir=str(demo_dir / "database"), tables=str(demo_dir / "tables.json"), table=False))
+    stderr_file.seek(0)
+    assert "EXECUTION ACCURACY" not in capsys.readouterr().out and "evaluate: 60/60" in stderr_file.read()

@@ -421,6 +421,7 @@ class EvalConfig:
                             "a timeout or error counts wrong")
     difficulty: str = arg("", "BIRD: file with one difficulty (simple/moderate/challenging) per gold line")
     quiet: bool = arg(False, "print no table and no progress bar")
+    table: bool = arg(True, "print the figures' table (`run` writes it to the report instead and keeps the bar)")
 
     def __post_init__(self):
         _check(self.etype in ("exec", "match", "all"), f"--etype must be exec, match or all, not {shown(self.etype)}")

@@ -141,9 +141,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                    gold_unparsed=sum(1 for r in scored if r["hardness"] == UNKNOWN),
                    em_unscored=sum(1 for r in scored if r["em"] is None and cfg.etype != "exec" and not cfg.bird),
                    gold_failed=sum(1 for r in scored if r["gold_error"] and r["hardness"] != UNKNOWN))
-    if not cfg.quiet:
+    if not cfg.quiet and cfg.table:
         print(table)
-    for line in _warnings(results, unreadable, notices, note, cfg.skip_missing_db, cfg.quiet):
+    for line in _warnings(results, unreadable, notices, note, cfg.skip_missing_db, cfg.quiet or not cfg.table):
         print(line, file=sys.stderr)
     if cfg.report:
         from sqltune.eval.report import write_report
