@@ -27,7 +27,8 @@ def fake_vllm(monkeypatch):
             calls["llm"].append(kwargs)
 
         def generate(self, prompts, params, lora_request=None, use_tqdm=True):
-            calls["generate"].append({"prompts": prompts, "params": params, "lora_request": lora_request})
+            calls["generate"].append({"prompts": prompts, "params": params, "lora_request": lora_request,
+                                      "use_tqdm": use_tqdm})
             outs = []
             for p in params if isinstance(params, list) else [params] * len(prompts):
                 if "logprobs" not in p:  # a plain greedy request
@@ -269,3 +270,11 @@ def test_a_vllm_cpu_kvcache_space_that_is_no_size_is_one_line(tiny_model, prepar
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "VLLM_CPU_KVCACHE_SPACE" in err[0] and "'1.5'" in err[0]
     assert not (tmp_path / "o").exists() and not on_cpu["llm"]
+
+
+def test_vllm_shows_its_own_bar_on_a_terminal_only(tiny_model, prepared_demo, tmp_path, fake_vllm):
+    """Pins (issue 29): vLLM's bar was always on, so a log file got its first frame alone and --quiet did not
+    silence it. Under pytest stderr is not a terminal: no bar; predict's own progress says the count."""
+    predict(PredictConfig(model_name_or_path=str(tiny_model), dataset="demo_dev", dataset_dir=str(prepared_demo),
+                          out=str(tmp_path / "v.sql"), template="chatml", backend="vllm", max_new_tokens=8))
+    assert [call["use_tqdm"] for call in fake_vllm["generate"]] == [False]

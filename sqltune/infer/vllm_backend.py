@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqltune.config import PredictConfig
 from sqltune.errors import SqltuneError
-from sqltune.io import read_json
+from sqltune.io import logging_to_file, read_json
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
 CPU_KV_CACHE_GB = 4  # in float32: ~170k tokens of Qwen2.5-0.5B's KV cache, ~37k of Qwen2.5-7B's
@@ -105,13 +105,16 @@ class VLLMGenerator:
 
             self.lora = LoRARequest("adapter", 1, str(adapter))
         self.cfg, self.sampling = cfg, SamplingParams
+        # vLLM's own bar on a terminal only: in a log file it would show its first frame alone (predict's own
+        # progress says the count there), and never with --quiet
+        self.bar = not cfg.quiet and not logging_to_file()
         self.stop = stop_token_ids(tokenizer, template, _generation_config(model))
         self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                      seed=cfg.seed, stop_token_ids=self.stop)
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params, lora_request=self.lora,
-                                 use_tqdm=True)
+                                 use_tqdm=self.bar)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
 
     def candidates(self, prompts: list[list[int]], n: int, include_greedy: bool, end: str | None) -> list[list[dict]]:
@@ -125,7 +128,7 @@ class VLLMGenerator:
                                        top_p=self.cfg.top_p, **common))] if n else [])
         requests = [({"prompt_token_ids": p}, params) for _, params in kinds for p in prompts]
         outs = self.llm.generate([r for r, _ in requests], [params for _, params in requests],
-                                 lora_request=self.lora, use_tqdm=True)
+                                 lora_request=self.lora, use_tqdm=self.bar)
         rows: list[list[dict]] = [[] for _ in prompts]
         for k, (source, _) in enumerate(kinds):
             for row, out in zip(rows, outs[k * len(prompts):(k + 1) * len(prompts)]):
