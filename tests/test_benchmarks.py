@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
@@ -91,3 +93,26 @@ def test_predict_throughput_bad_options_are_one_line(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == [f"predict_throughput: --records {tmp_path / 'none.jsonl'} not found (a prepared JSONL, e.g. "
                    "data/spider_dev.jsonl)", "predict_throughput: --vote must be 0 (greedy arms) or at least 2"]
+
+
+def test_predict_throughput_backend_arms_hf_only(tiny_model, tmp_path, capsys):
+    """--backend hf,vllm without vLLM for the given Python: the vLLM arm is skipped with its reason, the HF arm runs
+    in its own process (greedy and vote@2), two rounds, and the summary names its figures."""
+    import importlib.util
+
+    import predict_throughput
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: this test is the path without it")
+    assert predict_throughput.main(["--backend", "hf,vllm", "--model", str(tiny_model), "--prompts", "3",
+                                    "--vote", "2", "--vote_prompts", "2", "--batch_size", "2", "--max_new_tokens",
+                                    "4", "--repeats", "2", "--work", str(tmp_path), "--hf_python", sys.executable,
+                                    "--vllm_python", sys.executable]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("vllm arm skipped: vLLM is not installed for ")
+    rounds = [x for x in out if x.startswith("hf   round ")]
+    assert len(rounds) == 2 and all("greedy " in x and "vote@2 " in x for x in rounds)
+    assert "prompt token ids identical in every run: True" in out[-2]
+    assert out[-1].startswith("hf   best: start ")
+    assert "greedy answers equal in its first and last round: 3/3" in out[-1]
+    assert predict_throughput.main(["--backend", "hf,tgi"]) == 2
