@@ -255,7 +255,7 @@ def arm_missing(arm: str, python: str) -> str:
 
 
 def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
-    """One child process of `python` for the arm; its stderr goes to `log`; returns its RESULT, None on failure."""
+    """One child process of `python` for the arm; its output goes to `log`; returns its RESULT, None on failure."""
     cmd = [python, str(Path(__file__).resolve()), "--arm", arm, "--records", records, "--prompts", str(a.prompts),
            "--model", a.model, "--template", a.template, "--dtypes", a.dtypes.split(",")[0].strip(),
            "--max_new_tokens", str(a.max_new_tokens), "--max_source_length", str(a.max_source_length),
@@ -264,14 +264,19 @@ def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
     start = time.perf_counter()
-    with open(log, "w") as err:
+    with open(log, "w") as err:  # vLLM logs (its engine's errors too) to stdout: kept in the log, less RESULT
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     wall = time.perf_counter() - start
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    with open(log, "a") as err:
+        err.write("\n--- stdout ---\n" + "\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")))
     if proc.returncode != 0 or not lines:
-        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        print(f"predict_throughput: the {arm} arm failed (exit {proc.returncode}); the end of {log}:")
-        print("\n".join("    " + x for x in tail))
+        text = log.read_text(errors="replace").strip().splitlines()
+        causes = [x for x in text if "Error: " in x and "EngineDeadError" not in x]  # vLLM's worker's, first
+        print(f"predict_throughput: the {arm} arm failed (exit {proc.returncode}); see {log}; "
+              + (f"first error: {causes[0].strip()}" if causes else "its end:"))
+        if not causes:
+            print("\n".join("    " + x for x in text[-15:]))
         return None
     res = json.loads(lines[-1][len("RESULT "):])
     res["process_s"] = wall
