@@ -19,7 +19,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
 
 
 def run_train(cfg: TrainConfig) -> dict:
-    from sqltune.train.sft import train
+    from sqltune.train.dispatch import train  # --stage sft|dpo|grpo
 
     return train(cfg)
 

@@ -90,11 +90,14 @@ class PrepareConfig:
 
 # --------------------------------------------------------------------------------------------- train
 FINETUNING_TYPES = ("lora", "qlora", "freeze", "full")
+TRAIN_STAGES = ("sft", "dpo", "grpo")
 TEMPLATES = ("auto", "default", "chatml", "llama2", "llama3", "mistral", "gemma", "phi3", "deepseek")
 
 
 @dataclass
 class TrainConfig:
+    stage: str = arg("sft", "what the run learns from: sft (supervised, the records' answers), dpo (preference "
+                            "pairs of right and wrong candidates) or grpo (rewards from executing sampled SQL)")
     model_name_or_path: str = arg("", "base model folder, or a catalog name (see `sqltune models list`)")
     dataset: str = arg("", "comma list of registry names, e.g. spider_train")
     dataset_dir: str = arg("data/prepared", "folder holding dataset_info.json and the prepared JSONL files")
@@ -151,6 +154,7 @@ class TrainConfig:
     quiet: bool = arg(False, "no progress bar or progress lines (step, time left, loss)")
 
     def __post_init__(self):
+        _check(self.stage in TRAIN_STAGES, f"--stage must be one of {', '.join(TRAIN_STAGES)}, not {shown(self.stage)}")
         if self.quantization_bit is not None:
             _check(self.quantization_bit in (4, 8), "--quantization_bit must be 4 or 8")
             if self.finetuning_type == "lora":
