@@ -92,6 +92,19 @@ class PrepareConfig:
 FINETUNING_TYPES = ("lora", "qlora", "freeze", "full")
 TRAIN_STAGES = ("sft", "dpo", "grpo")
 TEMPLATES = ("auto", "default", "chatml", "llama2", "llama3", "mistral", "gemma", "phi3", "deepseek")
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")  # TRL's GRPOConfig.loss_type names, no more needed
+REWARD_OUTCOMES = ("match", "runs", "fails", "no_sql")  # --reward_shape's values, in order
+
+
+def reward_shape_values(text: str) -> dict[str, float]:
+    """--reward_shape `MATCH,RUNS,FAILS[,NO_SQL]` -> {outcome: reward}; NO_SQL defaults to the FAILS value."""
+    try:
+        values = [float(p) for p in str(text).split(",")]
+    except ValueError:
+        values = []
+    _check(len(values) in (3, 4) and all(math.isfinite(v) for v in values),
+           f"--reward_shape must be 3 or 4 numbers MATCH,RUNS,FAILS[,NO_SQL] (e.g. 1.0,0.1,0), not {shown(text)}")
+    return dict(zip(REWARD_OUTCOMES, values + values[2:3] * (4 - len(values))))
 
 
 @dataclass
@@ -141,7 +154,7 @@ class TrainConfig:
     gradient_checkpointing: bool = arg(False, "trade compute for memory")
     group_by_length: bool = arg(True, "batch examples of similar length together (less padding)")
     seed: int = arg(42, "random seed for data order and initialisation")
-    plot_loss: bool = arg(False, "write training_loss.png")
+    plot_loss: bool = arg(False, "write training_loss.png (with --stage grpo also training_reward.png)")
     deepspeed: str = arg("", "DeepSpeed config file passed through to transformers/Accelerate (GPU, optional; "
                              "examples: configs/deepspeed_zero2.json, configs/deepspeed_zero3.json)")
     fsdp: str = arg("", "PyTorch FSDP for the Trainer (several GPUs): `true`, or options such as `full_shard auto_wrap`")
@@ -152,6 +165,20 @@ class TrainConfig:
                                "flash_attention_2; with sdpa/eager a per-example mask spans the whole row)")
     report_to: str = arg("none", "transformers report_to (none, tensorboard, wandb, ...)")
     quiet: bool = arg(False, "no progress bar or progress lines (step, time left, loss)")
+    # --stage grpo: TRL's GRPOTrainer, rewarded by running each sampled SQL against the gold (sqltune/train/grpo.py)
+    num_generations: int = arg(8, "grpo: completions sampled per prompt (one group); per_device_train_batch_size x "
+                                  "gradient_accumulation_steps counts completions and must be a multiple of it")
+    max_completion_length: int = arg(256, "grpo: tokens a sampled completion may have at most")
+    temperature: float = arg(1.0, "grpo: sampling temperature of the completions")
+    grpo_beta: float = arg(0.0, "grpo: KL coefficient against the starting model (0: no reference model is kept)")
+    grpo_loss_type: str = arg("dapo", f"grpo: TRL's loss: {', '.join(GRPO_LOSSES)}")
+    reward_shape: str = arg("1.0,0.1,0", "grpo: rewards MATCH,RUNS,FAILS[,NO_SQL]: the SQL's result is the gold's, "
+                                         "it runs but differs, it fails (error, timeout); no SQL found (default: "
+                                         "the FAILS value)")
+    reward_timeout: float = arg(30.0, "grpo: seconds a sampled query may run in the sandbox (it fails past that)")
+    rollout_backend: str = arg("auto", "grpo: what samples the completions: hf (transformers' generate), vllm "
+                                       "(TRL's colocated vLLM, on a GPU), auto (vllm when it imports and a GPU is "
+                                       "there, else hf)")
 
     def __post_init__(self):
         _check(self.stage in TRAIN_STAGES, f"--stage must be one of {', '.join(TRAIN_STAGES)}, not {shown(self.stage)}")
@@ -200,6 +227,29 @@ class TrainConfig:
                f"not {shown(self.attn_implementation)}")
         _check(not (self.fsdp and self.deepspeed), "choose one of --fsdp and --deepspeed")
         _check(not self.fsdp_config or bool(self.fsdp), "--fsdp_config needs --fsdp")
+        self._check_grpo()
+
+    def _check_grpo(self) -> None:
+        _check(self.num_generations >= 2, f"--num_generations must be 2 or more (GRPO compares the completions of a "
+                                          f"prompt), not {self.num_generations}")
+        _check(self.max_completion_length > 0, "--max_completion_length must be > 0")
+        for name in ("temperature", "grpo_beta", "reward_timeout"):
+            _check(math.isfinite(getattr(self, name)), f"--{name} must be a finite number, not {getattr(self, name)}")
+        _check(self.temperature > 0, f"--temperature must be > 0 (GRPO samples), not {self.temperature}")
+        _check(self.grpo_beta >= 0, f"--grpo_beta must be >= 0, not {self.grpo_beta}")
+        _check(self.reward_timeout > 0, f"--reward_timeout must be > 0, not {self.reward_timeout}")
+        _check(self.grpo_loss_type in GRPO_LOSSES,
+               f"--grpo_loss_type must be one of {', '.join(GRPO_LOSSES)}, not {shown(self.grpo_loss_type)}")
+        _check(self.rollout_backend in ("auto", "hf", "vllm"),
+               f"--rollout_backend must be auto, hf or vllm, not {shown(self.rollout_backend)}")
+        reward_shape_values(self.reward_shape)
+        if self.stage == "grpo":
+            per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
+            _check(per_step % self.num_generations == 0,
+                   f"--stage grpo: per_device_train_batch_size x gradient_accumulation_steps ({per_step} completions "
+                   f"per step) must be a multiple of --num_generations {self.num_generations} (each prompt's "
+                   f"completions form one group), e.g. --per_device_train_batch_size {self.num_generations}")
+            _check(not self.packing, "--packing is for --stage sft (GRPO batches its own completions)")
 
 
 # --------------------------------------------------------------------------------------------- merge
