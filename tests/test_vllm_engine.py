@@ -119,3 +119,16 @@ def test_vote_samples_come_from_n_with_the_greedy_answer_unchanged(greedy_run, t
         distinct |= {c["text"] for c in cands[1:]}
         assert r["raw"] == cands[r["vote"]["chosen"]]["text"]
     assert len(distinct) > RECORDS  # sampled at temperature 0.8 from a random model: not one answer per question
+
+
+def test_vote_whose_prompts_exceed_one_step_runs_on_the_cpu(tiny_model, prepared_demo, tmp_path):
+    """Pins: a vote whose prompts hold more tokens than one engine step schedules (vLLM then prefills a prompt over
+    several steps) died on vLLM's CPU build with `RuntimeError: CPU Generator does not use offset`: a seeded request
+    cut mid-prefill rewinds its torch Generator, which a CPU generator cannot. Seen on 64 Spider prompts at vote@8."""
+    out = tmp_path / "long_vote.sql"
+    many = 30  # the demo's 30 dev prompts of ~300 tokens, each sent twice (greedy, n samples): past one step's 4096
+    argv = ["--num_samples", "2", "--vote", "execution", "--temperature", "0.8", "--max_samples", str(many),
+            "--max_new_tokens", "4"]
+    _predict(tiny_model, prepared_demo, out, *argv)
+    raw = [json.loads(line) for line in out.with_name(out.name + ".raw.jsonl").read_text().splitlines()]
+    assert len(raw) == many and all(len(r["vote"]["candidates"]) == 3 for r in raw)

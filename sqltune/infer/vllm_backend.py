@@ -17,6 +17,7 @@ from sqltune.errors import SqltuneError
 from sqltune.io import logging_to_file, read_json
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
+CPU_STEP_TOKENS = 4096  # vLLM's own CPU default for one step's tokens (its LLM class, one worker)
 CPU_KV_CACHE_GB = 4  # in float32: ~170k tokens of Qwen2.5-0.5B's KV cache, ~37k of Qwen2.5-7B's
 
 
@@ -74,6 +75,12 @@ def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> d
                 gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
                 enable_prefix_caching=True,  # a vote's greedy and n samples (and questions on one schema) share blocks
                 max_model_len=cfg.max_model_len or cfg.max_source_length + cfg.max_new_tokens)
+    if on_cpu:
+        # whole prompts per step: a seeded request prefilled over several steps rewinds its torch Generator, and the
+        # CPU build's generators have no offset (`CPU Generator does not use offset` killed every vote whose prompts
+        # passed one step's token budget); a step must then hold the longest prompt
+        args.update(enable_chunked_prefill=False,
+                    max_num_batched_tokens=max(args["max_model_len"], CPU_STEP_TOKENS))
     size = kv_cache_bytes(cfg, on_cpu)
     if size is not None:
         args["kv_cache_memory_bytes"] = size
