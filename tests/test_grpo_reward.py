@@ -141,3 +141,15 @@ def test_outcome_outside_a_worker_matches(db):
     """The task function itself, called directly (no worker): what the sandbox runs per completion."""
     assert outcome((str(db), GOLD, GOLD, False)) == "match"
     assert outcome((str(db), "", GOLD, False)) == "no_sql"
+
+
+def test_workers_that_die_on_every_completion_stop_training(reward, db, monkeypatch):
+    """Pins: a sandbox whose workers cannot run anything (they die at start) scored every completion as a failure,
+    so training went on learning nothing; now it stops with one line."""
+    def dying(fn, items, key=None, on_fail=None, progress=None):
+        return [on_fail(item, "worker stopped (work; exit code 1: the memory bound is the usual cause)", "work", 0)
+                for item in items]
+
+    monkeypatch.setattr(reward.sandbox, "map", dying)
+    with pytest.raises(SqltuneError, match="sandbox workers stopped on all 2 completions"):
+        score(reward, db, [GOLD, GOLD])

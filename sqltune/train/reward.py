@@ -55,10 +55,15 @@ def outcome(item: tuple[str, str, str, bool]) -> str:
     return "match" if ex else ("fails" if error else "runs")
 
 
+DIED = "died"  # a worker that stopped on its own (not killed past a deadline): the memory bound, or a broken sandbox
+
+
 def _killed(item, reason: str, phase: str, step: int) -> str:
-    """The outcome of an item whose worker was killed past its deadline (or died): its gold query's failure when
-    that was what ran, else the completion's."""
-    return GOLD_FAILED if phase == "gold query" else "fails"
+    """The outcome of an item whose worker was killed past its deadline or died: its gold query's failure when that
+    was what ran, else the completion's (a death is told apart, see SqlReward.outcomes)."""
+    if phase == "gold query":
+        return GOLD_FAILED
+    return DIED if reason.startswith("worker stopped") else "fails"
 
 
 class SqlReward:
@@ -81,7 +86,11 @@ class SqlReward:
         """match / runs / fails / no_sql / gold_failed per completion."""
         sqls = [extract_sql(_text(c), self.end) for c in completions]
         items = [(str(db), sql, g, self.bird) for db, sql, g in zip(db_path, sqls, gold)]
-        return self.sandbox.map(outcome, items, key=lambda item: item[0], on_fail=_killed)
+        found = self.sandbox.map(outcome, items, key=lambda item: item[0], on_fail=_killed)
+        if found and all(f == DIED for f in found):  # no completion at all could be run: training would learn nothing
+            raise SqltuneError(f"the reward's sandbox workers stopped on all {len(found)} completions of a step "
+                               "(they could not start, or every query outgrew the memory bound): stopped training")
+        return ["fails" if f == DIED else f for f in found]
 
     def __call__(self, prompts=None, completions=None, gold=None, db_path=None, log_metric=None, **kwargs) -> list:
         if completions is None or gold is None or db_path is None:
