@@ -10,6 +10,7 @@ import pytest
 from conftest import Killed, training_killed_after_save
 from test_train import config
 
+import sqltune.train.budget as budget
 import sqltune.train.sft as sft
 from sqltune.cli import main
 from sqltune.train.sft import train
@@ -22,7 +23,7 @@ KW = dict(max_steps=10, logging_steps=1, save_steps=100, per_device_train_batch_
 def minute_per_step(monkeypatch):
     """The training clock moves one minute at each optimizer step (the budget clock's tick)."""
     now = [0.0]
-    monkeypatch.setattr(sft, "_now", lambda: now[0])
+    monkeypatch.setattr(budget, "_now", lambda: now[0])
     tick = sft.BudgetClock.tick
 
     def ticking(self):
@@ -47,7 +48,7 @@ def test_budget_cut_schedule_is_said(tiny_model, prepared_demo, tmp_path, monkey
         now[0] += 60.0
         return now[0]
 
-    monkeypatch.setattr(sft, "_now", clock)
+    monkeypatch.setattr(budget, "_now", clock)
     figures = train(config(tiny_model, prepared_demo, tmp_path / "cut", max_train_minutes=3, **KW))
     assert figures["steps"] < figures["planned_steps"] == 10
     assert figures["final_learning_rate"] > 0.5e-3  # still high: the schedule was cut

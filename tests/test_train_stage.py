@@ -13,7 +13,8 @@ from sqltune.errors import SqltuneError
 
 def test_sft_is_the_default_stage():
     assert TrainConfig().stage == "sft"
-    assert {TrainConfig(stage=s).stage for s in ("sft", "dpo", "grpo")} == {"sft", "dpo", "grpo"}
+    assert {TrainConfig(stage=s, per_device_train_batch_size=8).stage  # grpo: a multiple of its group size
+            for s in ("sft", "dpo", "grpo")} == {"sft", "dpo", "grpo"}
 
 
 def test_an_unknown_stage_is_one_line(capsys):
@@ -38,7 +39,8 @@ def test_a_stage_whose_module_is_absent_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(dispatch.RUNNERS, "grpo", ("sqltune.train.no_such_stage", "train_grpo"))
     with pytest.raises(SqltuneError, match="--stage grpo is not available in this install"):
         dispatch.runner("grpo")
-    assert main(["train", "--stage", "grpo", "--model_name_or_path", "x", "--dataset", "d"]) == 2
+    assert main(["train", "--stage", "grpo", "--model_name_or_path", "x", "--dataset", "d",
+                 "--per_device_train_batch_size", "8"]) == 2
     err = capsys.readouterr().err
     assert "--stage grpo is not available" in err and err.count("\n") == 1, err
 
@@ -53,4 +55,5 @@ def test_grpo_dispatches_to_train_grpo(monkeypatch):
     module.train_grpo = lambda cfg: {"ran": cfg.stage}
     monkeypatch.setitem(sys.modules, "sqltune_test_grpo", module)
     monkeypatch.setitem(dispatch.RUNNERS, "grpo", ("sqltune_test_grpo", "train_grpo"))
-    assert dispatch.train(TrainConfig(stage="grpo", model_name_or_path="m", dataset="d")) == {"ran": "grpo"}
+    cfg = TrainConfig(stage="grpo", model_name_or_path="m", dataset="d", per_device_train_batch_size=8)
+    assert dispatch.train(cfg) == {"ran": "grpo"}

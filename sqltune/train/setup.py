@@ -59,6 +59,56 @@ def linear_names(model) -> set[str]:
     return {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
 
 
+def load_for_training(cfg, model_path):
+    """The base model as cfg.finetuning_type trains it: in its dtype (train_dtype), 4 or 8 bits for QLoRA; a memory
+    warning first when it may not fit (sqltune/train/memory.py)."""
+    import sys
+
+    from sqltune.loading import load_model
+    from sqltune.train.budget import _world
+    from sqltune.train.memory import preflight
+
+    quant = cfg.quantization_bit if cfg.finetuning_type == "qlora" else None
+    dtype = train_dtype(cfg)
+    if (warning := preflight(cfg, model_path, dtype.itemsize)) and _world()[0] == 0:
+        print(f"train: {warning}", file=sys.stderr)
+    return load_model(model_path, quant, dtype=dtype, attn_implementation=cfg.attn_implementation)
+
+
+def ready_for_training(model, cfg):
+    """(model, trainable parameters): nothing trainable is one line; gradient checkpointing on when asked."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise SqltuneError("no parameter is trainable with these settings")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model, trainable
+
+
+def trainable_model(cfg, model_path):
+    """(model, trainable parameters): the base loaded for cfg.finetuning_type with exactly the intended parameters
+    trainable."""
+    return ready_for_training(setup_trainable(load_for_training(cfg, model_path), cfg), cfg)
+
+
+def lora_config(model, cfg):
+    """The LoRA adapter cfg asks for (rank, alpha, dropout, target modules checked against the model)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_targets(model, cfg.lora_target), task_type="CAUSAL_LM")
+
+
+def prepare_kbit(model, cfg):
+    """A 4- or 8-bit base made ready for QLoRA: CPU repacking undone (the 4-bit trap above), k-bit preparation."""
+    from peft import prepare_model_for_kbit_training
+
+    guard_4bit_for_training(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+
+
 def setup_trainable(model, cfg):
     """Return the model to train for cfg.finetuning_type, with exactly the intended parameters trainable."""
     kind = cfg.finetuning_type
@@ -75,14 +125,11 @@ def setup_trainable(model, cfg):
             for p in layer.parameters():
                 p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if kind == "qlora":
-        guard_4bit_for_training(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(model, cfg.lora_target), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+        model = prepare_kbit(model, cfg)
+    return get_peft_model(model, lora_config(model, cfg))
 
 
 def missing_gradients(model, finite: bool = True) -> list[str]:
