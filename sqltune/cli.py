@@ -26,6 +26,7 @@ OTHER = {
     "demo-data": "generate the embedded Spider-layout demo dataset",
     "ask": "ask a trained model a question about a SQLite file: its SQL and the result",
     "serve": "serve a tuned model with vLLM's OpenAI-compatible server (prints and runs its command)",
+    "samples": "turn predict's sampled candidates on a train split into records and preference pairs",
 }
 USAGE = {
     "run": "usage: sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config] "
@@ -42,6 +43,11 @@ USAGE = {
     "serve": "usage: sqltune serve --model_name_or_path M [--adapter A] [--port 8000] [--host 127.0.0.1] "
              "[--dry_run] [--option value ...]\n\nBuilds vLLM's `vllm serve` command for the model (the adapter as a "
              "LoRA module, the trained chat template and stop tokens), prints it and runs it.",
+    "samples": "usage: sqltune samples --samples PRED.sql.raw.jsonl --dataset NAME_train --dataset_dir DIR --name NEW "
+               "[--max_per_question 4] [--max_pairs_per_question 4]\n\nScores every distinct candidate of "
+               "`predict --num_samples N --vote execution` against the gold with EX's rules and writes NEW.jsonl "
+               "(records of right candidates) and NEW_pairs.jsonl (right/wrong preference pairs for `train --stage "
+               "dpo`), registered as NEW in DIR/dataset_info.json.",
 }
 
 
@@ -242,8 +248,33 @@ def serve_command(argv: list[str]) -> int:
     return 0
 
 
+def samples_command(argv: list[str]) -> int:
+    from sqltune.config import SamplesConfig
+
+    positional, options = parse_flags(argv)
+    if options.pop("help", None) or "-h" in positional:
+        print(USAGE["samples"] + "\n\noptions:")
+        print("\n".join(help_lines(SamplesConfig)))
+        return 0
+    if len(positional) > 1:
+        raise SqltuneError(f"expected at most one config file, got {' '.join(positional)}")
+    show = _flag(options, "print_config")
+    cfg = load(SamplesConfig, positional[0] if positional else None, options)
+    if show:
+        print(to_yaml(cfg), end="")
+        return 0
+    from sqltune.samples import samples
+    from sqltune.trace import command_span
+
+    with command_span("samples", cfg) as span:
+        figures = samples(cfg)
+        span.update(figures)
+    print_figures("samples", figures)
+    return 0
+
+
 COMMANDS = {"run": run_command, "trace": trace_command, "models": models_command, "demo-data": demo_data_command,
-            "ask": ask_command, "serve": serve_command}
+            "ask": ask_command, "serve": serve_command, "samples": samples_command}
 
 
 class Terminated(KeyboardInterrupt):

@@ -6,8 +6,9 @@ from sqltune.config.loading import (RUN_KEYS, STAGE_SECTIONS, build, field_name,
 from sqltune.config.settings import (FINETUNING_TYPES, SCHEMA_STYLES, SOURCES, TEMPLATES, AskConfig, EvalConfig,
                                    MergeConfig, PredictConfig, PrepareConfig, ServeConfig, TrainConfig, arg,
                                    predict_settings, serve_settings, shown)
+from sqltune.config.samples import SamplesConfig
 
 __all__ = ["FINETUNING_TYPES", "RUN_KEYS", "SCHEMA_STYLES", "SOURCES", "STAGE_SECTIONS", "TEMPLATES", "AskConfig",
-           "EvalConfig", "MergeConfig", "PredictConfig", "PrepareConfig", "ServeConfig", "TrainConfig", "arg",
-           "build", "field_name", "help_lines", "is_recipe", "load", "load_yaml", "parse_yaml", "predict_settings",
+           "EvalConfig", "MergeConfig", "PredictConfig", "PrepareConfig", "SamplesConfig", "ServeConfig", "TrainConfig",
+           "arg", "build", "field_name", "help_lines", "is_recipe", "load", "load_yaml", "parse_yaml", "predict_settings",
            "recipe_values", "serve_settings", "shown", "to_dict", "to_yaml"]

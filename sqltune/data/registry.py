@@ -57,7 +57,7 @@ def lookup(root: str | Path, name: str) -> dict:
         hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(data)) or 'none'})"
         raise SqltuneError(f"unknown dataset {name!r} in {path}{hint}")
     entry = dict(data[name])
-    for key in ("file_name", "gold", "tables", "db_dir", "difficulty"):
+    for key in ("file_name", "gold", "tables", "db_dir", "difficulty", "pairs", "samples"):
         if entry.get(key):
             entry[key] = os.path.join(root, entry[key]) if not os.path.isabs(entry[key]) else entry[key]
     file_name = entry.get("file_name")
