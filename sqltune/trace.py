@@ -1,13 +1,16 @@
 """Run traces: every command appends JSON-lines spans to a trace file.
 
-A span is `{"run_id", "stage", "start", "end", "duration_s", "status", "figures", "error"}`. `sqltune run` writes
+A span is `{"run_id", "stage", "start", "end", "duration_s", "status", "figures", "error", "memory"}` (memory: peak
+figures, see sqltune/usage.py; absent in spans of earlier versions and in skipped stages). `sqltune run` writes
 into `runs/<name>-<timestamp>/trace.jsonl`. A stage command run on its own writes its span (marked
 `"kind": "command"`) beside its output: into the output folder (prepare, train, merge, evaluate's report) or the
 folder holding the output file (predict); it is never a run of its own in `trace list`. A trace that cannot be
 written is a warning, never a failed stage.
 
     sqltune trace list [--runs_dir runs]          runs: name, date, status, duration, EX
-    sqltune trace show RUN [--json]               each stage's timing and figures (RUN may be any trace folder)
+    sqltune trace show RUN [--json]               each stage's timing, peak memory and figures (RUN may be any
+                                                  trace folder)
+    sqltune trace show RUN --html FILE            the run's page (sqltune/report/) written to FILE
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from sqltune.errors import SqltuneError
 from sqltune.io import append_once
+from sqltune.usage import marks, peak_figures
 
 TRACE_FILE = "trace.jsonl"
 ENV_TRACE = "SQLTUNE_TRACE"  # set by `sqltune run` so stage spans land in its run folder
@@ -53,7 +57,7 @@ def span(trace_path, run_id: str | None, stage: str, **extra):
     at the end with the block's status (the place can depend on what the block wrote; None: nowhere); run_id None:
     the trace folder's name."""
     figures: dict = {}
-    start = time.time()
+    start, before = time.time(), marks()
     status, error = "ok", None
     try:
         yield figures
@@ -70,7 +74,7 @@ def span(trace_path, run_id: str | None, stage: str, **extra):
         if path is not None:
             append_span(path, {"run_id": run_id or path.parent.name, "stage": stage, "start": _iso(start),
                                "end": _iso(end), "duration_s": round(end - start, 3), "status": status,
-                               "figures": keep, "error": error, **extra})
+                               "figures": keep, "error": error, "memory": peak_figures(before, marks()), **extra})
 
 
 def command_trace(cfg, status: str = "ok") -> Path | None:
@@ -115,6 +119,9 @@ def _span(obj) -> dict | None:
             "error": None if obj.get("error") is None else str(obj["error"])}
     if obj.get("kind"):
         span["kind"] = str(obj["kind"])
+    if isinstance(obj.get("memory"), dict):
+        span["memory"] = {str(k): v for k, v in obj["memory"].items()
+                          if isinstance(v, bool) or (isinstance(v, (int, float)) and math.isfinite(v))}
     return span
 
 
@@ -190,6 +197,15 @@ def _fmt(value) -> str:
     return "-" if value is None else str(value)
 
 
+def peak_text(memory: dict | None, key: str = "peak_rss_mb") -> str:
+    """`812 MB`, or `<= 812 MB` where the stage stayed below an earlier stage's peak (sqltune/usage.py); `-`: not
+    recorded."""
+    value = (memory or {}).get(key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-"
+    return f"{'' if memory.get(key + '_in_stage', True) else '<= '}{value:.0f} MB"
+
+
 def print_runs(root: Path, as_json: bool = False) -> None:
     runs = list_runs(root)
     if as_json:
@@ -209,8 +225,9 @@ def print_run(root: Path, name: str, as_json: bool = False) -> None:
         print(json.dumps({"run": run_dir.name, "spans": spans}, indent=2))
         return
     print(f"run {run_dir.name} ({run_dir})")
-    print(f"{'stage':<22} {'status':<12} {'duration_s':>10}  figures")
+    print(f"{'stage':<22} {'status':<12} {'duration_s':>10} {'peak RSS':>11}  figures")
     for s in spans:
         figs = ", ".join(f"{k}={_fmt(v)}" for k, v in s["figures"].items())
         err = f"  error: {s['error']}" if s.get("error") else ""
-        print(f"{s['stage']:<22} {s['status']:<12} {s['duration_s']:>10.1f}  {figs}{err}")
+        print(f"{s['stage']:<22} {s['status']:<12} {s['duration_s']:>10.1f} {peak_text(s.get('memory')):>11}  "
+              f"{figs}{err}")

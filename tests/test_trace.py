@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,3 +179,58 @@ def test_a_refused_stage_writes_no_trace_into_an_input(tiny_model, prepared_demo
                  str(prepared_demo), "--output_dir", str(tiny_model), "--max_steps", "1"]) == 2
     assert "error" in capsys.readouterr().err
     assert sorted(p.name for p in tiny_model.iterdir()) == before
+
+
+def test_memory_figures_say_whose_peak_they_are(monkeypatch):
+    """A stage that raised the process's high-water mark has its own peak; one that did not, an upper bound; CUDA
+    memory is read only when torch is already loaded with CUDA in use (a stand-in here: no GPU on this machine)."""
+    import sqltune.usage as usage
+    from sqltune.usage import peak_figures
+
+    assert peak_figures({"rss": 1024 * 100}, {"rss": 1024 * 150}) == {"peak_rss_mb": 150.0,
+                                                                       "peak_rss_mb_in_stage": True}
+    assert peak_figures({"rss": 1024 * 150}, {"rss": 1024 * 150})["peak_rss_mb_in_stage"] is False
+    assert peak_figures({}, {"rss": None, "gpu": None}) == {}
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert usage.marks()["gpu"] is None and usage.marks()["rss"] > 0
+
+    class Cuda:
+        peak = 3 * 1024 ** 2
+
+        def is_available(self):
+            return True
+
+        def is_initialized(self):
+            return True
+
+        def device_count(self):
+            return 2
+
+        def max_memory_allocated(self, device):
+            return self.peak * (device + 1)
+
+    monkeypatch.setitem(sys.modules, "torch", type("torch", (), {"cuda": Cuda()}))
+    before = usage.marks()
+    Cuda.peak = 5 * 1024 ** 2
+    figures = peak_figures(before, usage.marks())
+    assert figures["gpu_peak_mb"] == 10.0 and figures["gpu_peak_mb_in_stage"] is True
+
+
+def test_spans_carry_peak_memory_and_trace_show_prints_it(tmp_path, capsys):
+    """Every span records the peak memory figures (issue 29: the stages with their time and memory); a span of an
+    earlier version without them reads and prints as `-`."""
+    from sqltune.trace import read_trace
+    from sqltune.trace import span as trace_span
+
+    run = tmp_path / "runs" / "r-20260101-000000"
+    with trace_span(run / "trace.jsonl", run.name, "work"):
+        pass
+    append_once(run / "trace.jsonl", span(run.name, "old"))
+    work, old = read_trace(run)
+    assert work["memory"]["peak_rss_mb"] > 0 and isinstance(work["memory"]["peak_rss_mb_in_stage"], bool)
+    assert "memory" not in old
+    assert main(["trace", "show", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "peak RSS" in lines[1]
+    assert re.fullmatch(r"work\s+ok\s+0\.0\s+(<= )?\d+ MB\s*", lines[2]), lines[2]
+    assert re.fullmatch(r"old\s+ok\s+1\.0\s+-\s*", lines[3]), lines[3]
