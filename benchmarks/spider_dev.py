@@ -335,30 +335,16 @@ def write_partial(out: Path, results: dict, log: dict) -> None:
 
 
 def plot(s: dict, path: Path) -> None:
-    """Grouped bars: EX per hardness level, one bar per arm."""
-    import matplotlib
+    """Grouped bars: EX per hardness level, one bar per arm (the run page's and evaluate's plot,
+    sqltune/report/plots.py)."""
+    from sqltune.report.plots import accuracy_by_level
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = s["arms"]
-    width = 0.8 / len(arms)
-    counts = s["results"][arms[0]]["table"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for k, arm in enumerate(arms):
-        r = s["results"][arm]
-        xs = [i + (k - (len(arms) - 1) / 2) * width for i in range(len(LEVELS))]
-        bars = ax.bar(xs, [r["table"][lv]["ex"] for lv in LEVELS], width, label=r["name"])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(range(len(LEVELS)), [f"{lv}\n({counts[lv]['count']})" for lv in LEVELS])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("execution accuracy (EX)")
-    ax.set_title(f"Spider dev, {s['dev_questions']} questions: {s['model']}", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    arms = [{"name": s["results"][arm]["name"], "ex": {lv: s["results"][arm]["table"][lv]["ex"] for lv in LEVELS}}
+            for arm in s["arms"]]
+    counts = s["results"][s["arms"][0]]["table"]
+    png = accuracy_by_level(arms, list(LEVELS), {lv: counts[lv]["count"] for lv in LEVELS},
+                            f"Spider dev, {s['dev_questions']} questions: {s['model']}", measures=("ex",))
+    path.write_bytes(png)
 
 
 def render(s: dict) -> str:

@@ -32,7 +32,7 @@ USAGE = {
     "run": "usage: sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config] "
            "[--train.max_steps N ...]",
     "trace": "usage: sqltune trace list [--runs_dir runs] [--json]\n       sqltune trace show RUN [--runs_dir runs] "
-             "[--json]",
+             "[--json | --html FILE]   (--html: write the run's page, report.html's content, to FILE)",
     "models": "usage: sqltune models list\n       sqltune models fetch NAME   (install, verify, convert once; "
               "prints the model folder)",
     "demo-data": "usage: sqltune demo-data --out DIR [--seed 0] [--train 400] [--dev 100]",
@@ -157,12 +157,26 @@ def trace_command(argv: list[str]) -> int:
         return 0 if not positional else 2
     root = Path(options.pop("runs_dir", None) or runs_dir())
     as_json = _flag(options, "json")
-    _no_other_options("trace", options, ["runs_dir", "json"])
+    html = options.pop("html", None)
+    _no_other_options("trace", options, ["runs_dir", "json", "html"])
     if positional[0] == "list":
+        if html is not None:
+            raise SqltuneError("--html goes with `sqltune trace show RUN`, not `trace list`")
         print_runs(root, as_json)
         return 0
     if len(positional) != 2:
-        raise SqltuneError("usage: sqltune trace show RUN [--json]")
+        raise SqltuneError("usage: sqltune trace show RUN [--json | --html FILE]")
+    if html is not None:
+        at = argv.index("--html") if "--html" in argv else -1
+        bare = at >= 0 and (at + 1 == len(argv) or argv[at + 1].startswith("--"))  # parse_flags made it "true"
+        if bare or not str(html).strip() or as_json:
+            raise SqltuneError("--html takes the page's file name (sqltune trace show RUN --html FILE), without "
+                               "--json")
+        from sqltune.report.render import write_page
+        from sqltune.trace import find_run
+
+        print(f"wrote {write_page(find_run(root, positional[1]), Path(html))}")
+        return 0
     print_run(root, positional[1], as_json)
     return 0
 

@@ -17,7 +17,9 @@ A stage whose identity is unchanged is skipped; any change reruns it and everyth
 downstream (`--force` reruns all). So `sqltune run` on the same file continues the latest unfinished run of that
 recipe where it stopped (`--new` starts afresh, `--run_dir DIR` picks a folder). Every stage writes a trace span
 (see `sqltune trace`). One `sqltune run` works in a run folder at a time: it holds `<run>/.lock`, and a second one
-stops with one line naming the holder.
+stops with one line naming the holder. At the end (also of a failed run) it writes `<run>/report.html`, the run's
+page (sqltune/report/: stages, time and memory, training curves, EX/EM per level for every arm, failure kinds,
+links to the files); a page that cannot be written is a warning, not a failed run.
 
     sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config]
                             [--SECTION.OPTION VALUE ...] [--OPTION VALUE ...]
@@ -369,10 +371,24 @@ def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str |
                 for key, fig in results.items():
                     if key.startswith("evaluate_") and fig.get("ex") is not None:
                         figures[f"ex_{key.split('_', 1)[1]}"] = fig["ex"]
+        except Exception:
+            write_page(run)  # a failed run's page shows the stage that failed and its error
+            raise
         finally:
             os.environ.pop(ENV_TRACE, None)
+        page = write_page(run)
     table = summary_table(results)
     if table:
         print("\nexecution accuracy on the dev split (evaluation reports in " f"{run / 'eval'}):\n" + table)
     print(f"\ntrace: sqltune trace show {run.name} --runs_dir {run.parent}")
+    if page:
+        print(f"report: {page}")
     return results
+
+
+def write_page(run: Path) -> Path | None:
+    """The run's page, report.html (sqltune/report/); a page that cannot be written is a warning, never a failed
+    run."""
+    from sqltune.report.render import write_run_page
+
+    return write_run_page(run)

@@ -1,5 +1,6 @@
-"""The evaluation report: metrics.json (every figure), per_example.jsonl, and report.md with the per-hardness
-table and the most common kinds of failure.
+"""The evaluation report: metrics.json (every figure), per_example.jsonl, report.md with the per-hardness
+table and the most common kinds of failure, and its plots: accuracy.png (EX and EM per level) and failures.png
+(the failure kinds). A plot that cannot be drawn is named in report.md; the report is written all the same.
 
 The folder is written whole beside its place and swapped in as one unit, so a failure (a full disk) leaves the old
 report as it was, never new metrics beside old examples. Only a report folder is replaced: a folder holding other
@@ -23,10 +24,13 @@ from pathlib import Path
 
 from sqltune.errors import SqltuneError
 from sqltune.eval.exact_match import PARTIAL_TYPES
+from sqltune.eval.scores import LEVELS
 from sqltune.io import atomic_write, swap_in, temp_dir, write_json, write_jsonl
 from sqltune.lock import acquire, release
 
-REPORT_FILES = ("metrics.json", "per_example.jsonl", "report.md", "trace.jsonl")  # what a report folder holds
+PLOTS = {"accuracy.png": "EX and EM per level", "failures.png": "failure kinds"}  # file: what it shows
+_EMPTY = {"accuracy.png": "no level was scored", "failures.png": "no wrong answer"}
+REPORT_FILES = ("metrics.json", "per_example.jsonl", "report.md", "trace.jsonl", *PLOTS)  # what a report folder holds
 REPORT_WAIT_S = 60.0  # how long writing a report waits for another evaluate writing the same one
 
 _NAMES = re.compile(r":\s.*$")
@@ -78,6 +82,34 @@ def failure_kind(r: dict) -> str | None:
                 return f"exact match: {t} differs"
         return "exact match: FROM tables differ"
     return None
+
+
+def level_table(figures: dict) -> tuple[list[str], dict]:
+    """An evaluation's figures per level, from its metrics: the levels in order and {level: {"count", "ex", "em"}}
+    (Spider's hardness, with joint_all for multi-turn files; BIRD's difficulties and total when scored by BIRD's
+    rules). A measure not taken, or a level without questions, is None."""
+    if isinstance(figures.get("bird"), dict):
+        table = figures["bird"]
+        levels = [lv for lv in ("simple", "moderate", "challenging", "total") if isinstance(table.get(lv), dict)]
+        return levels, {lv: {"count": table[lv].get("count"), "ex": table[lv].get("exec") if table[lv].get("count")
+                             else None, "em": None} for lv in levels}
+    scores = figures.get("scores") if isinstance(figures.get("scores"), dict) else {}
+    levels = [lv for lv in (*LEVELS, "joint_all") if isinstance(scores.get(lv), dict)]
+    etype = figures.get("etype", "all")
+    out = {}
+    for lv in levels:
+        s = scores[lv]
+        out[lv] = {"count": s.get("count"),
+                   "ex": s.get("exec") if etype != "match" and s.get("count") else None,
+                   "em": s.get("exact") if etype != "exec" and s.get("em_count", s.get("count")) else None}
+    return levels, out
+
+
+def failure_counts(kinds: list[str | None]) -> dict[str, int]:
+    """How many answers of each failure kind (None: right, or not scored), the most common first; failed gold
+    queries are not the model's failures and are left out, as in report.md's table."""
+    counts = Counter(k for k in kinds if k and k != "gold query failed")
+    return dict(counts.most_common())
 
 
 def _failure_lines(results: list[dict], etype: str) -> list[str]:
@@ -166,8 +198,9 @@ def _write(folder: Path, cfg, figures: dict, results: list[dict], table: str) ->
              "ex": r["ex"], "em": r["em"], "error": r["error"] or r["gold_error"] or r.get("left_out"),
              "gold_unparsed": r.get("gold_unparsed"),
              "failure": failure_kind(r)} for r in results))
+        missing = write_plots(tmp, cfg, figures, results)
         with atomic_write(tmp / "report.md") as handle:
-            handle.write(report_text(cfg, figures, results, table))
+            handle.write(report_text(cfg, figures, results, table, missing))
         trace = folder / "trace.jsonl"
         if stat.S_ISREG(os.lstat(trace).st_mode if os.path.lexists(trace) else 0):
             shutil.copyfile(trace, tmp / "trace.jsonl", follow_symlinks=False)
@@ -177,8 +210,36 @@ def _write(folder: Path, cfg, figures: dict, results: list[dict], table: str) ->
             shutil.rmtree(tmp)
 
 
-def report_text(cfg, figures: dict, results: list[dict], table: str) -> str:
-    """report.md: the inputs and flags, what was scored, the per-hardness table and the failure kinds."""
+def write_plots(folder: Path, cfg, figures: dict, results: list[dict]) -> dict[str, str]:
+    """accuracy.png and failures.png into the report folder being written; returns {plot: why it is missing} for
+    each one not drawn (nothing to draw, or the drawing failed: evaluation's figures never depend on a plot)."""
+    from sqltune.report import plots
+
+    levels, table = level_table(figures)
+    name = Path(cfg.pred).stem or "predictions"
+    draw = {"accuracy.png": lambda: plots.accuracy_by_level(
+                [{"name": name, "ex": {lv: table[lv]["ex"] for lv in levels},
+                  "em": {lv: table[lv]["em"] for lv in levels}}], levels,
+                {lv: table[lv]["count"] for lv in levels}, f"{name}: accuracy per level"),
+            "failures.png": lambda: plots.failure_kinds([(name, failure_counts([failure_kind(r) for r in results]))])}
+    missing = {}
+    for file, make in draw.items():
+        try:
+            png = make()
+        except Exception as exc:  # matplotlib absent or failing: the report goes on without this plot
+            missing[file] = f"could not be drawn ({type(exc).__name__}: {exc})"
+            continue
+        if png is None:
+            missing[file] = f"nothing to plot: {_EMPTY[file]}"
+            continue
+        with atomic_write(folder / file, "wb") as handle:
+            handle.write(png)
+    return missing
+
+
+def report_text(cfg, figures: dict, results: list[dict], table: str, missing: dict | None = None) -> str:
+    """report.md: the inputs and flags, what was scored, the per-hardness table, the plots and the failure
+    kinds."""
     accounted = f"- questions: {figures.get('count')} scored"
     if figures.get("total") and figures.get("considered", figures["total"]) < figures["total"]:
         accounted += f" of the first {figures['considered']} (--max_samples) of {figures['total']} in the gold file"
@@ -214,7 +275,11 @@ def report_text(cfg, figures: dict, results: list[dict], table: str) -> str:
             m = figures[key]
             cells = ", ".join(f"{k.upper()} {m[k]:.3f}" for k in ("ex", "em") if m[k] is not None)
             lines.append(f"- {name}: {cells} over {m['count']} {unit}")
-    lines += ["", "## Most common failure kinds", ""] + _failure_lines(results, cfg.etype)
+    lines += ["", "## Plots", ""]  # files beside this one
+    for file, what in PLOTS.items():
+        why = (missing or {}).get(file)
+        lines += [f"{what}: not drawn, {why}." if why else f"![{what}]({file})", ""]
+    lines += ["## Most common failure kinds", ""] + _failure_lines(results, cfg.etype)
     lines += ["", "## Full table", "", "```", table, "```", ""]
     if "scores" in figures and figures["etype"] != "exec":
         lines += ["Partial matching: F1 is 1.000 where accuracy and recall are both 0.000 (no question at that level "
