@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint clean install-vllm test-vllm
+.PHONY: install test demo lint clean install-vllm test-vllm test-browser
 
 install: $(STAMP)
 
@@ -53,6 +53,15 @@ $(VSTAMP): pyproject.toml
 test-vllm: install-vllm
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VBIN)/python -m pytest tests/test_vllm_engine.py tests/test_vllm_args.py \
 		tests/test_serve.py
+
+# the run page in a real browser (tests/test_report_browser.py): headless Chromium from Debian's packages, installed
+# with apt-get when no chromium is on PATH (as root, else through sudo); under `make test` that test skips without it
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test-browser: install
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium; }
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest tests/test_report_browser.py -rs
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs
