@@ -253,18 +253,38 @@ def encode_example(tokenizer, template: Template, record: dict, max_source_lengt
     (`answer_cut` says if any were cut).
     """
     prompt, text, prompt_cut = _prompt(tokenizer, template, record, max_source_length)
-    answer_text = template.answer_text(tokenizer, record["output"])
-    answer = None
-    if text is not None:
-        whole = _ids(tokenizer, text + answer_text, template.add_special_tokens)
-        if whole[:len(prompt)] == prompt:
-            answer = whole[len(prompt):]
-    if answer is None:  # a merge across the seam (or a cut prompt): the answer on its own
-        answer = _ids(tokenizer, answer_text, False)
+    answer = _answer_ids(tokenizer, template, prompt, text, record["output"])
     answer_cut = len(answer) > max_target_length
     answer = answer[:max_target_length]
     return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer,
             "prompt_cut": prompt_cut, "answer_cut": answer_cut}
+
+
+def _answer_ids(tokenizer, template: Template, prompt: list[int], text: str | None, answer: str) -> list[int]:
+    """The ids of `answer` closed by the template's answer_end, tokenised together with the prompt so that they are
+    those of the whole conversation's text; on its own when that does not start with the prompt's ids (a merge
+    across the seam) or the prompt is a cut no text renders to."""
+    answer_text = template.answer_text(tokenizer, answer)
+    if text is not None:
+        whole = _ids(tokenizer, text + answer_text, template.add_special_tokens)
+        if whole[:len(prompt)] == prompt:
+            return whole[len(prompt):]
+    return _ids(tokenizer, answer_text, False)
+
+
+def encode_preference(tokenizer, template: Template, record: dict, max_source_length: int, max_target_length: int
+                      ) -> dict:
+    """prompt_ids, chosen_ids and rejected_ids of a preference pair (`sqltune samples`' record: the prompt fields of
+    a prepared record, `chosen` and `rejected` SQL), as TRL's DPOTrainer reads them: the prompt rendered and cut as
+    encode_example does, and each answer encoded as encode_example encodes an SFT answer, closed by the template's
+    answer_end, at most `max_target_length` tokens (`answer_cut`: either was cut). So prompt_ids + chosen_ids are
+    exactly the input_ids of the SFT record whose output is `chosen`."""
+    prompt, text, prompt_cut = _prompt(tokenizer, template, record, max_source_length)
+    chosen = _answer_ids(tokenizer, template, prompt, text, record["chosen"])
+    rejected = _answer_ids(tokenizer, template, prompt, text, record["rejected"])
+    return {"prompt_ids": prompt, "chosen_ids": chosen[:max_target_length],
+            "rejected_ids": rejected[:max_target_length], "prompt_cut": prompt_cut,
+            "answer_cut": max(len(chosen), len(rejected)) > max_target_length}
 
 
 # ------------------------------------------------------------------------------------------- served as Jinja

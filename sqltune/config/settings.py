@@ -91,6 +91,7 @@ class PrepareConfig:
 # --------------------------------------------------------------------------------------------- train
 FINETUNING_TYPES = ("lora", "qlora", "freeze", "full")
 TRAIN_STAGES = ("sft", "dpo", "grpo")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "apo_zero", "apo_down")  # TRL's DPOConfig.loss_type names offered
 TEMPLATES = ("auto", "default", "chatml", "llama2", "llama3", "mistral", "gemma", "phi3", "deepseek")
 GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")  # TRL's GRPOConfig.loss_type names, no more needed
 REWARD_OUTCOMES = ("match", "runs", "fails", "no_sql")  # --reward_shape's values, in order
@@ -112,7 +113,15 @@ class TrainConfig:
     stage: str = arg("sft", "what the run learns from: sft (supervised, the records' answers), dpo (preference "
                             "pairs of right and wrong candidates) or grpo (rewards from executing sampled SQL)")
     model_name_or_path: str = arg("", "base model folder, or a catalog name (see `sqltune models list`)")
-    dataset: str = arg("", "comma list of registry names, e.g. spider_train")
+    adapter: str = arg("", "dpo: a LoRA adapter of --model_name_or_path (SFT's, say) to go on training, its frozen "
+                           "copy the reference model (its own rank and targets are kept); without it a fresh LoRA "
+                           "is trained on the model (a merged SFT model, say), the model itself the reference")
+    dpo_beta: float = arg(0.1, "dpo: how far the model may move from the reference (TRL's beta; higher stays "
+                               "closer)")
+    pref_loss: str = arg("sigmoid", f"dpo: the preference loss, TRL's name: {', '.join(PREF_LOSSES)} (sigmoid is "
+                                    "DPO's own)")
+    dataset: str = arg("", "comma list of registry names, e.g. spider_train (dpo: datasets `sqltune samples` made, "
+                           "whose preference pairs it reads)")
     dataset_dir: str = arg("data/prepared", "folder holding dataset_info.json and the prepared JSONL files")
     template: str = arg("auto", f"chat template: {', '.join(TEMPLATES)}")
     finetuning_type: str = arg("lora", f"what to train: {', '.join(FINETUNING_TYPES)}")
@@ -182,6 +191,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.stage in TRAIN_STAGES, f"--stage must be one of {', '.join(TRAIN_STAGES)}, not {shown(self.stage)}")
+        self._check_dpo()
         if self.quantization_bit is not None:
             _check(self.quantization_bit in (4, 8), "--quantization_bit must be 4 or 8")
             if self.finetuning_type == "lora":
@@ -250,6 +260,19 @@ class TrainConfig:
                    f"per step) must be a multiple of --num_generations {self.num_generations} (each prompt's "
                    f"completions form one group), e.g. --per_device_train_batch_size {self.num_generations}")
             _check(not self.packing, "--packing is for --stage sft (GRPO batches its own completions)")
+
+    def _check_dpo(self) -> None:
+        _check(math.isfinite(self.dpo_beta) and self.dpo_beta > 0, f"--dpo_beta must be > 0, not {self.dpo_beta}")
+        _check(self.pref_loss in PREF_LOSSES,
+               f"--pref_loss must be one of {', '.join(PREF_LOSSES)}, not {shown(self.pref_loss)}")
+        if self.stage != "dpo":  # never a setting silently ignored
+            _check(self.dpo_beta == 0.1 and self.pref_loss == "sigmoid", "--dpo_beta and --pref_loss are for --stage dpo")
+            _check(not self.adapter, "--adapter (go on training an adapter) is for --stage dpo")
+            return
+        _check(not self.adapter or self.finetuning_type in ("lora", "qlora") or self.quantization_bit is not None,
+               f"--adapter goes on training a LoRA adapter: it needs --finetuning_type lora or qlora, not "
+               f"{shown(self.finetuning_type)}")
+        _check(not self.packing, "--packing is for --stage sft (preference pairs are batched by TRL's DPOTrainer)")
 
 
 # --------------------------------------------------------------------------------------------- merge

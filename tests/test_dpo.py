@@ -1,0 +1,167 @@
+"""`train --stage dpo` (issue 28 item 2): TRL's DPOTrainer on the pairs `sqltune samples` made, with our templates,
+LoRA from scratch or from an SFT adapter, and SFT's resume, record, progress and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+
+import pytest
+import yaml
+from conftest import Killed
+
+import sqltune.train.dpo as dpo
+from sqltune.cli import main
+from sqltune.config import SamplesConfig, TrainConfig
+from sqltune.digest import records_digest
+from sqltune.loading import load_tokenizer
+from sqltune.samples import samples
+from sqltune.templates import encode_example, encode_preference, get_template
+from sqltune.train.dispatch import train
+
+QUESTIONS = 8
+
+
+@pytest.fixture
+def pairs_data(prepared_demo, tmp_path):
+    """A copy of the prepared demo data with `demo_samples` registered by `sqltune samples`: for each of the first
+    8 train questions predict's raw file holds the gold SQL (right), a query with a wrong result and one that fails."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared_demo, data)
+    records = [json.loads(line) for line in (data / "demo_train.jsonl").read_text().splitlines()][:QUESTIONS]
+    rows = [{"index": i, "db_id": r["db_id"], "sql": r["output"], "vote": {"candidates": [
+        {"source": "greedy", "sql": r["output"]}, {"source": "sample", "sql": "SELECT 1"},
+        {"source": "sample", "sql": "SELECT * FROM no_such_table"}]}} for i, r in enumerate(records)]
+    raw = tmp_path / "pred" / "train.sql.raw.jsonl"
+    raw.parent.mkdir()
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw.with_name("train.sql.meta.json").write_text(json.dumps({
+        "records": QUESTIONS, "records_sha256": records_digest(records), "about": {"dataset": "demo_train"}}))
+    figures = samples(SamplesConfig(samples=str(raw), dataset_dir=str(data), name="demo_samples", workers=1,
+                                    quiet=True, max_pairs_per_question=2))
+    assert figures["pairs"] == 2 * figures["questions_with_right"] > 0
+    return data
+
+
+def config(model, data, out, **kw):
+    base = dict(stage="dpo", model_name_or_path=str(model), dataset="demo_samples", dataset_dir=str(data),
+                template="chatml", output_dir=str(out), max_steps=2, logging_steps=1, save_steps=1,
+                per_device_train_batch_size=2, learning_rate=1e-3, lora_dropout=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_a_pair_is_encoded_as_sft_encodes_its_right_answer(tiny_model, pairs_data):
+    """The prompt and the answer's end of a pair are exactly an SFT record's: prompt_ids + chosen_ids are the
+    input_ids of the record whose output is the chosen SQL."""
+    tok = load_tokenizer(tiny_model)
+    template = get_template("chatml", tok)
+    pair = json.loads((pairs_data / "demo_samples_pairs.jsonl").read_text().splitlines()[0])
+    ex = encode_preference(tok, template, pair, 512, 64)
+    sft = encode_example(tok, template, {**pair, "output": pair["chosen"]}, 512, 64)
+    assert ex["prompt_ids"] + ex["chosen_ids"] == sft["input_ids"]
+    assert tok.decode(ex["rejected_ids"]) == pair["rejected"] + template.answer_end(tok)  # SFT's end, no eos added
+
+
+def test_dpo_trains_two_steps_and_writes_an_adapter(tiny_model, pairs_data, tmp_path):
+    out = tmp_path / "dpo"
+    figures = train(config(tiny_model, pairs_data, out, plot_loss=True))
+    assert figures["steps"] == 2 and figures["pairs"] == 2 * QUESTIONS and figures["trainable_params"] > 0
+    assert figures["reward_accuracy"] is not None
+    assert figures["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: the reference is the starting model
+    for name in ("adapter_model.safetensors", "tokenizer.json", "sqltune_train.yaml", "trainer_log.jsonl",
+                 "training_loss.png", "train_figures.json"):
+        assert (out / name).is_file(), name
+    assert not (out / dpo.REFERENCE).exists()
+    record = yaml.safe_load((out / "sqltune_train.yaml").read_text())
+    assert record["stage"] == "dpo" and record["template_resolved"] == "chatml"  # predict reads the prompt format
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("kind", ["qlora", "full"])
+def test_dpo_trains_each_finetuning_type(tiny_model, pairs_data, tmp_path, kind):
+    """QLoRA (a 4-bit base, the reference its adapter turned off) and full fine-tuning (TRL loads the model again as
+    the reference) train as LoRA does."""
+    out = tmp_path / kind
+    figures = train(config(tiny_model, pairs_data, out, finetuning_type=kind, max_steps=1))
+    assert figures["steps"] == 1 and figures["first_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert (out / ("adapter_model.safetensors" if kind == "qlora" else "model.safetensors")).is_file()
+
+
+def test_dpo_goes_on_training_an_sft_adapter(tiny_model, prepared_demo, pairs_data, tmp_path):
+    """--adapter: the SFT adapter is trained further against its frozen copy; the output is one adapter for the
+    base (the copy is not saved)."""
+    sft_out = tmp_path / "sft"
+    train(TrainConfig(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
+                      template="chatml", output_dir=str(sft_out), max_steps=3, per_device_train_batch_size=4,
+                      lora_rank=4, learning_rate=1e-2))  # far enough from the base that a base reference shows
+    out = tmp_path / "dpo"
+    figures = train(config(tiny_model, pairs_data, out, adapter=str(sft_out)))
+    assert figures["steps"] == 2
+    assert figures["first_loss"] == pytest.approx(0.6931, abs=1e-3)  # the reference is the SFT adapter, not the base
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["r"] == 4  # the starting adapter's own rank, not --lora_rank
+    assert not (out / dpo.REFERENCE).exists()
+    assert yaml.safe_load((out / "sqltune_train.yaml").read_text())["adapter_sha256"]
+
+
+@contextmanager
+def killed_after_save(step: int):
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == step:
+                raise Killed()
+
+    original = dpo.make_callbacks
+    dpo.make_callbacks = lambda *a, **k: original(*a, **k) + [Kill()]
+    try:
+        yield
+    finally:
+        dpo.make_callbacks = original
+
+
+def test_dpo_resumes(tiny_model, pairs_data, tmp_path, capsys):
+    """A DPO run killed after its first checkpoint resumes there, with the whole run's figures; other DPO settings
+    are one line."""
+    full = train(config(tiny_model, pairs_data, tmp_path / "full"))
+    out = tmp_path / "cut"
+    with killed_after_save(1), pytest.raises(Killed):
+        train(config(tiny_model, pairs_data, out))
+    capsys.readouterr()
+    assert main(["train", "--stage", "dpo", "--model_name_or_path", str(tiny_model), "--dataset", "demo_samples",
+                 "--dataset_dir", str(pairs_data), "--template", "chatml", "--output_dir", str(out),
+                 "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "2", "--learning_rate",
+                 "1e-3", "--lora_dropout", "0", "--resume", "--dpo_beta", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "dpo_beta 0.1 -> 0.5" in err and err.count("\n") == 1, err
+    resumed = train(config(tiny_model, pairs_data, out, resume=True))
+    assert resumed["resumed_from_step"] == 1 and resumed["steps"] == 2
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-5)
+
+
+def one_line(capsys, words):
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def cli(model, data, out, *extra):
+    return ["train", "--stage", "dpo", "--model_name_or_path", str(model), "--dataset_dir", str(data),
+            "--template", "chatml", "--output_dir", str(out), "--max_steps", "1", *extra]
+
+
+def test_one_line_errors(tiny_model, pairs_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(cli(tiny_model, pairs_data, out, "--dataset", "demo_train")) == 2
+    one_line(capsys, "dataset 'demo_train' has no preference pairs")
+    assert main(["train", "--model_name_or_path", "m", "--dataset", "d", "--dpo_beta", "0.3"]) == 2
+    one_line(capsys, "--dpo_beta and --pref_loss are for --stage dpo")
+    assert main(cli(tiny_model, pairs_data, out, "--dataset", "demo_samples", "--adapter", str(tmp_path))) == 2
+    one_line(capsys, "is not a LoRA adapter folder")
+    (pairs_data / "demo_samples_pairs.jsonl").unlink()
+    assert main(cli(tiny_model, pairs_data, out, "--dataset", "demo_samples")) == 2
+    one_line(capsys, "its pairs file")
+    assert not out.exists()  # nothing was written
