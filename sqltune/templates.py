@@ -195,6 +195,18 @@ def stop_token_ids(tokenizer, template: Template, generation_config=None) -> lis
     return ids
 
 
+def stop_strings(tokenizer, template: Template, generation_config=None) -> list[str]:
+    """The texts that end an answer, for engines that stop on text (an Ollama Modelfile's `stop` lines): the
+    template's end marker and the text of each of `stop_token_ids`, in that order, each once."""
+    marker = template.end_marker(tokenizer)
+    texts: list[str] = []
+    for text in [marker, *(tokenizer.decode([tid]) for tid in stop_token_ids(tokenizer, template,
+                                                                              generation_config))]:
+        if text and text.strip() and text not in texts:
+            texts.append(text)
+    return texts
+
+
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
