@@ -26,6 +26,7 @@ OTHER = {
     "demo-data": "generate the embedded Spider-layout demo dataset",
     "ask": "ask a trained model a question about a SQLite file: its SQL and the result",
     "serve": "serve a tuned model with vLLM's OpenAI-compatible server (prints and runs its command)",
+    "export": "write a tuned model as one GGUF file (llama.cpp's converter), with an Ollama Modelfile",
     "samples": "turn predict's sampled candidates on a train split into records and preference pairs",
 }
 USAGE = {
@@ -43,6 +44,11 @@ USAGE = {
     "serve": "usage: sqltune serve --model_name_or_path M [--adapter A] [--port 8000] [--host 127.0.0.1] "
              "[--dry_run] [--option value ...]\n\nBuilds vLLM's `vllm serve` command for the model (the adapter as a "
              "LoRA module, the trained chat template and stop tokens), prints it and runs it.",
+    "export": "usage: sqltune export --model_name_or_path M [--adapter A] --format gguf --out FILE.gguf "
+              "[--outtype bf16|f16|q8_0] [--modelfile] [--overwrite]\n       sqltune export --fetch_converter   "
+              "(fetch llama.cpp's converter once; prints its folder)\n\nMerges the adapter, converts with "
+              "llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist, fetched once) and, with "
+              "--modelfile, writes an Ollama Modelfile beside FILE with the trained prompt format and stop strings.",
     "samples": "usage: sqltune samples --samples PRED.sql.raw.jsonl --dataset NAME_train --dataset_dir DIR --name NEW "
                "[--max_per_question 4] [--max_pairs_per_question 4]\n\nScores every distinct candidate of "
                "`predict --num_samples N --vote execution` against the gold with EX's rules and writes NEW.jsonl "
@@ -287,8 +293,40 @@ def samples_command(argv: list[str]) -> int:
     return 0
 
 
+def export_command(argv: list[str]) -> int:
+    from sqltune.config.settings import ExportConfig
+
+    positional, options = parse_flags(argv)
+    if options.pop("help", None) or "-h" in positional:
+        print(USAGE["export"] + "\n\noptions:")
+        print("\n".join(help_lines(ExportConfig)))
+        return 0
+    if positional:
+        raise SqltuneError(f"export takes no positional argument: {' '.join(positional)!r} (options are --option "
+                           "value)")
+    if _flag(options, "fetch_converter"):
+        _no_other_options("export --fetch_converter", options, [])
+        from sqltune.infer.converter import converter
+
+        print(converter())
+        return 0
+    show = _flag(options, "print_config")
+    cfg = load(ExportConfig, None, options)
+    if show:
+        print(to_yaml(cfg), end="")
+        return 0
+    from sqltune.infer.export import export
+    from sqltune.trace import command_span
+
+    with command_span("export", cfg) as span:
+        figures = export(cfg)
+        span.update(figures)
+    print_figures("export", figures)
+    return 0
+
+
 COMMANDS = {"run": run_command, "trace": trace_command, "models": models_command, "demo-data": demo_data_command,
-            "ask": ask_command, "serve": serve_command, "samples": samples_command}
+            "ask": ask_command, "serve": serve_command, "export": export_command, "samples": samples_command}
 
 
 class Terminated(KeyboardInterrupt):

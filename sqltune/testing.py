@@ -36,6 +36,35 @@ def build_tiny_llama(out: str | Path, corpus: list[str], vocab_size: int = 600, 
     return out
 
 
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model")
+
+
+def build_tiny_llama_like(out: str | Path, tokenizer_dir: str | Path, hidden: int = 64, layers: int = 2,
+                          seed: int = 0) -> Path:
+    """A random Llama (hidden 64, 2 layers) with a real model's tokenizer files copied as they are: for tools that
+    recognise a tokenizer by its behaviour, such as llama.cpp's converter (it refuses a BPE pre-tokenizer it does not
+    know, so the BPE trained on the fly by build_tiny_llama cannot go through it)."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out, src = Path(out), Path(tokenizer_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+    tok = AutoTokenizer.from_pretrained(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
 # The `chat_template` strings of each family's tokenizer_config.json on the Hugging Face Hub, copied verbatim (the
 # jinja source, so `\\n` inside a jinja string literal is jinja's escape for a newline). They are what
 # `tokenizer.apply_chat_template` renders for these models; tests compare sqltune's named templates with them.
