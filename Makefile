@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test demo lint clean install-vllm test-vllm test-browser
 
+# `sqltune export` converts with llama.cpp's own convert_hf_to_gguf.py, from the llama-cpp-python sdist on PyPI: fetched
+# once (76 MB download, about 2 MB kept in ~/.cache/sqltune/tools), so that `make test` runs the export tests too.
 install: $(STAMP)
+	@$(BIN)/sqltune export --fetch_converter >/dev/null
 
 # torch goes first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml
