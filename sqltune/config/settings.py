@@ -95,6 +95,8 @@ PREF_LOSSES = ("sigmoid", "ipo", "hinge", "apo_zero", "apo_down")  # TRL's DPOCo
 TEMPLATES = ("auto", "default", "chatml", "llama2", "llama3", "mistral", "gemma", "phi3", "deepseek")
 GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo")  # TRL's GRPOConfig.loss_type names, no more needed
 REWARD_OUTCOMES = ("match", "runs", "fails", "no_sql")  # --reward_shape's values, in order
+GRPO_SETTINGS = ("num_generations", "max_completion_length", "grpo_temperature", "grpo_beta", "grpo_loss_type",
+                 "reward_shape", "reward_timeout", "rollout_backend")
 
 
 def reward_shape_values(text: str) -> dict[str, float]:
@@ -178,7 +180,7 @@ class TrainConfig:
     num_generations: int = arg(8, "grpo: completions sampled per prompt (one group); per_device_train_batch_size x "
                                   "gradient_accumulation_steps counts completions and must be a multiple of it")
     max_completion_length: int = arg(256, "grpo: tokens a sampled completion may have at most")
-    temperature: float = arg(1.0, "grpo: sampling temperature of the completions")
+    grpo_temperature: float = arg(1.0, "grpo: sampling temperature of the completions")
     grpo_beta: float = arg(0.0, "grpo: KL coefficient against the starting model (0: no reference model is kept)")
     grpo_loss_type: str = arg("dapo", f"grpo: TRL's loss: {', '.join(GRPO_LOSSES)}")
     reward_shape: str = arg("1.0,0.1,0", "grpo: rewards MATCH,RUNS,FAILS[,NO_SQL]: the SQL's result is the gold's, "
@@ -243,9 +245,10 @@ class TrainConfig:
         _check(self.num_generations >= 2, f"--num_generations must be 2 or more (GRPO compares the completions of a "
                                           f"prompt), not {self.num_generations}")
         _check(self.max_completion_length > 0, "--max_completion_length must be > 0")
-        for name in ("temperature", "grpo_beta", "reward_timeout"):
+        for name in ("grpo_temperature", "grpo_beta", "reward_timeout"):
             _check(math.isfinite(getattr(self, name)), f"--{name} must be a finite number, not {getattr(self, name)}")
-        _check(self.temperature > 0, f"--temperature must be > 0 (GRPO samples), not {self.temperature}")
+        _check(self.grpo_temperature > 0,
+               f"--grpo_temperature must be > 0 (GRPO samples), not {self.grpo_temperature}")
         _check(self.grpo_beta >= 0, f"--grpo_beta must be >= 0, not {self.grpo_beta}")
         _check(self.reward_timeout > 0, f"--reward_timeout must be > 0, not {self.reward_timeout}")
         _check(self.grpo_loss_type in GRPO_LOSSES,
@@ -253,6 +256,10 @@ class TrainConfig:
         _check(self.rollout_backend in ("auto", "hf", "vllm"),
                f"--rollout_backend must be auto, hf or vllm, not {shown(self.rollout_backend)}")
         reward_shape_values(self.reward_shape)
+        if self.stage != "grpo":  # never a setting silently ignored
+            given = [f"--{name}" for name in GRPO_SETTINGS if getattr(self, name) != TrainConfig.__dataclass_fields__[
+                name].default]
+            _check(not given, f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --stage grpo")
         if self.stage == "grpo":
             per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
             _check(per_step % self.num_generations == 0,
@@ -468,36 +475,6 @@ def serve_settings(cfg: ServeConfig) -> PredictConfig:
                          tensor_parallel_size=cfg.tensor_parallel_size,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
                          enforce_eager=cfg.enforce_eager, seed=cfg.seed)
-
-# --------------------------------------------------------------------------------------------- export
-EXPORT_FORMATS = ("gguf",)
-GGUF_OUTTYPES = ("bf16", "f16", "q8_0")
-
-
-@dataclass
-class ExportConfig:
-    model_name_or_path: str = arg("", "model folder or catalog name (the base model when --adapter is given; default: "
-                                      "the base named in the adapter's adapter_config.json)")
-    adapter: str = arg("", "optional LoRA adapter folder: merged into the model first (as `sqltune merge` does)")
-    format: str = arg("gguf", f"file format: {', '.join(EXPORT_FORMATS)} (llama.cpp, Ollama, LM Studio)")
-    out: str = arg("", "the file to write, e.g. model.gguf (written under a temporary name, renamed when complete)")
-    outtype: str = arg("bf16", f"weights in the file: {', '.join(GGUF_OUTTYPES)} (q8_0: 8-bit, about half of bf16)")
-    modelfile: bool = arg(False, "also write an Ollama `Modelfile` beside --out: the prompt format the model was "
-                                 "trained with, its stop strings, temperature 0")
-    template: str = arg("", "the Modelfile's prompt format (default: the template the model was trained with)")
-    overwrite: bool = arg(False, "replace an existing --out (and Modelfile)")
-
-    def __post_init__(self):
-        _check(self.format in EXPORT_FORMATS, f"unknown format {shown(self.format)} for --format: sqltune export "
-                                              f"writes {', '.join(EXPORT_FORMATS)}")
-        _check(self.outtype in GGUF_OUTTYPES, f"--outtype must be one of {', '.join(GGUF_OUTTYPES)}, not "
-                                              f"{shown(self.outtype)}")
-        _check(bool(self.out.strip()), "--out is required (the file to write, e.g. model.gguf)")
-        _check(bool(self.model_name_or_path or self.adapter), "--model_name_or_path is required (a model folder "
-                                                              "or a catalog name), or --adapter")
-        _check(not self.template or self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, "
-                                                                f"not {shown(self.template)}")
-
 
 # --------------------------------------------------------------------------------------------- evaluate
 @dataclass
