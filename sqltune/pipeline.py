@@ -205,6 +205,24 @@ def _marker(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def registered_content(cfg) -> list[str]:
+    """What a `--stage dpo` training reads beyond prepare's output: the records and preference pairs `sqltune samples`
+    registered in the run's data folder (prepare's identity does not cover them), by content, so that new samples
+    rerun the training. Empty for other stages (their records are prepare's) and before anything is registered (the
+    stage then fails with its own line)."""
+    if getattr(cfg, "stage", "sft") != "dpo":
+        return []
+    from sqltune.data.registry import lookup_many
+    from sqltune.digest import files_digest
+
+    try:
+        entries = lookup_many(cfg.dataset_dir, cfg.dataset)
+    except SqltuneError:
+        return []
+    files = [Path(e[k]) for e in entries for k in ("file_name", "pairs") if e.get(k) and Path(e[k]).is_file()]
+    return [f"dataset files {files_digest(files)}"]
+
+
 def recorded_identity(run: Path, label: str) -> str:
     """The identity of what a stage left in the run folder when this run does not run it (`stages` subset)."""
     return _marker(run / ".done" / f"{label}.json").get("identity") or f"{label}:not-recorded"
@@ -271,7 +289,7 @@ def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[d
         from sqltune.train.folders import resumable  # a complete checkpoint (a kill mid-save leaves an incomplete one)
 
         checkpoints = resumable(adapter)
-        step("train", cfg, [ident("prepare")],
+        step("train", cfg, [ident("prepare"), *registered_content(cfg)],
              continuing={"resume": True, "overwrite_output_dir": False} if checkpoints else None)
     base_model = plan.shared.get("model_name_or_path") or plan.sections["train"].get("model_name_or_path") or \
         plan.sections["predict"].get("model_name_or_path", "")

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 import yaml
 from conftest import Killed
+from test_pipeline_identity import calls  # noqa: F401 (fixture: stand-in stages)
 
 import sqltune.train.dpo as dpo
 from sqltune.cli import main
@@ -165,3 +166,38 @@ def test_one_line_errors(tiny_model, pairs_data, tmp_path, capsys):
     assert main(cli(tiny_model, pairs_data, out, "--dataset", "demo_samples")) == 2
     one_line(capsys, "its pairs file")
     assert not out.exists()  # nothing was written
+
+
+def test_new_samples_rerun_a_dpo_training_in_a_run(tmp_path, demo_dir, calls):  # noqa: F811
+    """Pins: in `sqltune run` a --stage dpo training read pairs that `sqltune samples` registered in the run's data
+    folder, which prepare's identity does not cover, so after new samples the training was skipped ("done already")
+    and its old adapter kept. The identity of a dpo training now holds the content of its records and pairs."""
+    from test_pipeline_identity import ran
+
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(f"""
+name: dpo
+stages: [prepare, train]
+model_name_or_path: some-base-model
+template: chatml
+prepare: {{source: spider, data_dir: {demo_dir}, name: demo}}
+train: {{stage: dpo, dataset: demo_samples, max_steps: 2}}
+""")
+    run = tmp_path / "run"
+    assert main(["run", str(recipe), "--run_dir", str(run), "--stages", "prepare"]) == 0
+    data = run / "data"
+    pair = {"db_id": "x", "instruction": "i", "input": "q", "history": [], "chosen": "SELECT 1", "rejected": "SELECT"}
+    (data / "demo_samples_pairs.jsonl").write_text(json.dumps(pair) + "\n")
+    (data / "demo_samples.jsonl").write_text("")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    registry["demo_samples"] = {"file_name": "demo_samples.jsonl", "pairs": "demo_samples_pairs.jsonl",
+                                "samples": "demo_samples.meta.json"}
+    (data / "dataset_info.json").write_text(json.dumps(registry))
+    ran(run, calls)
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert ran(run, calls)["train"] == "ok"
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert ran(run, calls)["train"] == "skipped"
+    (data / "demo_samples_pairs.jsonl").write_text(json.dumps({**pair, "rejected": "SELECT 2"}) + "\n")
+    assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
+    assert ran(run, calls) == {"prepare": "skipped", "train": "ok"}
