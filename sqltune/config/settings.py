@@ -476,6 +476,36 @@ def serve_settings(cfg: ServeConfig) -> PredictConfig:
                          gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
                          enforce_eager=cfg.enforce_eager, seed=cfg.seed)
 
+# --------------------------------------------------------------------------------------------- export
+EXPORT_FORMATS = ("gguf",)
+GGUF_OUTTYPES = ("bf16", "f16", "q8_0")
+
+
+@dataclass
+class ExportConfig:
+    model_name_or_path: str = arg("", "model folder or catalog name (the base model when --adapter is given; default: "
+                                      "the base named in the adapter's adapter_config.json)")
+    adapter: str = arg("", "optional LoRA adapter folder: merged into the model first (as `sqltune merge` does)")
+    format: str = arg("gguf", f"file format: {', '.join(EXPORT_FORMATS)} (llama.cpp, Ollama, LM Studio)")
+    out: str = arg("", "the file to write, e.g. model.gguf (written under a temporary name, renamed when complete)")
+    outtype: str = arg("bf16", f"weights in the file: {', '.join(GGUF_OUTTYPES)} (q8_0: 8-bit, about half of bf16)")
+    modelfile: bool = arg(False, "also write an Ollama `Modelfile` beside --out: the prompt format the model was "
+                                 "trained with, its stop strings, temperature 0")
+    template: str = arg("", "the Modelfile's prompt format (default: the template the model was trained with)")
+    overwrite: bool = arg(False, "replace an existing --out (and Modelfile)")
+
+    def __post_init__(self):
+        _check(self.format in EXPORT_FORMATS, f"unknown format {shown(self.format)} for --format: sqltune export "
+                                              f"writes {', '.join(EXPORT_FORMATS)}")
+        _check(self.outtype in GGUF_OUTTYPES, f"--outtype must be one of {', '.join(GGUF_OUTTYPES)}, not "
+                                              f"{shown(self.outtype)}")
+        _check(bool(self.out.strip()), "--out is required (the file to write, e.g. model.gguf)")
+        _check(bool(self.model_name_or_path or self.adapter), "--model_name_or_path is required (a model folder "
+                                                              "or a catalog name), or --adapter")
+        _check(not self.template or self.template in TEMPLATES, f"--template must be one of {', '.join(TEMPLATES)}, "
+                                                                f"not {shown(self.template)}")
+
+
 # --------------------------------------------------------------------------------------------- evaluate
 @dataclass
 class EvalConfig:
