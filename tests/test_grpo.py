@@ -231,3 +231,30 @@ def test_grpo_settings_without_the_grpo_stage_are_one_line(tmp_path, capsys, fla
     assert main(["train", "--model_name_or_path", "m", "--dataset", "d", *flags]) == 2
     err = capsys.readouterr().err
     assert f"{named} for --stage grpo" in err and err.count("\n") == 1, err
+
+
+def test_rewards_that_differ_move_the_adapter(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    """The policy-gradient path itself: with rewards that differ inside a group (a stand-in reward: the length of
+    the completion's text), two steps leave LoRA's B matrices non-zero (they start at zero, and equal rewards give
+    zero advantages, so an adapter that stayed at zero would be the base model)."""
+    from safetensors.torch import load_file
+
+    class Lengths:
+        __name__ = "lengths"
+
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, prompts=None, completions=None, **kw):
+            return [float(len(c)) for c in completions]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(grpo, "SqlReward", Lengths)
+    out = tmp_path / "moved"
+    grpo.train_grpo(config(tiny_model, prepared_demo, out, per_device_train_batch_size=4, num_generations=4))
+    weights = load_file(out / "adapter_model.safetensors")
+    b = [t for name, t in weights.items() if "lora_B" in name]
+    assert b and any(bool(t.abs().sum() > 0) for t in b)
+    assert any(r.get("reward_std", 0) > 0 for r in log_rows(out))
