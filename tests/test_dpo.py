@@ -201,3 +201,20 @@ train: {{stage: dpo, dataset: demo_samples, max_steps: 2}}
     (data / "demo_samples_pairs.jsonl").write_text(json.dumps({**pair, "rejected": "SELECT 2"}) + "\n")
     assert main(["run", str(recipe), "--run_dir", str(run)]) == 0
     assert ran(run, calls) == {"prepare": "skipped", "train": "ok"}
+
+
+def test_dpo_keeps_the_time_budget(tiny_model, pairs_data, tmp_path, monkeypatch, capsys):
+    """--max_train_minutes stops a DPO run as it stops SFT (a fake clock: one minute per reading), and says so."""
+    import sqltune.train.budget as budget
+
+    now = [0.0]
+
+    def clock():
+        now[0] += 60.0
+        return now[0]
+
+    monkeypatch.setattr(budget, "_now", clock)
+    figures = train(config(tiny_model, pairs_data, tmp_path / "cut", max_steps=6, max_train_minutes=3))
+    assert figures["steps"] < figures["planned_steps"] == 6
+    assert f"the time budget stopped training at step {figures['steps']} of 6" in capsys.readouterr().err
+    assert (tmp_path / "cut" / "adapter_model.safetensors").is_file()
