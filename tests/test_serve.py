@@ -116,6 +116,10 @@ def test_the_command_serves_the_adapter_as_a_lora_module_in_its_trained_format(t
     if not torch.cuda.is_available():  # on a CPU the KV cache has a fixed size, not a share of all RAM
         assert _value(argv, "--kv-cache-memory-bytes") == str(4 << 30)
         assert _value(argv, "--dtype") == "float32"
+        # a False engine setting is said (--no-...), not dropped: the server ran with chunked prefill, which kills
+        # vLLM's CPU build on a seeded request (a vote's samples) whose prompt is prefilled over several steps
+        assert "--no-enable-chunked-prefill" in argv and "--enable-chunked-prefill" not in argv
+        assert int(_value(argv, "--max-num-batched-tokens")) >= 300 + 256
 
 
 def test_without_an_adapter_the_model_is_served_under_the_name(tiny_model, tmp_path, capsys):

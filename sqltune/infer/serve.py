@@ -61,7 +61,9 @@ def _flags(engine_args: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
-        elif value is not False and value is not None:
+        elif value is False:  # said, not left to vLLM's default (chunked prefill is on unless --no-... turns it off)
+            flags.append("--no-" + flag[2:])
+        elif value is not None:
             flags += [flag, str(value)]
     return flags
 
