@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, TrainConfig
+from sqltune.config import EvalConfig, MergeConfig, PredictConfig, PrepareConfig, SamplesConfig, TrainConfig
 
 
 def run_prepare(cfg: PrepareConfig) -> dict:
@@ -36,6 +36,12 @@ def run_predict(cfg: PredictConfig) -> dict:
     return predict(cfg)
 
 
+def run_samples(cfg: SamplesConfig) -> dict:
+    from sqltune.samples import samples
+
+    return samples(cfg)
+
+
 def run_evaluate(cfg: EvalConfig) -> dict:
     from sqltune.eval.evaluate import evaluate
 
@@ -58,6 +64,9 @@ STAGES = {s.name: s for s in (
     Stage("evaluate", "Spider/BIRD execution and exact-match accuracy per hardness", EvalConfig, run_evaluate),
 )}
 ORDER = tuple(STAGES)
+# A recipe's `steps:` may also run `samples` (its own command in the CLI, not one of the five sections of `stages:`).
+STEP_STAGES = {**STAGES, "samples": Stage("samples", "turn predict's sampled candidates on a train split into "
+                                          "records and preference pairs", SamplesConfig, run_samples)}
 
 
 def call(name: str, cfg=None, options: dict | None = None) -> dict:

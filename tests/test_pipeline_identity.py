@@ -349,7 +349,7 @@ def test_an_unreadable_file_in_the_data_folder_does_not_stop_the_identity(tmp_pa
 def test_a_folder_read_by_several_stages_is_digested_once_per_run(tmp_path, calls, demo_dir, monkeypatch):
     """The databases are read by prepare (inside the data folder), evaluate_base and evaluate_finetuned, the base
     model folder by train, merge and predict_base: each outside folder's content is digested once per run."""
-    from sqltune import pipeline
+    from sqltune.pipeline import core as pipeline  # outside_content's module since the pipeline is a package
 
     base = tmp_path / "base-model"
     base.mkdir()

@@ -35,7 +35,8 @@ def collect(run_dir: Path, page_dir: Path) -> dict:
     summary = summarize(run_dir, spans)
     return {"run": {**summary, "folder": str(run_dir), "duration": _seconds(summary["duration_s"])},
             "invocations": [_stage_row(s) for s in spans if s["stage"] == "run"],
-            "stages": _stages(spans), "training": training, "arms": _arms(run_dir, spans, config, notes),
+            "stages": _stages(spans), "training": training, "trainings": _trainings(run_dir, config, notes),
+            "arms": _arms(run_dir, spans, config, notes),
             "files": _files(run_dir, page_dir), "notes": notes}
 
 
@@ -94,11 +95,29 @@ def _stages(spans: list[dict]) -> list[dict]:
     return rows
 
 
-def _training(run_dir: Path, config: dict, notes: list[str]) -> dict:
-    """The training log of the run (its train section's output folder, `adapter/`, or the folder itself) as rows."""
+def _steps(config: dict) -> list[dict]:
+    """The steps a `steps:` run listed in its config.yaml (name, stage, from), [] for a `stages:` run."""
+    steps = config.get("steps")
+    return [s for s in steps if isinstance(s, dict) and isinstance(s.get("name"), str)] \
+        if isinstance(steps, list) else []
+
+
+def _trainings(run_dir: Path, config: dict, notes: list[str]) -> list[dict]:
+    """Every train step's log of a `steps:` run, each with its step's name (SFT, then DPO, side by side)."""
+    found = []
+    for step in _steps(config):
+        own = config.get(step["name"])
+        if step.get("stage") == "train" and isinstance(own, dict) and isinstance(own.get("output_dir"), str):
+            found.append({"name": step["name"], **_training(Path(own["output_dir"]), {}, notes, only=True)})
+    return found
+
+
+def _training(run_dir: Path, config: dict, notes: list[str], only: bool = False) -> dict:
+    """The training log of the run (its train section's output folder, `adapter/`, or the folder itself) as rows;
+    `only`: of that folder alone."""
     train = config.get("train") if isinstance(config.get("train"), dict) else {}
     places = [Path(train["output_dir"])] if isinstance(train.get("output_dir"), str) else []
-    places += [run_dir / "adapter", run_dir]
+    places += [run_dir] if only else [run_dir / "adapter", run_dir]
     log = next((p / TRAIN_LOG for p in places if (p / TRAIN_LOG).is_file()), None)
     if log is None:
         return {"log": None, "rows": []}
@@ -116,10 +135,11 @@ def _training(run_dir: Path, config: dict, notes: list[str]) -> dict:
     return {"log": str(log), "rows": rows}
 
 
-def _arm_folders(run_dir: Path, spans: list[dict]) -> list[tuple[str, Path]]:
-    """(arm, report folder): the run's evaluations in the order they ran, then any other under eval/; a report
-    folder of its own (evaluate --report) is its one arm."""
+def _arm_folders(run_dir: Path, spans: list[dict], config: dict) -> list[tuple[str, Path]]:
+    """(arm, report folder): the run's evaluations in the order they ran (a `steps:` run's evaluate steps in
+    their order), then any other under eval/; a report folder of its own (evaluate --report) is its one arm."""
     names = [s["stage"].split("_", 1)[1] for s in spans if s["stage"].startswith("evaluate_")]
+    names = [s["name"] for s in _steps(config) if s.get("stage") == "evaluate"] or names
     found = sorted(p.name for p in (run_dir / "eval").iterdir() if p.is_dir() and not p.name.startswith(".")) \
         if (run_dir / "eval").is_dir() else []
     arms = [(n, run_dir / "eval" / n) for n in dict.fromkeys(names + found)]
@@ -144,7 +164,8 @@ def arm_label(name: str, predict: dict) -> str:
 
 def _arms(run_dir: Path, spans: list[dict], config: dict, notes: list[str]) -> list[dict]:
     arms = []
-    for name, folder in _arm_folders(run_dir, spans):
+    source = {s["name"]: s.get("from") for s in _steps(config)}  # an evaluate step's predict step
+    for name, folder in _arm_folders(run_dir, spans, config):
         try:
             metrics = json.loads((folder / METRICS).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -162,7 +183,8 @@ def _arms(run_dir: Path, spans: list[dict], config: dict, notes: list[str]) -> l
         except (OSError, ValueError):
             unreadable = True
             notes.append(f"{folder / EXAMPLES} could not be read: no failure kinds for arm {name}")
-        arms.append({"name": name, "label": arm_label(name, config.get(f"predict_{name}")), "folder": str(folder),
+        arms.append({"name": name, "label": arm_label(name, config.get(f"predict_{name}") or
+                                                           config.get(source.get(name) or "")), "folder": str(folder),
                      "levels": levels, "table": table, "ex": metrics.get("ex"), "em": metrics.get("em"),
                      "count": metrics.get("count"), "bird": isinstance(metrics.get("bird"), dict),
                      "failures": None if unreadable else failure_counts(kinds)})

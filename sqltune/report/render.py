@@ -89,6 +89,15 @@ def _failures(arms: list[dict]) -> dict:
     return {"arms": [a["name"] for a in scored], "rows": rows, "plot": plot}
 
 
+def _step_training(found: dict, page_dir: Path) -> dict:
+    """One train step's log and curves, titled with its step's name."""
+    rows, name = found["rows"], found["name"]
+    return {"name": name, "log": found["log"] and page.link(Path(found["log"]), page_dir), "steps": len(rows),
+            "loss": _plot(f"{name} training loss", lambda: plots.training_loss(rows),
+                          "no loss in the training log" if rows else f"no training log in step {name}'s folder"),
+            "reward": _plot(f"{name} reward", lambda: plots.reward_curve(rows), "")}
+
+
 def render(run_dir: Path, page_dir: Path) -> str:
     """The page's HTML for the run folder `run_dir`, its links relative to `page_dir`."""
     from jinja2 import Environment, StrictUndefined
@@ -100,12 +109,17 @@ def render(run_dir: Path, page_dir: Path) -> str:
                 "loss": _plot("training loss", lambda: plots.training_loss(rows),
                               "no loss in the training log" if rows else "no training log in this folder"),
                 "reward": _plot("reward", lambda: plots.reward_curve(rows), "")}
+    trainings = [_step_training(t, page_dir) for t in data["trainings"]]
+    if trainings:  # a `steps:` run: every train step's curves, under its step's name
+        training = {"log": None, "steps": 0, "loss": {"src": None, "missing": "", "failed": False, "title": ""},
+                    "reward": {"src": None, "missing": "", "failed": False, "title": ""}}
     accuracy, failures = _accuracy(data["arms"]), _failures(data["arms"])
-    missing = [p["missing"] for p in (training["loss"], training["reward"], accuracy["plot"], failures["plot"])
-               if p["failed"]]  # drawing failures (absent data is said in its section)
+    plotted = [training["loss"], training["reward"], accuracy["plot"], failures["plot"]] + \
+        [p for t in trainings for p in (t["loss"], t["reward"])]
+    missing = [p["missing"] for p in plotted if p["failed"]]  # drawing failures (absent data is said in its section)
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     template = env.from_string(resources.files("sqltune.report").joinpath(TEMPLATE).read_text(encoding="utf-8"))
-    return template.render({**data, "training": training, "accuracy": accuracy, "failures": failures,
+    return template.render({**data, "training": training, "trainings": trainings, "accuracy": accuracy, "failures": failures,
                             "missing": missing + data["notes"], "version": _version()})
 
 

@@ -1,32 +1,6 @@
-"""`sqltune run`: prepare -> train -> merge -> predict -> evaluate from one YAML file, in one run folder.
-
-The YAML has one section per stage (the same fields as the stage's own command) and a few run-level keys:
-
-    name: demo                      # run folders are runs/<name>-<YYYYmmdd-HHMMSS>/
-    stages: [prepare, train, merge, predict, evaluate]    # any subset, in this order
-    compare_base: true              # also predict and evaluate with the base model, and print both EX
-    model_name_or_path: ...         # run-level keys fill any stage field of the same name
-    prepare: {...}  train: {...}  merge: {...}  predict: {...}  evaluate: {...}
-
-Paths between stages are filled in by the run (prepared data, adapter, merged model, predictions, reports all
-live in the run folder). A stage's identity is its own settings (paths resolved, execution-only switches such as
-resume/overwrite left out), the content of what it reads from outside the run folder (source data, base model
-folder, databases: files by content, those over 64 MB by size and modification time), plus the identities of
-everything it reads from earlier stages: prepared data -> adapter -> merged model -> predictions -> evaluation.
-A stage whose identity is unchanged is skipped; any change reruns it and everything
-downstream (`--force` reruns all). So `sqltune run` on the same file continues the latest unfinished run of that
-recipe where it stopped (`--new` starts afresh, `--run_dir DIR` picks a folder). Every stage writes a trace span
-(see `sqltune trace`). One `sqltune run` works in a run folder at a time: it holds `<run>/.lock`, and a second one
-stops with one line naming the holder. At the end (also of a failed run) it writes `<run>/report.html`, the run's
-page (sqltune/report/: stages, time and memory, training curves, EX/EM per level for every arm, failure kinds,
-links to the files); a page that cannot be written is a warning, not a failed run.
-
-    sqltune run RECIPE.yaml [--force] [--new] [--run_dir DIR] [--runs_dir DIR] [--print_config]
-                            [--SECTION.OPTION VALUE ...] [--OPTION VALUE ...]
-
-`--train.max_steps 2` sets one stage's option; `--model_name_or_path X` sets a run-level key, which wins over the
-same key in every section. `--print_config` prints every stage's resolved config (YAML) and exits.
-"""
+"""The `stages:` recipe (one of each stage, in pipeline order) and what every recipe shares: run folders, a
+step's identity (its settings, what it read, the content of outside inputs) and running a step unless done already.
+The recipe format is described in sqltune/pipeline/__init__.py (`sqltune run --help`)."""
 
 from __future__ import annotations
 
@@ -41,14 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from sqltune.config import RUN_KEYS, build, field_name, load_yaml, recipe_values, shown
+from sqltune.config import RUN_KEYS, build, field_name, recipe_values, shown
 from sqltune.config.loading import _coerce
 from sqltune.digest import tree_digest
 from sqltune.errors import SqltuneError
 from sqltune.io import atomic_write, write_json
-from sqltune.lock import held
-from sqltune.stages import ORDER, STAGES
-from sqltune.trace import ENV_TRACE, TRACE_FILE, append_span, read_trace, runs_dir, span
+from sqltune.stages import ORDER, STAGES, STEP_STAGES
+from sqltune.trace import TRACE_FILE, append_span, read_trace, span
 
 RUN_LOCK = ".lock"  # held by the one `sqltune run` working in a run folder (sqltune.lock)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # a run name never walks out of the runs folder
@@ -104,8 +77,8 @@ def _stages(value, path: str) -> list[str]:
     return [s for s in ORDER if s in value]
 
 
-def read_plan(path: str, overrides: dict | None = None) -> RunPlan:
-    data = apply_overrides(load_yaml(path), overrides or {})
+def plan_name(path: str, data: dict) -> str:
+    """The recipe's `name` (default: its file's stem), a plain name so a run folder stays in the runs folder."""
     if data.get("name") is None:
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(path).stem).lstrip(".") or "run"
     else:
@@ -113,6 +86,13 @@ def read_plan(path: str, overrides: dict | None = None) -> RunPlan:
         if isinstance(data["name"], (dict, list)) or not PLAIN_NAME.fullmatch(name):
             raise SqltuneError(f"{path}: `name` must be a plain name (letters, digits, _, -, and . not first), "
                                f"not {shown(data['name'])}")
+    return name
+
+
+def read_stages(path: str, data: dict, overrides: dict) -> RunPlan:
+    """The plan of a `stages:` recipe (the recipe's values `data`, the command line's `overrides`)."""
+    data = apply_overrides(data, overrides)
+    name = plan_name(path, data)
     stages = _stages(data.get("stages"), path)
     compare_base = _coerce("compare_base", data.get("compare_base", False), bool)
     for s in ORDER:
@@ -229,7 +209,7 @@ def recorded_identity(run: Path, label: str) -> str:
 
 
 def run_step(run: Path, label: str, cfg, reads: list[str], force: bool, continuing: dict | None = None,
-             fresh: dict | None = None, digests: dict | None = None) -> tuple[dict, str]:
+             fresh: dict | None = None, digests: dict | None = None, stage: str = "") -> tuple[dict, str]:
     """Run one stage unless it finished already with the same identity; returns its figures and identity.
 
     An attempt of the same identity that did not finish is continued (`continuing` changes the config, e.g.
@@ -250,14 +230,15 @@ def run_step(run: Path, label: str, cfg, reads: list[str], force: bool, continui
     write_json(started_path, {"identity": ident})
     print(f"[{label}] {'continuing' if again else 'running'}")
     with span(run / TRACE_FILE, run.name, label) as figures:
-        result = STAGES[label.split("_")[0]].run(cfg) or {}
+        key = stage or label.split("_")[0]
+        result = (STAGES[key] if key in STAGES else STEP_STAGES[key]).run(cfg) or {}  # STAGES: tests stand in there
         figures.update({k: v for k, v in result.items() if not isinstance(v, (dict, list))})
     keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
     write_json(done_path, {"identity": ident, "figures": keep})
     return keep, ident
 
 
-def execute(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[dict, dict]:
+def execute_stages(plan: RunPlan, run: Path, force: bool, dry: bool = False) -> tuple[dict, dict]:
     """Every planned stage in order; returns (figures, resolved configs). `dry` only resolves the configs."""
     from sqltune.data.registry import lookup
 
@@ -354,59 +335,3 @@ def resolved_yaml(plan: RunPlan, run: Path, configs: dict) -> str:
     return yaml.safe_dump({"name": plan.name, "run_dir": str(run), "stages": plan.stages,
                            "compare_base": plan.compare_base, **resolved}, sort_keys=False)
 
-
-def summary_table(results: dict) -> str:
-    rows = [(k.split("_", 1)[1], v) for k, v in results.items() if k.startswith("evaluate_")]
-    if not rows:
-        return ""
-    lines = [f"{'model':<12} {'count':>6} {'EX':>7} {'EM':>7}"]
-    for label, fig in rows:
-        ex = "-" if fig.get("ex") is None else f"{fig['ex']:.3f}"
-        em = "-" if fig.get("em") is None else f"{fig['em']:.3f}"
-        lines.append(f"{label:<12} {fig.get('count', 0):>6} {ex:>7} {em:>7}")
-    return "\n".join(lines)
-
-
-def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str | None = None,
-               root: str | None = None, overrides: dict | None = None, print_config: bool = False) -> dict:
-    """Run (or continue) the recipe at `path`; prints progress and the EX table, returns each stage's figures.
-    With `print_config`, print every stage's resolved config as YAML and change nothing."""
-    plan = read_plan(path, overrides)
-    root_dir = Path(root or plan.runs_dir or runs_dir())
-    run = pick_run_dir(plan, root_dir, run_dir, new)
-    if print_config:
-        _, configs = execute(plan, run, force, dry=True)
-        print(resolved_yaml(plan, run, configs), end="")
-        return {}
-    print(f"run folder: {run}")
-    run.mkdir(parents=True, exist_ok=True)
-    with held(run / RUN_LOCK, f"another sqltune run is working in {run}",
-              "wait for it to finish, or start a separate run with --new"):
-        os.environ[ENV_TRACE] = str(run / TRACE_FILE)
-        try:
-            with span(run / TRACE_FILE, run.name, "run") as figures:
-                results, _ = execute(plan, run, force)
-                for key, fig in results.items():
-                    if key.startswith("evaluate_") and fig.get("ex") is not None:
-                        figures[f"ex_{key.split('_', 1)[1]}"] = fig["ex"]
-        except Exception:
-            write_page(run)  # a failed run's page shows the stage that failed and its error
-            raise
-        finally:
-            os.environ.pop(ENV_TRACE, None)
-        page = write_page(run)
-    table = summary_table(results)
-    if table:
-        print("\nexecution accuracy on the dev split (evaluation reports in " f"{run / 'eval'}):\n" + table)
-    print(f"\ntrace: sqltune trace show {run.name} --runs_dir {run.parent}")
-    if page:
-        print(f"report: {page}")
-    return results
-
-
-def write_page(run: Path) -> Path | None:
-    """The run's page, report.html (sqltune/report/); a page that cannot be written is a warning, never a failed
-    run."""
-    from sqltune.report.render import write_run_page
-
-    return write_run_page(run)
