@@ -127,6 +127,7 @@ BAD = [
     ("steps:\n  - {name: p, stage: prepare}\n  - {name: t, stage: train, data: p}\n",
      "step 't': `data: p` names no earlier samples step"),
     ("steps:\n  - {name: p, stage: prepare}\n  - {name: p, stage: predict}\n", "step 'p' is named twice"),
+    ("steps:\n  - {name: a.b, stage: prepare}\n", "`name` must be a plain name (letters, digits, _, -)"),
     ("steps:\n  - {name: p, stage: prepare}\n  - {name: x, stage: fly}\n", "step 'x': unknown stage 'fly'"),
     ("steps:\n  - {name: p, stage: prepare, settings: {lora_rnak: 8}}\n", "step 'p' (prepare)"),
     ("steps:\n  - {name: p, stage: prepare, max_steps: 2}\n", "unknown key 'max_steps'"),

@@ -26,16 +26,18 @@ identities of the steps it reads), as the stages of `stages:` are; `--STEP.OPTIO
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import yaml
 
 from sqltune.config import RUN_KEYS, field_name, recipe_values, shown
 from sqltune.errors import SqltuneError
-from sqltune.pipeline.core import PLAIN_NAME, registered_content, run_step
+from sqltune.pipeline.core import registered_content, run_step
 from sqltune.stages import STEP_STAGES
 
 STEP_KEYS = {"name", "stage", "from", "data", "settings"}
+STEP_NAME = re.compile(r"[A-Za-z0-9_-]+")  # no dot: --STEP.OPTION splits at the first one
 RESERVED = {"run", "name", "run_dir", "steps"}  # span and config.yaml keys a step's name must not take
 # what `from` may name, per stage (the stage of the step named)
 SOURCES = {"train": ("train", "merge"), "merge": ("train",), "predict": ("train", "merge"), "samples": ("predict",),
@@ -82,7 +84,7 @@ def read_steps(path: str, data: dict, overrides: dict, name: str) -> StepPlan:
             raise SqltuneError(f"{where}: unknown key {shown(unknown[0])} (a step has {', '.join(sorted(STEP_KEYS))}; "
                                "the stage's options go under `settings`)")
         label = str(item.get("name", ""))
-        if not PLAIN_NAME.fullmatch(label) or label in RESERVED or isinstance(item.get("name"), (dict, list)):
+        if not STEP_NAME.fullmatch(label) or label in RESERVED or isinstance(item.get("name"), (dict, list)):
             raise SqltuneError(f"{where}: `name` must be a plain name (letters, digits, _, -) other than "
                                f"{', '.join(sorted(RESERVED))}, not {shown(item.get('name'))}")
         where = f"{path}: step {label!r}"
