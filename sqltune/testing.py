@@ -12,9 +12,8 @@ CHATML_TEMPLATE = (
 def build_tiny_llama(out: str | Path, corpus: list[str], vocab_size: int = 600, hidden: int = 64, layers: int = 2,
                      seed: int = 0) -> Path:
     """A random Llama (hidden 64, 2 layers) with a byte-level BPE tokenizer trained on `corpus`, for tests."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     out = Path(out)
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -26,15 +25,23 @@ def build_tiny_llama(out: str | Path, corpus: list[str], vocab_size: int = 600, 
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tok.chat_template = CHATML_TEMPLATE
+    save_random_llama(out, tok, hidden, layers, seed)
+    tok.save_pretrained(out)
+    return out
+
+
+
+def save_random_llama(out: Path, tok, hidden: int, layers: int, seed: int) -> None:
+    """A seeded random Llama sized for tests (4 heads, 2 KV heads, untied output layer) for the tokenizer `tok`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -48,8 +55,7 @@ def build_tiny_llama_like(out: str | Path, tokenizer_dir: str | Path, hidden: in
     know, so the BPE trained on the fly by build_tiny_llama cannot go through it)."""
     import shutil
 
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     out, src = Path(out), Path(tokenizer_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,12 +63,7 @@ def build_tiny_llama_like(out: str | Path, tokenizer_dir: str | Path, hidden: in
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
     tok = AutoTokenizer.from_pretrained(out)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(out)
+    save_random_llama(out, tok, hidden, layers, seed)
     return out
 
 # The `chat_template` strings of each family's tokenizer_config.json on the Hugging Face Hub, copied verbatim (the

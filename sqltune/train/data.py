@@ -21,6 +21,14 @@ from sqltune.io import read_jsonl
 from sqltune.templates import Template, encode_example
 
 
+def seeded_sample(items: list, n: int, seed: int) -> list:
+    """With 0 < n < len(items), a seeded random n of them in their order (max_samples); else all of them."""
+    if 0 < n < len(items):
+        keep = sorted(random.Random(seed).sample(range(len(items)), n))
+        return [items[i] for i in keep]
+    return items
+
+
 def load_records(dataset_dir: str, names: str, max_samples: int = 0, seed: int = 0) -> list[dict]:
     """All records of the named datasets; with max_samples, a seeded random sample of them (in source order)."""
     records: list[dict] = []
@@ -29,9 +37,7 @@ def load_records(dataset_dir: str, names: str, max_samples: int = 0, seed: int =
             if "output" not in row or "input" not in row:
                 raise SqltuneError(f"{entry['file_name']} record {i + 1} has no 'input' or 'output' field")
             records.append(row)
-    if 0 < max_samples < len(records):
-        keep = sorted(random.Random(seed).sample(range(len(records)), max_samples))
-        records = [records[i] for i in keep]
+    records = seeded_sample(records, max_samples, seed)
     if not records:
         raise SqltuneError(f"dataset {names!r} has no records")
     return records

@@ -8,13 +8,13 @@ DataCollatorForPreference pads into the chosen and rejected halves of a batch.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from sqltune.data.registry import lookup
 from sqltune.errors import SqltuneError
 from sqltune.io import read_jsonl
 from sqltune.templates import Template, encode_preference
+from sqltune.train.data import seeded_sample
 
 
 def load_pairs(dataset_dir: str, names: str, max_samples: int = 0, seed: int = 0) -> list[dict]:
@@ -36,9 +36,7 @@ def load_pairs(dataset_dir: str, names: str, max_samples: int = 0, seed: int = 0
             if not all(isinstance(row.get(k), str) for k in ("input", "chosen", "rejected")):
                 raise SqltuneError(f"{path} pair {i + 1} needs text fields 'input', 'chosen' and 'rejected'")
             pairs.append(row)
-    if 0 < max_samples < len(pairs):
-        keep = sorted(random.Random(seed).sample(range(len(pairs)), max_samples))
-        pairs = [pairs[i] for i in keep]
+    pairs = seeded_sample(pairs, max_samples, seed)
     if not pairs:
         raise SqltuneError(f"dataset {names!r} has no preference pairs (no question had both a right and a wrong "
                            "candidate): sample more candidates per question")
