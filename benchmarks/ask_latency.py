@@ -47,6 +47,7 @@ def start_server(a, model: str, log: Path) -> subprocess.Popen:
             "--template", a.template, "--kv_cache_gb", str(a.kv_cache_gb), "--max_source_length",
             str(a.max_source_length), "--max_new_tokens", str(a.max_new_tokens)]
     argv += ["--enforce_eager"] if a.enforce_eager else []
+    argv += ["--dtype", a.dtype] if a.dtype != "auto" else []
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     started = time.time()
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--vllm_python", default=str(ROOT / ".venv-vllm" / "bin" / "python"))
     p.add_argument("--enforce_eager", action="store_true")
+    p.add_argument("--dtype", default="auto", help="weights of both arms: auto (float32 on a CPU), float32, bfloat16")
     p.add_argument("--kv_cache_gb", type=float, default=2)
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--server_timeout", type=float, default=900)
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "ask_latency_server.log"
     server = start_server(a, model, log) if "endpoint" in arms else None
     common = dict(model_name_or_path=model, db=str(db), template=a.template, schema_style=a.schema_style,
-                  sample_rows=a.sample_rows, max_source_length=a.max_source_length, max_new_tokens=a.max_new_tokens)
+                  sample_rows=a.sample_rows, max_source_length=a.max_source_length, max_new_tokens=a.max_new_tokens,
+                  dtype=a.dtype)
     askers = {}
     try:
         for arm in arms:
