@@ -152,6 +152,16 @@ def preference_pairs(right: list[str], wrong_runs: list[str], wrong_fails: list[
     return out
 
 
+def _add_once(row: dict, rows: list[dict], seen: set[str]) -> bool:
+    """Append `row` unless an equal row (all its fields) was added before; whether it was added."""
+    key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+    if key in seen:
+        return False
+    seen.add(key)
+    rows.append(row)
+    return True
+
+
 def build(records: list[dict], distinct: list[list[str]], verdicts: list[list[str]], gold_failed: set[int],
           max_per_question: int, max_pairs: int) -> tuple[list[dict], list[dict], dict]:
     """(records of right candidates, preference pairs, counts) from each question's distinct candidates and their
@@ -169,22 +179,13 @@ def build(records: list[dict], distinct: list[list[str]], verdicts: list[list[st
         counts["questions_with_right"] += 1
         prompt = {k: v for k, v in record.items() if k != "output"}
         for sql in by[RIGHT][:max_per_question]:
-            row = {**record, "output": sql}
-            key = json.dumps(row, sort_keys=True, ensure_ascii=False)
-            if key in seen_records:
+            if not _add_once({**record, "output": sql}, out, seen_records):
                 counts["duplicate_records"] += 1
-                continue
-            seen_records.add(key)
-            out.append(row)
         counts["right_over_cap"] += max(0, len(by[RIGHT]) - max_per_question)
         for chosen, rejected, runs in preference_pairs(by[RIGHT], by[RUNS], by[FAILS], max_pairs):
             row = {**prompt, "chosen": chosen, "rejected": rejected, "rejected_runs": runs}
-            key = json.dumps(row, sort_keys=True, ensure_ascii=False)
-            if key in seen_pairs:
+            if not _add_once(row, pairs, seen_pairs):
                 counts["duplicate_pairs"] += 1
-                continue
-            seen_pairs.add(key)
-            pairs.append(row)
         counts["questions_with_pair"] += bool(by[RUNS] or by[FAILS])
     return out, pairs, dict(counts)
 

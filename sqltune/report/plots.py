@@ -71,9 +71,14 @@ def training_loss(rows: list[dict]) -> bytes | None:
         ax.plot(*zip(*loss), marker="o", markersize=2, label="training loss")
     if evals:
         ax.plot(*zip(*evals), marker="s", markersize=3, label="evaluation loss")
+    return _per_step(fig, ax, "loss")
+
+
+def _per_step(fig, ax, quantity: str) -> bytes:
+    """A curve over training steps finished alike for every quantity (axes, title, grid, legend), as PNG bytes."""
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("loss", fontsize=10)
+    ax.set_ylabel(quantity)
+    ax.set_title(quantity, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return png_bytes(fig)
@@ -93,12 +98,7 @@ def reward_curve(rows: list[dict]) -> bytes | None:
     if all(_number(s) for s in spreads):
         ax.fill_between(steps, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)],
                         color="tab:green", alpha=0.2, label="± reward std")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title("reward", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return png_bytes(fig)
+    return _per_step(fig, ax, "reward")
 
 
 def failure_kinds(arms: list[tuple[str, dict]], top: int = 12) -> bytes | None:
