@@ -145,6 +145,8 @@ def _cli(tiny_model, prepared_demo, out, *extra) -> list[str]:
     (["--grpo_loss_type=ppo"], "--grpo_loss_type must be one of"),
     (["--grpo_temperature=0"], "--grpo_temperature must be > 0"),
     (["--packing"], "--packing is for --stage sft"),
+    (["--adapter=x", "--grpo_beta=0.1"], "--stage grpo --adapter needs --grpo_beta 0"),
+    (["--adapter=x", "--finetuning_type=full"], "--adapter goes on training a LoRA adapter"),
 ])
 def test_bad_settings_are_one_line(tiny_model, prepared_demo, tmp_path, capsys, extra, message):
     assert main(_cli(tiny_model, prepared_demo, tmp_path / "x", *extra)) == 2
@@ -239,18 +241,6 @@ def test_rewards_that_differ_move_the_adapter(tiny_model, prepared_demo, tmp_pat
     zero advantages, so an adapter that stayed at zero would be the base model)."""
     from safetensors.torch import load_file
 
-    class Lengths:
-        __name__ = "lengths"
-
-        def __init__(self, *a, **k):
-            pass
-
-        def __call__(self, prompts=None, completions=None, **kw):
-            return [float(len(c)) for c in completions]
-
-        def close(self):
-            pass
-
     monkeypatch.setattr(grpo, "SqlReward", Lengths)
     out = tmp_path / "moved"
     grpo.train_grpo(config(tiny_model, prepared_demo, out, per_device_train_batch_size=4, num_generations=4))
@@ -258,3 +248,51 @@ def test_rewards_that_differ_move_the_adapter(tiny_model, prepared_demo, tmp_pat
     b = [t for name, t in weights.items() if "lora_B" in name]
     assert b and any(bool(t.abs().sum() > 0) for t in b)
     assert any(r.get("reward_std", 0) > 0 for r in log_rows(out))
+
+
+class Lengths:
+    """A stand-in reward: the length of the completion's text (rewards that differ inside a group)."""
+    __name__ = "lengths"
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __call__(self, prompts=None, completions=None, **kw):
+        return [float(len(c)) for c in completions]
+
+    def close(self):
+        pass
+
+
+def test_grpo_goes_on_training_an_sft_adapter(tiny_model, prepared_demo, tmp_path, monkeypatch):
+    """Pins issue 28's "GRPO can only start from a merged model": --adapter (an SFT adapter of the base) goes on
+    learning under GRPO (before, --adapter was refused outside dpo). The output is one adapter for the base with the
+    starting adapter's own rank, its weights moved from the start, and the start's digest in the record."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from sqltune.train.dispatch import train
+
+    sft_out = tmp_path / "sft"
+    train(TrainConfig(model_name_or_path=str(tiny_model), dataset="demo_train", dataset_dir=str(prepared_demo),
+                      template="chatml", output_dir=str(sft_out), max_steps=2, per_device_train_batch_size=4,
+                      lora_rank=4, learning_rate=1e-2))
+    monkeypatch.setattr(grpo, "SqlReward", Lengths)
+    out = tmp_path / "grpo"
+    figures = train(config(tiny_model, prepared_demo, out, adapter=str(sft_out), per_device_train_batch_size=4,
+                           num_generations=4))
+    assert figures["steps"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4  # the SFT adapter's rank, not --lora_rank
+    start, end = load_file(sft_out / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert start.keys() == end.keys()
+    assert any(not bool((start[k] == end[k]).all()) for k in start)  # it learned from there
+    assert yaml.safe_load((out / "sqltune_train.yaml").read_text())["adapter_sha256"]
+
+
+def test_grpo_adapter_that_is_no_adapter_is_one_line(tiny_model, prepared_demo, tmp_path, capsys):
+    """--adapter naming a folder without adapter_config.json stops in one line, before the output is written."""
+    (tmp_path / "plain").mkdir()
+    assert main(_cli(tiny_model, prepared_demo, tmp_path / "x", f"--adapter={tmp_path / 'plain'}")) == 2
+    err = capsys.readouterr().err
+    assert "is not a LoRA adapter folder" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()

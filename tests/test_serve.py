@@ -120,6 +120,11 @@ def test_the_command_serves_the_adapter_as_a_lora_module_in_its_trained_format(t
         # vLLM's CPU build on a seeded request (a vote's samples) whose prompt is prefilled over several steps
         assert "--no-enable-chunked-prefill" in argv and "--enable-chunked-prefill" not in argv
         assert int(_value(argv, "--max-num-batched-tokens")) >= 300 + 256
+        import os
+
+        cpus = sorted(os.sched_getaffinity(0))
+        if 1 < len(cpus) <= 4 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the server computes on all CPUs
+            assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cpus))
 
 
 def test_without_an_adapter_the_model_is_served_under_the_name(tiny_model, tmp_path, capsys):

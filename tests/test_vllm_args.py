@@ -281,3 +281,43 @@ def test_vllm_shows_its_own_bar_on_a_terminal_only(tiny_model, prepared_demo, tm
     predict(PredictConfig(model_name_or_path=str(tiny_model), dataset="demo_dev", dataset_dir=str(prepared_demo),
                           out=str(tmp_path / "v.sql"), template="chatml", backend="vllm", max_new_tokens=8))
     assert [call["use_tqdm"] for call in fake_vllm["generate"]] == [False]
+
+
+@pytest.mark.parametrize("on_cpu, environ, cpus, expected", [
+    (True, {}, [0, 1], {"VLLM_CPU_OMP_THREADS_BIND": "0,1"}),  # this machine: both cores compute
+    (True, {}, [2, 5, 7, 9], {"VLLM_CPU_OMP_THREADS_BIND": "2,5,7,9"}),  # the CPUs this process may use
+    (True, {"VLLM_CPU_OMP_THREADS_BIND": "auto"}, [0, 1], {}),  # the user's binding wins
+    (True, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, [0, 1], {}),  # so does the user's reservation
+    (True, {}, list(range(16)), {}),  # a bigger machine keeps vLLM's own (NUMA, physical-core) binding
+    (True, {}, [0], {}),  # one CPU: nothing to choose
+    (False, {}, [0, 1], {}),  # a GPU: no CPU threads to bind
+])
+def test_vllm_computes_on_every_cpu_of_a_small_machine(on_cpu, environ, cpus, expected):
+    """Pins the one-core vLLM (its `auto` binding reserves a CPU for the scheduler: on a 2-core machine the model ran
+    on one, in every vLLM figure before this): sqltune binds the CPU engine's threads to all of a small machine's
+    CPUs unless the user chose a binding."""
+    from sqltune.infer.vllm_backend import cpu_threads_env
+
+    assert cpu_threads_env(on_cpu, environ, cpus) == expected
+
+
+def test_the_binding_reaches_the_engine_and_is_undone(tiny_model, prepared_demo, tmp_path, fake_vllm, monkeypatch):
+    """The engine (whose processes spawn inside LLM()) sees the binding; the caller's environment is as before."""
+    import os
+
+    import sqltune.infer.vllm_backend as backend
+
+    seen = []
+    monkeypatch.setattr(backend, "cpu_threads_env", lambda on_cpu: {"VLLM_CPU_OMP_THREADS_BIND": "0,1"})
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+
+    class Recording(sys.modules["vllm"].LLM):
+        def __init__(self, **kwargs):
+            seen.append(os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(sys.modules["vllm"], "LLM", Recording)
+    predict(PredictConfig(model_name_or_path=str(tiny_model), dataset="demo_dev", dataset_dir=str(prepared_demo),
+                          out=str(tmp_path / "b.sql"), template="chatml", backend="vllm", max_samples=2,
+                          max_new_tokens=8))
+    assert seen == ["0,1"] and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ

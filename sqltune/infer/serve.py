@@ -95,7 +95,7 @@ def serve_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str], Path]:
 
     from sqltune.infer.merge import check_adapter
     from sqltune.infer.prompt_format import prompt_settings, training_record
-    from sqltune.infer.vllm_backend import vllm_engine_args
+    from sqltune.infer.vllm_backend import cpu_threads_env, vllm_engine_args, vllm_on_cpu
     from sqltune.loading import load_tokenizer, resolve
     from sqltune.templates import chat_template_jinja, get_template, stop_token_ids
 
@@ -125,7 +125,7 @@ def serve_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str], Path]:
         argv += ["--lora-modules", f"{cfg.name}={adapter}"]
     else:
         argv += ["--served-model-name", cfg.name]
-    return argv, dict(QUIET_ENV), folder
+    return argv, {**QUIET_ENV, **cpu_threads_env(vllm_on_cpu())}, folder
 
 
 def serve(cfg: ServeConfig) -> dict:

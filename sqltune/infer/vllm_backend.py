@@ -8,6 +8,7 @@ runs in spawned worker processes: a Python script calling predict(backend="vllm"
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from sqltune.io import logging_to_file, read_json
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
 CPU_STEP_TOKENS = 4096  # vLLM's own CPU default for one step's tokens (its LLM class, one worker)
 CPU_KV_CACHE_GB = 4  # in float32: ~170k tokens of Qwen2.5-0.5B's KV cache, ~37k of Qwen2.5-7B's
+FEW_CPUS = 4  # up to this many CPUs, vLLM's automatic binding would leave a quarter or more of them idle
 
 
 def check_vllm(cfg: PredictConfig) -> None:
@@ -66,6 +68,37 @@ def kv_cache_bytes(cfg: PredictConfig, on_cpu: bool) -> int | None:
     return int(gb * (1 << 30)) if gb else None
 
 
+def cpu_threads_env(on_cpu: bool, environ=None, cpus: list[int] | None = None) -> dict[str, str]:
+    """Environment for vLLM's CPU engine to compute on every CPU of a small machine. Left to itself (binding `auto`)
+    vLLM reserves one CPU for its scheduler process and binds the model's threads to the others: on this project's
+    2-core machine the model ran on one core. Up to FEW_CPUS CPUs, sqltune binds the threads to all of them instead;
+    a VLLM_CPU_OMP_THREADS_BIND or VLLM_CPU_NUM_OF_RESERVED_CPU the user set wins, and bigger machines keep vLLM's
+    own binding (per NUMA node, one thread per physical core)."""
+    environ = os.environ if environ is None else environ
+    if not on_cpu or "VLLM_CPU_OMP_THREADS_BIND" in environ or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
+        return {}
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not 1 < len(cpus) <= FEW_CPUS:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set within the block (vLLM's engine processes, spawned there, inherit them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> dict:
     """Keyword arguments of `vllm.LLM`: parallelism, memory (the KV cache sized on a CPU) and length limits, dtype,
     eager mode, prefix caching, and LoRA sized from the adapter (vLLM's default max_lora_rank 16 rejects r=64)."""
@@ -105,7 +138,8 @@ class VLLMGenerator:
         from sqltune.templates import stop_token_ids
 
         self.tokenizer, self.template = tokenizer, template
-        self.llm = LLM(**vllm_engine_args(cfg, model, adapter))
+        with environment(cpu_threads_env(vllm_on_cpu())):
+            self.llm = LLM(**vllm_engine_args(cfg, model, adapter))
         self.lora = None
         if adapter is not None:
             from vllm.lora.request import LoRARequest

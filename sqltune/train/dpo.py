@@ -22,7 +22,6 @@ import contextlib
 from pathlib import Path
 
 from sqltune.config import TrainConfig
-from sqltune.digest import model_digest
 from sqltune.errors import SqltuneError
 from sqltune.loading import load_tokenizer, resolve
 from sqltune.progress import quiet_libraries
@@ -33,7 +32,8 @@ from sqltune.train.callbacks import make_callbacks
 from sqltune.train.pairs import load_pairs, tokenize_pairs
 from sqltune.train.session import (budget_clock, finish_run, open_run, run_inputs, run_trainer, start_work,
                                    training_arguments)
-from sqltune.train.setup import load_for_training, lora_config, prepare_kbit, setup_trainable
+from sqltune.train.setup import (adapter_read, continue_adapter, load_for_training, lora_config, prepare_kbit,
+                                 setup_trainable, starting_adapter)
 
 REFERENCE = "ref"  # the adapter TRL copies from a starting adapter as the reference
 
@@ -54,19 +54,11 @@ def train_dpo(cfg: TrainConfig) -> dict:
         return _train(cfg, model_path, out, adapter)
 
 
-def starting_adapter(path: str) -> Path:
-    folder = Path(path)
-    if not (folder / "adapter_config.json").is_file():
-        raise SqltuneError(f"--adapter {path} is not a LoRA adapter folder (no adapter_config.json)")
-    return folder
-
-
 def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None) -> dict:
     from trl import DPOConfig
 
     pairs = load_pairs(cfg.dataset_dir, cfg.dataset, cfg.max_samples, cfg.seed)
-    read = {"adapter_path": str(adapter.resolve()), "adapter_sha256": model_digest(adapter)} if adapter else {}
-    work, checkpoint, skipped, resolved = open_run(cfg, out, model_path, pairs, **read)
+    work, checkpoint, skipped, resolved = open_run(cfg, out, model_path, pairs, **adapter_read(adapter))
     tokenizer = load_tokenizer(model_path)
     template = get_template(cfg.template, tokenizer)
     resolved["template_resolved"] = template.name
@@ -98,13 +90,7 @@ def policy(cfg: TrainConfig, model_path: Path, adapter: Path | None):
     if cfg.finetuning_type == "qlora":
         model = prepare_kbit(model, cfg)
     if adapter is not None:
-        from peft import PeftModel
-
-        try:
-            return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), None
-        except (RuntimeError, ValueError, KeyError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise SqltuneError(f"--adapter {adapter} does not fit the model {model_path}: {first}") from None
+        return continue_adapter(model, adapter, model_path), None
     if cfg.finetuning_type in ("lora", "qlora"):
         return model, lora_config(model, cfg)  # TRL wraps it; the reference is the model with the adapter off
     return setup_trainable(model, cfg), None

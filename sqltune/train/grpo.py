@@ -13,8 +13,10 @@ folder and its lock, resume (the settings, GRPO's included, must match), the tim
 gets the reward's mean and spread at every step: GRPO logs each step), progress (the bar shows the reward) and the
 finished folder. With --plot_loss, training_reward.png shows the reward's mean and spread per step.
 
-Typical use starts from the SFT model merged into a plain folder (`sqltune merge`): the adapter written here is
-applied to that model by predict.
+It starts from the SFT model either merged into a plain folder (`sqltune merge`; a fresh LoRA is trained on it and
+applied to that model by predict) or as its adapter (--adapter: that adapter goes on learning, and the output is one
+adapter for the base, as SFT's is). With --adapter there is no reference to keep, so --grpo_beta must stay 0: a
+reference would be the base without the SFT adapter.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from sqltune.train.grpo_data import databases, prompt_rows
 from sqltune.train.reward import SqlReward
 from sqltune.train.session import (budget_clock, finish_run, open_run, run_inputs, run_trainer, start_work,
                                    training_arguments)
-from sqltune.train.setup import trainable_model
+from sqltune.train.setup import (adapter_read, continue_adapter, load_for_training, prepare_kbit, ready_for_training,
+                                 starting_adapter, trainable_model)
 
 
 def rollout_backend(choice: str, vllm_found: bool | None = None, gpu: bool | None = None) -> str:
@@ -152,20 +155,32 @@ def train_grpo(cfg: TrainConfig) -> dict:
     dbs, bird = databases(cfg.dataset_dir, cfg.dataset, records)
     folders.check_overlap(out, {f"database {p.parent.name}": p.parent for p in sorted(set(dbs))})
     backend = rollout_backend(cfg.rollout_backend)
+    adapter = starting_adapter(cfg.adapter) if cfg.adapter else None
     with folders.lock(out) if _world()[0] == 0 else contextlib.nullcontext():  # one training per output_dir
-        return _train(cfg, model_path, out, records, dbs, bird, backend)
+        return _train(cfg, model_path, out, records, dbs, bird, backend, adapter)
+
+
+def policy(cfg: TrainConfig, model_path: Path, adapter: Path | None):
+    """(model, trainable parameters): a fresh LoRA (or the finetuning type's parameters) on the model, or the
+    starting adapter going on."""
+    if adapter is None:
+        return trainable_model(cfg, model_path)
+    model = load_for_training(cfg, model_path)
+    if cfg.finetuning_type == "qlora":
+        model = prepare_kbit(model, cfg)
+    return ready_for_training(continue_adapter(model, adapter, model_path), cfg)
 
 
 def _train(cfg: TrainConfig, model_path: Path, out: Path, records: list[dict], dbs: list[Path], bird: bool,
-           backend: str) -> dict:
+           backend: str, adapter: Path | None) -> dict:
     from trl import GRPOConfig
 
-    work, checkpoint, skipped, resolved = open_run(cfg, out, model_path, records)
+    work, checkpoint, skipped, resolved = open_run(cfg, out, model_path, records, **adapter_read(adapter))
     tokenizer = load_tokenizer(model_path)
     template = get_template(cfg.template, tokenizer)
     resolved["template_resolved"] = template.name
     rows, prompt_ids, prompts_cut = prompt_rows(records, dbs, tokenizer, template, cfg.max_source_length)
-    model, trainable = trainable_model(cfg, model_path)
+    model, trainable = policy(cfg, model_path, adapter)
     stops = stop_token_ids(tokenizer, template, model.generation_config)
     model.generation_config.eos_token_id = stops  # TRL stops and masks completions at these, as predict stops
     vllm = backend == "vllm"

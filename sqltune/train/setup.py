@@ -132,6 +132,35 @@ def setup_trainable(model, cfg):
     return get_peft_model(model, lora_config(model, cfg))
 
 
+def starting_adapter(path: str):
+    """The folder of --adapter (a LoRA adapter to go on training); one line when it is not one."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file():
+        raise SqltuneError(f"--adapter {path} is not a LoRA adapter folder (no adapter_config.json)")
+    return folder
+
+
+def continue_adapter(model, adapter, model_path):
+    """`model` with the LoRA adapter at `adapter` loaded trainable (its own rank and targets kept); an adapter of
+    another model is one line."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SqltuneError(f"--adapter {adapter} does not fit the model {model_path}: {first}") from None
+
+
+def adapter_read(adapter) -> dict:
+    """What a training that goes on from `adapter` records as read: its path and content digest (identity, resume)."""
+    from sqltune.digest import model_digest
+
+    return {"adapter_path": str(adapter.resolve()), "adapter_sha256": model_digest(adapter)} if adapter else {}
+
+
 def missing_gradients(model, finite: bool = True) -> list[str]:
     """Names of trainable parameters that have no gradient (or, with `finite`, a non-finite one)."""
     bad = []
