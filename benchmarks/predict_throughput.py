@@ -35,6 +35,10 @@ an arm's rounds), and how many vote greedy candidates agree (samples come from d
 
     python benchmarks/predict_throughput.py --backend hf,vllm --records PREPARED.jsonl --prompts 64 --vote 8 \
         --vote_prompts 16 --max_new_tokens 128 --repeats 2
+
+A `vllm_auto` arm is the vLLM backend with vLLM's own CPU thread binding (it keeps one CPU for its scheduler; on a
+small machine sqltune binds the model's threads to all CPUs, sqltune/infer/vllm_backend.py cpu_threads_env):
+--backend vllm_auto,vllm measures what that binding buys.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vote", type=int, default=0, help="time vote@N sampling, shared prompt against repeated")
     p.add_argument("--vote_batch", type=int, default=2, help="prompts per sampling call with --vote")
     p.add_argument("--repeats", type=int, default=2, help="alternations of the two --vote (or --backend) arms")
-    p.add_argument("--backend", default="", help="hf,vllm: time sqltune's HF generator against its vLLM backend")
+    p.add_argument("--backend", default="", help="hf,vllm: time sqltune's HF generator against its vLLM backend; "
+                   "vllm_auto: the vLLM backend under vLLM's own CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto)")
     p.add_argument("--batch_size", type=int, default=8, help="--backend: the HF arm's prompts per call")
     p.add_argument("--vote_prompts", type=int, default=16, help="--backend with --vote N: prompts sampled at vote@N")
     p.add_argument("--hf_python", default=str(ROOT / ".venv" / "bin" / "python"), help="--backend: the HF arm's Python")
@@ -197,8 +202,8 @@ def vote_arms(a, records: list[dict]) -> int:
 def backend_arms(a) -> int:
     """The parent: checks the arms, runs each as a child process of its Python, alternating, and sums up."""
     arms = [b.strip() for b in a.backend.split(",") if b.strip()]
-    if not arms or set(arms) - {"hf", "vllm"} or len(set(arms)) != len(arms):
-        print(f"predict_throughput: --backend takes hf, vllm or hf,vllm, not {a.backend!r}")
+    if not arms or set(arms) - {"hf", "vllm", "vllm_auto"} or len(set(arms)) != len(arms):
+        print(f"predict_throughput: --backend takes hf, vllm, vllm_auto or a comma list of them, not {a.backend!r}")
         return 2
     if a.vote == 1 or a.vote < 0 or a.batch_size < 1 or a.prompts < 1 or a.repeats < 1:
         print("predict_throughput: --backend needs --vote 0 or >= 2, --batch_size, --prompts and --repeats >= 1")
@@ -216,7 +221,7 @@ def backend_arms(a) -> int:
         if not (work / "data" / "dataset_info.json").is_file():
             prepare(PrepareConfig(source="demo", out=str(work / "data"), name="demo"))
         records = str(work / "data" / "demo_dev.jsonl")
-    pythons = {"hf": a.hf_python, "vllm": a.vllm_python}
+    pythons = {"hf": a.hf_python, "vllm": a.vllm_python, "vllm_auto": a.vllm_python}
     runnable = []
     for arm in arms:
         reason = arm_missing(arm, pythons[arm])
@@ -249,7 +254,7 @@ def arm_missing(arm: str, python: str) -> str:
     """Why the arm cannot run ('' when it can): its Python missing, or vLLM not installed for it."""
     if not Path(python).is_file():
         return f"{python} not found"
-    if arm == "vllm":
+    if arm.startswith("vllm"):
         code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
         if subprocess.run([python, "-c", code], capture_output=True).returncode != 0:
             return f"vLLM is not installed for {python} (make install-vllm puts it in .venv-vllm)"
@@ -258,13 +263,15 @@ def arm_missing(arm: str, python: str) -> str:
 
 def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
     """One child process of `python` for the arm; its output goes to `log`; returns its RESULT, None on failure."""
-    cmd = [python, str(Path(__file__).resolve()), "--arm", arm, "--records", records, "--prompts", str(a.prompts),
+    cmd = [python, str(Path(__file__).resolve()), "--arm", arm.split("_")[0], "--records", records, "--prompts", str(a.prompts),
            "--model", a.model, "--template", a.template, "--dtypes", a.dtypes.split(",")[0].strip(),
            "--max_new_tokens", str(a.max_new_tokens), "--max_source_length", str(a.max_source_length),
            "--batch_size", str(a.batch_size), "--vote", str(a.vote), "--vote_prompts", str(a.vote_prompts),
            "--seed", str(a.seed), "--device", a.device] + (["--vllm_compile"] if a.vllm_compile else [])
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
+    if arm == "vllm_auto":  # vLLM's own CPU binding (one CPU kept for its scheduler), not sqltune's (all of a small machine's)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
     start = time.perf_counter()
     with open(log, "w") as err:  # vLLM logs (its engine's errors too) to stdout: kept in the log, less RESULT
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -415,6 +422,14 @@ def backend_summary(results: dict[str, list[dict]], a) -> list[str]:
                          f"(samples come from different generators and are not compared)")
         lines.append(f"vLLM / HF, best of each: greedy {best['vllm']['greedy'] / best['hf']['greedy']:.2f}x"
                      + (f", vote@{a.vote} {best['vllm']['vote'] / best['hf']['vote']:.2f}x" if a.vote else ""))
+    if {"vllm", "vllm_auto"} <= set(results):
+        mine, auto = results["vllm"][-1], results["vllm_auto"][-1]
+        n = len(mine["greedy_answers"])
+        lines.append(f"greedy answers equal between vllm and vllm_auto (last rounds): "
+                     f"{sum(x == y for x, y in zip(mine['greedy_answers'], auto['greedy_answers']))}/{n}")
+        lines.append(f"vLLM bound to every CPU / vLLM's own binding, best of each: greedy "
+                     f"{best['vllm']['greedy'] / best['vllm_auto']['greedy']:.2f}x"
+                     + (f", vote@{a.vote} {best['vllm']['vote'] / best['vllm_auto']['vote']:.2f}x" if a.vote else ""))
     return lines
 
 

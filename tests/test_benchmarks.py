@@ -116,3 +116,8 @@ def test_predict_throughput_backend_arms_hf_only(tiny_model, tmp_path, capsys):
     assert out[-1].startswith("hf   best: start ")
     assert "greedy answers equal in its first and last round: 3/3" in out[-1]
     assert predict_throughput.main(["--backend", "hf,tgi"]) == 2
+    assert predict_throughput.main(["--backend", "vllm_auto,vllm", "--prompts", "1", "--work", str(tmp_path),
+                                    "--vllm_python", sys.executable]) == 2  # both vLLM arms skipped: none can run
+    out = capsys.readouterr().out.splitlines()
+    assert out[-3].startswith("vllm_auto arm skipped: vLLM is not installed") and out[-1] == \
+        "predict_throughput: no arm can run"
