@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import math
 import os
 from pathlib import Path
@@ -39,8 +38,8 @@ from sqltune.train.callbacks import TRAIN_LOG, make_callbacks
 from sqltune.train.data import load_records
 from sqltune.train.grpo_data import databases, prompt_rows
 from sqltune.train.reward import SqlReward
-from sqltune.train.session import (budget_clock, finish_run, open_run, run_inputs, run_trainer, start_work,
-                                   training_arguments)
+from sqltune.train.session import (budget_clock, finish_run, open_run, plot_log, run_inputs, run_trainer,
+                                   start_work, training_arguments)
 from sqltune.train.setup import (adapter_read, continue_adapter, load_for_training, prepare_kbit, ready_for_training,
                                  starting_adapter, trainable_model)
 
@@ -112,33 +111,9 @@ def progress_figures(logs: dict, tokens_per_s: float) -> dict:
 
 def plot_reward(log_path: Path, out: Path) -> None:
     """training_reward.png: the mean reward per step, shaded one standard deviation either side."""
-    import matplotlib
+    from sqltune.report.plots import reward_curve
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sqltune.io import atomic_write
-
-    lines = log_path.read_text().splitlines() if log_path.is_file() else []
-    rows = [r for r in map(json.loads, filter(str.strip, lines)) if isinstance(r.get("reward"), (int, float))]
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    mean = [r["reward"] for r in rows]
-    std = [r.get("reward_std") or 0.0 for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, mean, marker="o", markersize=2, label="mean reward")
-    ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.25,
-                    label="± one standard deviation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title("sqltune train --stage grpo")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic_write(out, "wb") as handle:  # replaces a link at `out`, never writes through it
-        fig.savefig(handle, dpi=120, format="png")
-    plt.close(fig)
+    plot_log(log_path, out, reward_curve)
 
 
 def train_grpo(cfg: TrainConfig) -> dict:

@@ -196,23 +196,24 @@ def run_figures(log_history: list[dict]) -> dict:
     return {"train_loss": total / steps, "first_loss": rows[0]["loss"], "final_loss": rows[-1]["loss"]}
 
 
-def plot_loss(log_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()] if log_path.is_file() else []
-    points = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    if not points:
+def plot_log(log_path: Path, out: Path, draw) -> None:
+    """A curve of the training log as a PNG file, drawn by the run page's own plot (`draw`, from
+    sqltune/report/plots.py), so the file and the page show the same picture; nothing when the log holds none."""
+    rows = []
+    for line in log_path.read_text().splitlines() if log_path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a kill
+    png = draw([r for r in rows if isinstance(r, dict)])
+    if png is None:
         return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(*zip(*points), marker="o", markersize=2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("sqltune train")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     with atomic_write(out, "wb") as handle:  # replaces a link at `out`, never writes through it
-        fig.savefig(handle, dpi=120, format="png")
-    plt.close(fig)
+        handle.write(png)
+
+
+def plot_loss(log_path: Path, out: Path) -> None:
+    """training_loss.png: the loss per logged step."""
+    from sqltune.report.plots import training_loss
+
+    plot_log(log_path, out, training_loss)
