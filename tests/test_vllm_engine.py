@@ -132,3 +132,34 @@ def test_vote_whose_prompts_exceed_one_step_runs_on_the_cpu(tiny_model, prepared
     _predict(tiny_model, prepared_demo, out, *argv)
     raw = [json.loads(line) for line in out.with_name(out.name + ".raw.jsonl").read_text().splitlines()]
     assert len(raw) == many and all(len(r["vote"]["candidates"]) == 3 for r in raw)
+
+
+def test_a_lora_adapter_through_the_real_engine_matches_hf(greedy_run, tiny_model, prepared_demo, tmp_path):
+    """Pins that predictions with a LoRA adapter (issue 28's sampling step on the SFT adapter, `ask --adapter`) run
+    on vLLM's CPU build: with a random r=8 adapter on every linear layer, the engine's greedy answers are the
+    transformers backend's with the same adapter, and not the base model's (the adapter is applied)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from sqltune import predict
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM",
+                                            init_lora_weights=False))  # random B: the adapter changes the answers
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    out = tmp_path / "lora.sql"
+    _predict(tiny_model, prepared_demo, out, "--adapter", str(adapter))
+    raw = _lined_up(out, prepared_demo)
+    predict(model_name_or_path=str(tiny_model), adapter=str(adapter), dataset="demo_dev",
+            dataset_dir=str(prepared_demo), out=str(tmp_path / "hf.sql"), template="chatml", max_samples=RECORDS,
+            max_new_tokens=16, dtype="float32")
+    hf = [json.loads(line) for line in (tmp_path / "hf.sql.raw.jsonl").read_text().splitlines()]
+    assert [r["raw"] for r in raw] == [r["raw"].rstrip("\ufffd") for r in hf]
+    base = [json.loads(line) for line in greedy_run[0].with_name("greedy.sql.raw.jsonl").read_text().splitlines()]
+    assert [r["raw"] for r in raw] != [r["raw"] for r in base]
