@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server_timeout", type=float, default=900)
     p.add_argument("--out", default="", help="write the figures as JSON here")
     a = p.parse_args(argv)
+    if not (Path(a.spider) / "dev.json").is_file():  # before any model is fetched or server started
+        print(f"ask_latency: --spider {a.spider} has no dev.json (a Spider folder: dev.json and database/)")
+        return 2
 
     from sqltune.catalog import fetch
     from sqltune.config import AskConfig

@@ -121,3 +121,13 @@ def test_predict_throughput_backend_arms_hf_only(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-3].startswith("vllm_auto arm skipped: vLLM is not installed") and out[-1] == \
         "predict_throughput: no arm can run"
+
+
+def test_ask_latency_without_spider_is_one_line(tmp_path, capsys):
+    """Pins: ask_latency run where ../shared/spider is not beside the checkout (a git worktree, say) died in a
+    FileNotFoundError traceback; it is one line and exit 2 now, before any model is fetched."""
+    import ask_latency
+
+    assert ask_latency.main(["--spider", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().out == (f"ask_latency: --spider {tmp_path / 'nowhere'} has no dev.json "
+                                       "(a Spider folder: dev.json and database/)\n")
