@@ -296,3 +296,23 @@ def test_grpo_adapter_that_is_no_adapter_is_one_line(tiny_model, prepared_demo, 
     err = capsys.readouterr().err
     assert "is not a LoRA adapter folder" in err and err.count("\n") == 1, err
     assert not (tmp_path / "x").exists()
+
+
+def test_checkpointing_is_switched_by_the_name_this_transformers_has():
+    """Pins GRPO under transformers 5.19 (the pin of vLLM's CPU build, .venv-vllm): GRPOConfig got
+    `activation_checkpointing`, a name 5.19's TrainingArguments lacks (a TypeError before training); and DPO passed
+    `gradient_checkpointing`, which newer 5.x warns about. The keyword now follows the installed class."""
+    from dataclasses import dataclass
+
+    from sqltune.train.session import checkpointing
+
+    @dataclass
+    class Old:
+        gradient_checkpointing: bool = False
+
+    @dataclass
+    class New(Old):
+        activation_checkpointing: bool = False
+
+    assert checkpointing(Old, True) == {"gradient_checkpointing": True}
+    assert checkpointing(New, False) == {"activation_checkpointing": False}

@@ -30,8 +30,8 @@ import sqltune.train.folders as folders
 from sqltune.train.budget import _world, budget_trainer
 from sqltune.train.callbacks import make_callbacks
 from sqltune.train.pairs import load_pairs, tokenize_pairs
-from sqltune.train.session import (budget_clock, finish_run, open_run, run_inputs, run_trainer, start_work,
-                                   training_arguments)
+from sqltune.train.session import (budget_clock, checkpointing, finish_run, open_run, run_inputs, run_trainer,
+                                   start_work, training_arguments)
 from sqltune.train.setup import (adapter_read, continue_adapter, load_for_training, lora_config, prepare_kbit,
                                  setup_trainable, starting_adapter)
 
@@ -66,7 +66,7 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None) 
     model, peft_config = policy(cfg, model_path, adapter)
 
     args = training_arguments(cfg, work, DPOConfig, beta=cfg.dpo_beta, loss_type=[cfg.pref_loss], max_length=None,
-                              gradient_checkpointing=cfg.gradient_checkpointing, precompute_ref_log_probs=False)
+                              **checkpointing(DPOConfig, cfg.gradient_checkpointing), precompute_ref_log_probs=False)
     start_work(cfg, out, work, checkpoint, skipped, resolved)
     clock = budget_clock(cfg, checkpoint)
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0

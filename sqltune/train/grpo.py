@@ -38,8 +38,8 @@ from sqltune.train.callbacks import TRAIN_LOG, make_callbacks
 from sqltune.train.data import load_records
 from sqltune.train.grpo_data import databases, prompt_rows
 from sqltune.train.reward import SqlReward
-from sqltune.train.session import (budget_clock, finish_run, open_run, plot_log, run_inputs, run_trainer,
-                                   start_work, training_arguments)
+from sqltune.train.session import (budget_clock, checkpointing, finish_run, open_run, plot_log, run_inputs,
+                                   run_trainer, start_work, training_arguments)
 from sqltune.train.setup import (adapter_read, continue_adapter, load_for_training, prepare_kbit, ready_for_training,
                                  starting_adapter, trainable_model)
 
@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, records: list[dict], d
     args = training_arguments(
         cfg, work, GRPOConfig, logging_steps=1,  # the reward's mean and spread at every step
         include_num_input_tokens_seen="no",  # GRPO counts prompt and completion tokens itself
-        activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default; sqltune by the flag
+        **checkpointing(GRPOConfig, cfg.gradient_checkpointing),  # TRL turns it on by default; sqltune by the flag
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         temperature=cfg.grpo_temperature, beta=cfg.grpo_beta, loss_type=cfg.grpo_loss_type, log_completions=False,
         use_vllm=vllm, vllm_mode="colocate", vllm_max_model_length=cfg.max_source_length + cfg.max_completion_length,

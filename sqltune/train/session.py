@@ -88,6 +88,17 @@ def open_run(cfg: TrainConfig, out: Path, model_path: Path, records: list[dict],
     return work, checkpoint, skipped, resolved
 
 
+def checkpointing(args_class, on: bool) -> dict:
+    """The TrainingArguments keyword that switches activation (gradient) checkpointing: `activation_checkpointing`
+    where the installed transformers has it (newer 5.x, which warns about the old name), else
+    `gradient_checkpointing` (5.19, vLLM's CPU build's pin, has only that). TRL's configs turn it on by default;
+    sqltune switches it by --gradient_checkpointing."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(args_class)} if dataclasses.is_dataclass(args_class) else set()
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
 def training_arguments(cfg: TrainConfig, work: Path, args_class=None, **extra):
     """The TrainingArguments (or a subclass, such as TRL's DPOConfig) every stage trains with; `extra` adds or
     replaces a stage's own."""
