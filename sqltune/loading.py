@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -136,3 +137,35 @@ def gpu_device_map(path: Path, share: float = 0.9) -> dict | None:
         sum(f.stat().st_size for f in Path(path).glob("*.bin"))
     free, _ = torch.cuda.mem_get_info(0)
     return {"": 0} if 0 < size < share * free else None
+
+
+_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
+                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
+
+
+def check_adapter(adapter: str) -> Path:
+    """The adapter folder `adapter` names; one line when it is missing or holds no adapter_config.json."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise SqltuneError(f"adapter folder not found: {adapter}")
+    if not (path / "adapter_config.json").is_file():
+        raise SqltuneError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    return path
+
+
+def attach_adapter(model, adapter: Path, trainable: bool = False):
+    """A PeftModel (its adapter learning with `trainable`: DPO and GRPO going on from an SFT adapter); an adapter
+    trained for another base is a one-line error, not a traceback."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        text = str(exc)
+        found = _MISMATCH.search(text)
+        if found:
+            name, got, want = found.groups()
+            detail = f"{name} is {got} in the adapter but {want} in the model"
+        else:
+            detail = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SqltuneError(f"adapter {adapter} does not fit this base model: {detail}") from None

@@ -60,7 +60,7 @@ class Asker:
     manager (the worker is closed at the end)."""
 
     def __init__(self, cfg: AskConfig):
-        from sqltune.infer.merge import check_adapter
+        from sqltune.loading import check_adapter
         from sqltune.loading import check_attention, load_tokenizer, resolve
         from sqltune.templates import get_template
 

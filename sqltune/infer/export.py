@@ -109,7 +109,8 @@ def _modelfile_parts(cfg: ExportConfig, model: Path, adapter: Path | None):
 
 def export(cfg: ExportConfig) -> dict:
     from sqltune.infer.converter import converter, missing_modules
-    from sqltune.infer.merge import adapter_base, check_adapter, merge
+    from sqltune.infer.merge import adapter_base, merge
+    from sqltune.loading import check_adapter
     from sqltune.infer.modelfile import go_template, modelfile
     from sqltune.loading import resolve
 

@@ -21,37 +21,7 @@ from sqltune.config import MergeConfig
 from sqltune.errors import SqltuneError
 from sqltune.io import refuse_overlap, swap_in, temp_dir
 from sqltune.lock import held
-from sqltune.loading import gpu_device_map, load_model, load_tokenizer, resolve
-
-_MISMATCH = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from "
-                       r"checkpoint, the shape in current model is torch\.Size\((\[[^\]]*\])\)")
-
-
-def check_adapter(adapter: str) -> Path:
-    path = Path(adapter)
-    if not path.is_dir():
-        raise SqltuneError(f"adapter folder not found: {adapter}")
-    if not (path / "adapter_config.json").is_file():
-        raise SqltuneError(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    return path
-
-
-def attach_adapter(model, adapter: Path):
-    """A PeftModel; an adapter trained for another base is a one-line error, not a traceback."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        text = str(exc)
-        found = _MISMATCH.search(text)
-        if found:
-            name, got, want = found.groups()
-            detail = f"{name} is {got} in the adapter but {want} in the model"
-        else:
-            detail = (text.strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise SqltuneError(f"adapter {adapter} does not fit this base model: {detail}") from None
-
+from sqltune.loading import attach_adapter, check_adapter, gpu_device_map, load_model, load_tokenizer, resolve
 
 def adapter_base(adapter: Path) -> str:
     """The base model an adapter was trained on, as peft recorded it in adapter_config.json."""

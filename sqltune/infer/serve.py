@@ -93,7 +93,7 @@ def serve_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str], Path]:
     """(argv of the vLLM server, environment variables it needs, the folder of its files), the files written."""
     import json
 
-    from sqltune.infer.merge import check_adapter
+    from sqltune.loading import check_adapter
     from sqltune.infer.prompt_format import prompt_settings, training_record
     from sqltune.infer.vllm_backend import cpu_threads_env, vllm_engine_args, vllm_on_cpu
     from sqltune.loading import load_tokenizer, resolve

@@ -112,6 +112,21 @@ def _trainings(run_dir: Path, config: dict, notes: list[str]) -> list[dict]:
     return found
 
 
+def log_rows(log: Path) -> list[dict]:
+    """A training log's rows (trainer_log.jsonl), each with its finite numbers only; a line cut by a kill is
+    skipped, the rest still reads."""
+    rows = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and math.isfinite(v)})
+    return rows
+
+
 def _training(run_dir: Path, config: dict, notes: list[str], only: bool = False) -> dict:
     """The training log of the run (its train section's output folder, `adapter/`, or the folder itself) as rows;
     `only`: of that folder alone."""
@@ -121,15 +136,7 @@ def _training(run_dir: Path, config: dict, notes: list[str], only: bool = False)
     log = next((p / TRAIN_LOG for p in places if (p / TRAIN_LOG).is_file()), None)
     if log is None:
         return {"log": None, "rows": []}
-    rows = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill: the rest still reads
-        if isinstance(row, dict):
-            rows.append({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                         and math.isfinite(v)})
+    rows = log_rows(log)
     if not rows:
         notes.append(f"{log.name} holds no logged step")
     return {"log": str(log), "rows": rows}

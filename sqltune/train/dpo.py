@@ -23,7 +23,7 @@ from pathlib import Path
 
 from sqltune.config import TrainConfig
 from sqltune.errors import SqltuneError
-from sqltune.loading import load_tokenizer, resolve
+from sqltune.loading import check_adapter, load_tokenizer, resolve
 from sqltune.progress import quiet_libraries
 from sqltune.templates import get_template
 import sqltune.train.folders as folders
@@ -32,8 +32,7 @@ from sqltune.train.callbacks import make_callbacks
 from sqltune.train.pairs import load_pairs, tokenize_pairs
 from sqltune.train.session import (budget_clock, checkpointing, finish_run, open_run, run_inputs, run_trainer,
                                    start_work, training_arguments)
-from sqltune.train.setup import (adapter_read, continue_adapter, load_for_training, lora_config, prepare_kbit,
-                                 setup_trainable, starting_adapter)
+from sqltune.train.setup import adapter_read, load_prepared, load_with_adapter, lora_config, setup_trainable
 
 REFERENCE = "ref"  # the adapter TRL copies from a starting adapter as the reference
 
@@ -46,7 +45,7 @@ def train_dpo(cfg: TrainConfig) -> dict:
     if cfg.quiet:
         quiet_libraries()
     model_path = resolve(cfg.model_name_or_path)
-    adapter = starting_adapter(cfg.adapter) if cfg.adapter else None
+    adapter = check_adapter(cfg.adapter) if cfg.adapter else None
     out = Path(cfg.output_dir)
     folders.check_overlap(out, run_inputs(cfg, model_path))
     load_pairs(cfg.dataset_dir, cfg.dataset)  # a dataset without pairs is one line before the output is touched
@@ -86,11 +85,9 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None) 
 
 def policy(cfg: TrainConfig, model_path: Path, adapter: Path | None):
     """(model, peft_config for TRL or None): the model to train as the finetuning type says, see the module's doc."""
-    model = load_for_training(cfg, model_path)
-    if cfg.finetuning_type == "qlora":
-        model = prepare_kbit(model, cfg)
     if adapter is not None:
-        return continue_adapter(model, adapter, model_path), None
+        return load_with_adapter(cfg, model_path, adapter), None
+    model = load_prepared(cfg, model_path)
     if cfg.finetuning_type in ("lora", "qlora"):
         return model, lora_config(model, cfg)  # TRL wraps it; the reference is the model with the adapter off
     return setup_trainable(model, cfg), None

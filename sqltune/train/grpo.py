@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqltune.config import TrainConfig
 from sqltune.errors import SqltuneError
-from sqltune.loading import load_tokenizer, resolve
+from sqltune.loading import check_adapter, load_tokenizer, resolve
 from sqltune.progress import quiet_libraries
 from sqltune.templates import get_template, stop_token_ids
 import sqltune.train.folders as folders
@@ -40,8 +40,7 @@ from sqltune.train.grpo_data import databases, prompt_rows
 from sqltune.train.reward import SqlReward
 from sqltune.train.session import (budget_clock, checkpointing, finish_run, open_run, plot_log, run_inputs,
                                    run_trainer, start_work, training_arguments)
-from sqltune.train.setup import (adapter_read, continue_adapter, load_for_training, prepare_kbit, ready_for_training,
-                                 starting_adapter, trainable_model)
+from sqltune.train.setup import adapter_read, load_with_adapter, ready_for_training, trainable_model
 
 
 def rollout_backend(choice: str, vllm_found: bool | None = None, gpu: bool | None = None) -> str:
@@ -130,7 +129,7 @@ def train_grpo(cfg: TrainConfig) -> dict:
     dbs, bird = databases(cfg.dataset_dir, cfg.dataset, records)
     folders.check_overlap(out, {f"database {p.parent.name}": p.parent for p in sorted(set(dbs))})
     backend = rollout_backend(cfg.rollout_backend)
-    adapter = starting_adapter(cfg.adapter) if cfg.adapter else None
+    adapter = check_adapter(cfg.adapter) if cfg.adapter else None
     with folders.lock(out) if _world()[0] == 0 else contextlib.nullcontext():  # one training per output_dir
         return _train(cfg, model_path, out, records, dbs, bird, backend, adapter)
 
@@ -140,10 +139,7 @@ def policy(cfg: TrainConfig, model_path: Path, adapter: Path | None):
     starting adapter going on."""
     if adapter is None:
         return trainable_model(cfg, model_path)
-    model = load_for_training(cfg, model_path)
-    if cfg.finetuning_type == "qlora":
-        model = prepare_kbit(model, cfg)
-    return ready_for_training(continue_adapter(model, adapter, model_path), cfg)
+    return ready_for_training(load_with_adapter(cfg, model_path, adapter), cfg)
 
 
 def _train(cfg: TrainConfig, model_path: Path, out: Path, records: list[dict], dbs: list[Path], bird: bool,

@@ -210,13 +210,9 @@ def run_figures(log_history: list[dict]) -> dict:
 def plot_log(log_path: Path, out: Path, draw) -> None:
     """A curve of the training log as a PNG file, drawn by the run page's own plot (`draw`, from
     sqltune/report/plots.py), so the file and the page show the same picture; nothing when the log holds none."""
-    rows = []
-    for line in log_path.read_text().splitlines() if log_path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a kill
-    png = draw([r for r in rows if isinstance(r, dict)])
+    from sqltune.report.page import log_rows
+
+    png = draw(log_rows(log_path) if log_path.is_file() else [])
     if png is None:
         return
     with atomic_write(out, "wb") as handle:  # replaces a link at `out`, never writes through it

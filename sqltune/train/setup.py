@@ -132,26 +132,18 @@ def setup_trainable(model, cfg):
     return get_peft_model(model, lora_config(model, cfg))
 
 
-def starting_adapter(path: str):
-    """The folder of --adapter (a LoRA adapter to go on training); one line when it is not one."""
-    from pathlib import Path
-
-    folder = Path(path)
-    if not (folder / "adapter_config.json").is_file():
-        raise SqltuneError(f"--adapter {path} is not a LoRA adapter folder (no adapter_config.json)")
-    return folder
+def load_prepared(cfg, model_path):
+    """The base loaded for cfg.finetuning_type (load_for_training) and, for QLoRA, made ready for k-bit training."""
+    model = load_for_training(cfg, model_path)
+    return prepare_kbit(model, cfg) if cfg.finetuning_type == "qlora" else model
 
 
-def continue_adapter(model, adapter, model_path):
-    """`model` with the LoRA adapter at `adapter` loaded trainable (its own rank and targets kept); an adapter of
-    another model is one line."""
-    from peft import PeftModel
+def load_with_adapter(cfg, model_path, adapter):
+    """The base (load_prepared) with the LoRA adapter at `adapter` loaded to go on learning (its own rank and
+    targets kept); an adapter of another model is one line (sqltune.loading.attach_adapter)."""
+    from sqltune.loading import attach_adapter
 
-    try:
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise SqltuneError(f"--adapter {adapter} does not fit the model {model_path}: {first}") from None
+    return attach_adapter(load_prepared(cfg, model_path), adapter, trainable=True)
 
 
 def adapter_read(adapter) -> dict:
