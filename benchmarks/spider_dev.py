@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from sqltune.infer.outputs import output_totals
+    from sqltune.data.prepare import dev_sample_indices
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -260,9 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     registry = json.loads((data / "dataset_info.json").read_text())
     dev_rows = list(read_jsonl(data / "spider_dev.jsonl"))
     db_dir = dev_db_dir(data)
-    eligible = [i for i, r in enumerate(dev_rows) if (db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file()]
-    rng = random.Random(a.seed)
-    dev_idx = sorted(rng.sample(eligible, a.dev_sample)) if 0 < a.dev_sample < len(eligible) else eligible
+    dev_idx = dev_sample_indices([(db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file() for r in dev_rows],
+                                 a.dev_sample, a.seed)  # prepare --dev_sample's rule: a recipe scores these too
     n_train = len(list(read_jsonl(data / "spider_train.jsonl")))
     train_idx = sorted(random.Random(a.seed + 1).sample(range(n_train), min(a.train_examples, n_train)))
     sample_split(data, "spider_dev", "spider_devsample", dev_idx, with_gold=True)

@@ -17,6 +17,11 @@ Both files keep the record format prepare writes (the prompt as `instruction`, `
 training renders the prompt and closes the answer with the chat template (sqltune/templates.py), the one place where
 prompts and the end of an answer are made, so a pair's prompt and answer end are exactly an SFT record's.
 
+- mixed: the question's own record (its gold `output`) when its candidates are partly right and partly wrong,
+  registered as `<name>_mixed`. These are the questions GRPO can learn from: a question the model always answers
+  right, or never, gives a group of equal rewards and so no gradient (DAPO filters such groups while training;
+  this is the same filter, offline, from the samples at hand).
+
 Distinct means the same SQL text (ends stripped); an empty candidate (no SQL in the answer) is counted and left out.
 Duplicates are also dropped across questions (two questions with the same prompt and answer give one record). A
 question whose gold query fails has no right answer to learn from: it is counted and left out. Every count is
@@ -33,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 from sqltune.config import EvalConfig, SamplesConfig
-from sqltune.data.registry import lookup, read_registry, register
+from sqltune.data.registry import lookup, read_registry, register_many
 from sqltune.digest import records_digest, tree_digest
 from sqltune.errors import SqltuneError
 from sqltune.io import read_json, read_jsonl, refuse_link, temp_dir
@@ -163,10 +168,10 @@ def _add_once(row: dict, rows: list[dict], seen: set[str]) -> bool:
 
 
 def build(records: list[dict], distinct: list[list[str]], verdicts: list[list[str]], gold_failed: set[int],
-          max_per_question: int, max_pairs: int) -> tuple[list[dict], list[dict], dict]:
-    """(records of right candidates, preference pairs, counts) from each question's distinct candidates and their
-    verdicts; duplicates across questions are dropped and counted."""
-    out, pairs, seen_records, seen_pairs = [], [], set(), set()
+          max_per_question: int, max_pairs: int) -> tuple[list[dict], list[dict], list[dict], dict]:
+    """(records of right candidates, preference pairs, the mixed questions' own records, counts) from each
+    question's distinct candidates and their verdicts; duplicates across questions are dropped and counted."""
+    out, pairs, mixed, seen_records, seen_pairs, seen_mixed = [], [], [], set(), set(), set()
     counts = Counter()
     for i, (record, sqls, marks) in enumerate(zip(records, distinct, verdicts)):
         if i in gold_failed:
@@ -186,25 +191,29 @@ def build(records: list[dict], distinct: list[list[str]], verdicts: list[list[st
             row = {**prompt, "chosen": chosen, "rejected": rejected, "rejected_runs": runs}
             if not _add_once(row, pairs, seen_pairs):
                 counts["duplicate_pairs"] += 1
-        counts["questions_with_pair"] += bool(by[RUNS] or by[FAILS])
-    return out, pairs, dict(counts)
+        if by[RUNS] or by[FAILS]:
+            counts["questions_with_pair"] += 1
+            _add_once(record, mixed, seen_mixed)
+    return out, pairs, mixed, dict(counts)
 
 
 # ------------------------------------------------------------------------------------------------ writing
 def _targets(cfg: SamplesConfig, entry: dict) -> dict[str, Path]:
     root = Path(cfg.dataset_dir)
     targets = {"records": root / f"{cfg.name}.jsonl", "pairs": root / f"{cfg.name}_pairs.jsonl",
-               "meta": root / f"{cfg.name}.meta.json"}
+               "mixed": root / f"{cfg.name}_mixed.jsonl", "meta": root / f"{cfg.name}.meta.json"}
     inputs = {Path(cfg.samples).resolve(), meta_path_of(Path(cfg.samples)).resolve(),
               Path(entry["file_name"]).resolve()}
     for path in targets.values():
         refuse_link(path, "an output of `sqltune samples`")
         if path.resolve() in inputs:
             raise SqltuneError(f"--name {cfg.name} would overwrite the input {path}: choose another --name")
-    known = read_registry(root).get(cfg.name)
-    if known is not None and not (isinstance(known, dict) and "samples" in known):
-        raise SqltuneError(f"dataset {cfg.name!r} is registered already in {root} (not by `sqltune samples`): "
-                           "choose another --name")
+    registry = read_registry(root)
+    for name in (cfg.name, f"{cfg.name}_mixed"):
+        known = registry.get(name)
+        if known is not None and not (isinstance(known, dict) and "samples" in known):
+            raise SqltuneError(f"dataset {name!r} is registered already in {root} (not by `sqltune samples`): "
+                               "choose another --name")
     return targets
 
 
@@ -235,24 +244,26 @@ def samples(cfg: SamplesConfig) -> dict:
     targets = _targets(cfg, entry)
     distinct, duplicates, empty = zip(*(distinct_candidates(s) for s in sqls)) if sqls else ((), (), ())
     verdicts, gold_failed = score_candidates(entry, records, list(distinct), cfg.workers, cfg.quiet)
-    out, pairs, counts = build(records, list(distinct), verdicts, gold_failed, cfg.max_per_question,
+    out, pairs, mixed, counts = build(records, list(distinct), verdicts, gold_failed, cfg.max_per_question,
                                cfg.max_pairs_per_question)
     figures = {"questions": len(records), "candidates": sum(len(s) for s in sqls),
                "duplicate_candidates": sum(duplicates), "empty_candidates": sum(empty),
                "questions_with_right": counts.get("questions_with_right", 0),
                "questions_with_pair": counts.get("questions_with_pair", 0),
                "questions_gold_failed": counts.get("questions_gold_failed", 0),
-               "records": len(out), "pairs": len(pairs),
+               "records": len(out), "pairs": len(pairs), "mixed_questions": len(mixed),
                **{k: counts.get(k, 0) for k in (f"candidates_{RIGHT}", f"candidates_{RUNS}", f"candidates_{FAILS}",
                                                 "right_over_cap", "duplicate_records", "duplicate_pairs")}}
     meta = {**figures, "dataset": name, "max_per_question": cfg.max_per_question,
             "max_pairs_per_question": cfg.max_pairs_per_question,
             "samples": str(Path(cfg.samples).resolve()), "samples_sha256": tree_digest(Path(cfg.samples)),
             "records_sha256": records_digest(records)}
-    _write_together({targets["records"]: _jsonl(out), targets["pairs"]: _jsonl(pairs),
+    _write_together({targets["records"]: _jsonl(out), targets["pairs"]: _jsonl(pairs), targets["mixed"]: _jsonl(mixed),
                      targets["meta"]: json.dumps(meta, indent=2, ensure_ascii=False) + "\n"})
     keep = {k: entry[k] for k in ("source", "split", "schema_style", "history") if k in entry}
     keep.update({k: Path(entry[k]) for k in ("tables", "db_dir") if entry.get(k)})
-    register(cfg.dataset_dir, cfg.name, {**keep, "file_name": targets["records"], "pairs": targets["pairs"],
-                                         "records": len(out), "pair_records": len(pairs), "samples": targets["meta"]})
+    register_many(cfg.dataset_dir, {
+        cfg.name: {**keep, "file_name": targets["records"], "pairs": targets["pairs"], "records": len(out),
+                   "pair_records": len(pairs), "samples": targets["meta"]},
+        f"{cfg.name}_mixed": {**keep, "file_name": targets["mixed"], "records": len(mixed), "samples": targets["meta"]}})
     return figures

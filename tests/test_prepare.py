@@ -417,3 +417,40 @@ def test_a_broken_database_is_named_once(tmp_path, demo_dir, capsys, style, how)
         got = [r for r in records(tmp_path / "b" / f"spider_{split}.jsonl") if r["db_id"] == "shop"]
         want = [r for r in records(tmp_path / "a" / f"spider_{split}.jsonl") if r["db_id"] == "shop"]
         assert got and got == want, split
+
+
+def test_dev_sample_is_a_seeded_sample_of_questions_with_a_database(demo_dir, tmp_path, capsys):
+    """Pins `prepare --dev_sample N`: `<name>_dev<N>` holds the records, gold and difficulty lines of N dev questions
+    whose database exists, drawn with --seed by the rule benchmarks/spider_dev.py uses (dev_sample_indices), so a
+    recipe scores the benchmark's questions; a question without its database is never drawn; too few is all of
+    them, said in a line; a multi-turn or dev-less preparation is one error line."""
+    from sqltune.data.prepare import dev_sample_indices
+
+    data = tmp_path / "src"
+    shutil.copytree(demo_dir, data)
+    source_dev = json.loads((data / "dev.json").read_text())
+    gone = source_dev[0]["db_id"]
+    shutil.rmtree(data / "database" / gone)
+    out = tmp_path / "o"
+    figures = prepare(PrepareConfig(data_dir=str(data), out=str(out), dev_sample=5, seed=3))
+    assert figures["dev_sample_records"] == 5
+    entry = lookup(out, "spider_dev5")
+    assert entry["records"] == 5 and entry["sample_of"] == "spider_dev" and entry["seed"] == 3
+    has_db = [q["db_id"] != gone for q in source_dev]
+    picked = dev_sample_indices(has_db, 5, 3)
+    assert all(has_db[i] for i in picked) and picked == sorted(picked)
+    dev, sample = records(out / "spider_dev.jsonl"), records(out / "spider_dev5.jsonl")
+    assert sample == [dev[i] for i in picked]
+    gold = (out / "spider_dev_gold.sql").read_text().splitlines()
+    assert (out / "spider_dev5_gold.sql").read_text().splitlines() == [gold[i] for i in picked]
+    assert entry["gold"].endswith("spider_dev5_gold.sql")
+    assert dev_sample_indices(has_db, 5, 4) != picked  # another seed, another sample
+
+    everything = sum(has_db)
+    prepare(PrepareConfig(data_dir=str(data), out=str(tmp_path / "all"), dev_sample=100, splits="dev"))
+    assert lookup(tmp_path / "all", "spider_dev100")["records"] == everything
+    assert f"only {everything} dev questions have their database" in capsys.readouterr().err
+
+    assert main(["prepare", "--data_dir", str(data), "--out", str(tmp_path / "t"), "--splits", "train",
+                 "--dev_sample", "5"]) == 2
+    assert "--dev_sample samples the dev split" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_counts_records_and_pairs(toy):
     figures = run(data, raw, max_per_question=2, max_pairs_per_question=4)
     assert figures == {"questions": 4, "candidates": 12, "duplicate_candidates": 1, "empty_candidates": 1,
                        "questions_with_right": 2, "questions_with_pair": 1, "questions_gold_failed": 1,
-                       "records": 2, "pairs": 4, "candidates_right": 4, "candidates_wrong_runs": 3,
+                       "records": 2, "pairs": 4, "mixed_questions": 1, "candidates_right": 4, "candidates_wrong_runs": 3,
                        "candidates_wrong_fails": 2, "right_over_cap": 1, "duplicate_records": 1,
                        "duplicate_pairs": 0}
     kept = rows(data / "toy_samples.jsonl")
@@ -99,6 +99,18 @@ def test_counts_records_and_pairs(toy):
     entry = lookup(data, "toy_samples")  # registered like any dataset, its pairs file beside
     assert entry["file_name"] == str(data / "toy_samples.jsonl") and entry["pairs"] == str(data / "toy_samples_pairs.jsonl")
     assert entry["db_dir"] == str(data.parent / "db") and entry["records"] == 2 and entry["pair_records"] == 4
+
+
+def test_mixed_questions_are_grpos_data(toy):
+    """Pins `<name>_mixed`: the own records (gold answers) of the questions whose candidates are partly right and
+    partly wrong, registered beside the samples: question 0 only (question 1 has no right candidate, 2 a failing
+    gold, 3 only right ones)."""
+    data, raw = toy
+    run(data, raw)
+    assert rows(data / "toy_samples_mixed.jsonl") == [record("names over 1.5", "SELECT name FROM items WHERE price > 1.5")]
+    entry = lookup(data, "toy_samples_mixed")
+    assert entry["records"] == 1 and entry["db_dir"] == str(data.parent / "db") and entry["split"] == "train"
+    assert entry["samples"] == str(data / "toy_samples.meta.json")
 
 
 def test_caps(toy):

@@ -1,5 +1,5 @@
 """Settings of `sqltune samples`: the candidates of `predict --num_samples N` on a train split turned into training
-data (sqltune/data/samples.py). Apart from settings.py, which holds the stages' settings."""
+data (sqltune/samples.py). Apart from settings.py, which holds the stages' settings."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ class SamplesConfig:
     dataset_dir: str = arg("data/prepared", "folder holding dataset_info.json; the new files are written and "
                                             "registered here")
     name: str = arg("", "registry name of the new dataset: <name>.jsonl (records of right candidates), "
-                        "<name>_pairs.jsonl (preference pairs) and <name>.meta.json (the counts)")
+                        "<name>_pairs.jsonl (preference pairs), <name>.meta.json (the counts), and <name>_mixed "
+                        "(<name>_mixed.jsonl: the records of questions whose candidates are partly right, partly "
+                        "wrong: GRPO's data)")
     max_per_question: int = arg(4, "distinct right candidates kept per question as records (greedy first, then "
                                    "the samples in the order drawn)")
     max_pairs_per_question: int = arg(4, "preference pairs kept per question (a right and a wrong candidate of its "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -134,6 +135,33 @@ def failing_gold(split: Split, quiet: bool = True) -> dict[int, str]:
     return why
 
 
+def dev_sample_indices(has_database: list[bool], n: int, seed: int) -> list[int]:
+    """Sorted indices of a seeded sample of `n` questions among those whose database exists (all of those when `n`
+    is 0 or not fewer): the one rule `prepare --dev_sample` and benchmarks/spider_dev.py share, so that a recipe and
+    the benchmark score the same questions."""
+    eligible = [i for i, ok in enumerate(has_database) if ok]
+    return sorted(random.Random(seed).sample(eligible, n)) if 0 < n < len(eligible) else eligible
+
+
+def _dev_sample(cfg: PrepareConfig, entry: dict, part: Split, files: dict[str, str]) -> tuple[str, dict]:
+    """`<name>_dev<N>`: the records, gold and difficulty lines of --dev_sample's questions, added to `files`; its
+    registry entry says what it samples. Multi-turn splits are refused (a question there leans on its turns)."""
+    if any(ex.interaction >= 0 for ex in part.examples):
+        raise SqltuneError(f"--dev_sample samples single questions; {cfg.source}'s dev split is interactions")
+    name = f"{cfg.name}_dev{cfg.dev_sample}"
+    picked = dev_sample_indices([part.db_path(ex.db_id).is_file() for ex in part.examples], cfg.dev_sample, cfg.seed)
+    if len(picked) < cfg.dev_sample:
+        say(f"{name}: only {len(picked)} dev questions have their database: all of them are the sample")
+    sample = dict(entry, file_name=Path(cfg.out) / f"{name}.jsonl", records=len(picked), sample_of=f"{cfg.name}_dev",
+                  seed=cfg.seed)
+    for key, suffix in (("file_name", ".jsonl"), ("gold", "_gold.sql"), ("difficulty", "_difficulty.txt")):
+        if key in entry:
+            lines = files[f"{cfg.name}_dev{suffix}"].split("\n")  # "\n" alone ends a line, as the readers split
+            files[f"{name}{suffix}"] = "".join(lines[i] + "\n" for i in picked)
+            sample[key] = Path(cfg.out) / f"{name}{suffix}"
+    return name, sample
+
+
 def _write_all(out: Path, files: dict[str, str]) -> None:
     """Write every file into a staging folder inside `out`, then rename them into place together."""
     stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
@@ -158,6 +186,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     splits = [s.strip() for s in cfg.splits.split(",") if s.strip()]
     if not splits:
         raise SqltuneError("--splits names no split (e.g. train,dev)")
+    if cfg.dev_sample and "dev" not in splits:
+        raise SqltuneError(f"--dev_sample samples the dev split, which --splits {cfg.splits} leaves out")
     out = Path(cfg.out)
     data_dir = cfg.data_dir or (str(out / "demo_source") if cfg.source == "demo" else "")
     data_dir = cfg.db_dir if cfg.source == "sqlite" else data_dir
@@ -238,6 +268,9 @@ def prepare(cfg: PrepareConfig) -> dict:
                 files[f"{name}_difficulty.txt"] = "".join(f"{ex.difficulty}\n" for ex in part.examples)
                 entry["difficulty"] = out / f"{name}_difficulty.txt"
         entries[name] = entry
+        if cfg.dev_sample and split == "dev":
+            sample_name, entries[sample_name] = _dev_sample(cfg, entry, part, files)
+            figures["dev_sample_records"] = entries[sample_name]["records"]
         missing_dbs |= no_db
         figures[f"{split}_records"] = len(records)
         figures[f"{split}_records_without_database"] = without_db
