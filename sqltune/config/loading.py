@@ -16,7 +16,8 @@ import yaml
 
 from sqltune.errors import SqltuneError
 
-from sqltune.config.settings import TrainConfig, shown
+from sqltune.config.settings import shown
+from sqltune.config.train import TrainConfig
 
 
 # --------------------------------------------------------------------------------------------- loading

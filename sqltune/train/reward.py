@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqltune.config.settings import REWARD_OUTCOMES as OUTCOMES, reward_shape_values
+from sqltune.config.train import REWARD_OUTCOMES as OUTCOMES, reward_shape_values
 from sqltune.errors import SqltuneError
 from sqltune.eval.execution import exec_match
 from sqltune.infer.extract import extract_sql
