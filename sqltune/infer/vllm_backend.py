@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from pathlib import Path
 
 from sqltune.config import PredictConfig
@@ -128,6 +129,48 @@ def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> d
     return args
 
 
+class LogLines:
+    """What vLLM's `use_tqdm` calls, printing sqltune's progress lines (sqltune.progress) in a log file. vLLM makes
+    one over the requests of a `generate` call (`update(n)` once per finished request, `n` its outputs, so a vote's
+    sampled request counts once here), reads `format_dict["elapsed"]`, sets `postfix` to its token rates; and wraps
+    the prompts it renders (an iterable, passed through: rendering is quick)."""
+
+    def __init__(self, iterable=None, total: int | None = None, desc: str = "", **_):
+        from sqltune.progress import Progress
+
+        self.iterable, self.n = iterable, 0
+        self.progress = None if iterable is not None else Progress(int(total or 0), "generate", "requests")
+        self.started = time.monotonic()
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    @property
+    def format_dict(self) -> dict:
+        return {"elapsed": max(time.monotonic() - self.started, 1e-9)}
+
+    @property
+    def postfix(self) -> str:
+        return self.progress.text if self.progress else ""
+
+    @postfix.setter
+    def postfix(self, text: str) -> None:
+        if self.progress:
+            self.progress.text = str(text).replace("est. speed ", "")
+
+    def update(self, n: int = 1) -> None:
+        self.n += 1
+        if self.progress:
+            self.progress.update(1)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
+
+
 class VLLMGenerator:
     """vLLM (GPU or CPU build), for throughput; same prompts (token ids) and stop tokens as the HF path. predict hands it all
     remaining prompts at once, so vLLM schedules them continuously."""
@@ -146,9 +189,9 @@ class VLLMGenerator:
 
             self.lora = LoRARequest("adapter", 1, str(adapter))
         self.cfg, self.sampling = cfg, SamplingParams
-        # vLLM's own bar on a terminal only: in a log file it would show its first frame alone (predict's own
-        # progress says the count there), and never with --quiet
-        self.bar = not cfg.quiet and not logging_to_file()
+        # vLLM's own bar on a terminal; in a log file (where a bar shows its first frame alone) progress lines as
+        # every stage prints them, so a long generate call is not silent there; nothing with --quiet
+        self.bar = False if cfg.quiet else LogLines if logging_to_file() else True
         self.stop = stop_token_ids(tokenizer, template, _generation_config(model))
         self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                      seed=cfg.seed, stop_token_ids=self.stop)
