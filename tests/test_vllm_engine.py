@@ -163,3 +163,38 @@ def test_a_lora_adapter_through_the_real_engine_matches_hf(greedy_run, tiny_mode
     assert [r["raw"] for r in raw] == [r["raw"].rstrip("\ufffd") for r in hf]
     base = [json.loads(line) for line in greedy_run[0].with_name("greedy.sql.raw.jsonl").read_text().splitlines()]
     assert [r["raw"] for r in raw] != [r["raw"] for r in base]
+
+
+def test_a_steps_recipe_predicts_through_vllm_with_one_run_level_option(tiny_model, demo_dir, tmp_path):
+    """Pins issue 28's route to a recipe within hours on a CPU: `sqltune run RECIPE --backend vllm` in the vLLM
+    environment sends every predict step (the SFT adapter's samples on the train split, the dev arm) through the
+    engine, with the adapter as a LoRA module, and `samples` and `evaluate` read what it wrote."""
+    recipe = tmp_path / "rft.yaml"
+    recipe.write_text(f"""
+name: rft_vllm
+model_name_or_path: {tiny_model}
+template: chatml
+max_source_length: 512
+steps:
+  - {{name: prepare, stage: prepare, settings: {{source: spider, data_dir: {demo_dir}, name: demo, dev_sample: 4}}}}
+  - {{name: sft, stage: train, settings: {{max_steps: 2, per_device_train_batch_size: 4, save_steps: 2}}}}
+  - name: sample
+    stage: predict
+    from: sft
+    settings: {{dataset: demo_train, max_samples: 4, num_samples: 2, vote: execution, max_new_tokens: 8}}
+  - {{name: right, stage: samples, from: sample, settings: {{workers: 1}}}}
+  - {{name: greedy, stage: predict, from: sft, settings: {{dataset: demo_dev4, max_new_tokens: 8}}}}
+  - {{name: eval_greedy, stage: evaluate, from: greedy}}
+""")
+    runs = tmp_path / "runs"
+    argv = [sys.executable, "-m", "sqltune", "run", str(recipe), "--runs_dir", str(runs), "--backend", "vllm",
+            "--enforce_eager", "true", "--kv_cache_gb", "1", "--dtype", "float32"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=2 * ENGINE_TIMEOUT)
+    assert done.returncode == 0, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    (run,) = list(runs.iterdir())
+    for step in ("sample", "greedy"):
+        meta = json.loads((run / "predictions" / f"{step}.sql.meta.json").read_text())
+        assert meta["backend"] == "vllm" and meta["records"] == 4, step
+    assert (run / "data" / "right.meta.json").is_file() and (run / "data" / "right_mixed.jsonl").is_file()
+    assert json.loads((run / "eval" / "eval_greedy" / "metrics.json").read_text())["scores"]["all"]["count"] == 4
