@@ -277,10 +277,16 @@ def test_a_vllm_cpu_kvcache_space_that_is_no_size_is_one_line(tiny_model, prepar
 
 def test_vllm_shows_its_own_bar_on_a_terminal_only(tiny_model, prepared_demo, tmp_path, fake_vllm):
     """Pins (issue 29): vLLM's bar was always on, so a log file got its first frame alone and --quiet did not
-    silence it. Under pytest stderr is not a terminal: no bar; predict's own progress says the count."""
-    predict(PredictConfig(model_name_or_path=str(tiny_model), dataset="demo_dev", dataset_dir=str(prepared_demo),
-                          out=str(tmp_path / "v.sql"), template="chatml", backend="vllm", max_new_tokens=8))
-    assert [call["use_tqdm"] for call in fake_vllm["generate"]] == [False]
+    silence it. Under pytest stderr is not a terminal: not vLLM's bar but sqltune's progress lines (LogLines);
+    with --quiet nothing."""
+    from sqltune.infer.vllm_backend import LogLines
+
+    for quiet, shown in ((False, LogLines), (True, False)):
+        fake_vllm["generate"].clear()
+        predict(PredictConfig(model_name_or_path=str(tiny_model), dataset="demo_dev", dataset_dir=str(prepared_demo),
+                              out=str(tmp_path / f"v{quiet}.sql"), template="chatml", backend="vllm",
+                              max_new_tokens=8, quiet=quiet))
+        assert [call["use_tqdm"] for call in fake_vllm["generate"]] == [shown]
 
 
 @pytest.mark.parametrize("on_cpu, environ, cpus, expected", [
