@@ -153,7 +153,7 @@ def test_an_unknown_step_in_an_option_is_one_line(tmp_path, capsys):
     assert "unknown step 'q' in --q.max_steps (steps: p)" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("name", ["spider_qwen05_rft.yaml", "demo_grpo.yaml", "demo_rft.yaml",
+@pytest.mark.parametrize("name", ["spider_qwen05_rft.yaml", "demo_grpo.yaml", "demo_grpo_mixed.yaml", "demo_rft.yaml",
                                   "spider_qwen15_grpo_vllm.yaml"])
 def test_shipped_steps_recipes_resolve_every_step(name, tmp_path, capsys):
     """Each step's settings of the issue-28 recipes build into the stage's config (its checks pass) without running
