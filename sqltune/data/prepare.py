@@ -143,17 +143,18 @@ def dev_sample_indices(has_database: list[bool], n: int, seed: int) -> list[int]
     return sorted(random.Random(seed).sample(eligible, n)) if 0 < n < len(eligible) else eligible
 
 
-def _dev_sample(cfg: PrepareConfig, entry: dict, part: Split, files: dict[str, str]) -> tuple[str, dict]:
-    """`<name>_dev<N>`: the records, gold and difficulty lines of --dev_sample's questions, added to `files`; its
-    registry entry says what it samples. Multi-turn splits are refused (a question there leans on its turns)."""
+def _dev_sample(cfg: PrepareConfig, entry: dict, part: Split, no_db: set[str], files: dict[str, str]
+                ) -> tuple[str, dict]:
+    """`<name>_dev<N>`: the records, gold and difficulty lines of --dev_sample's questions (drawn among those whose
+    database is not in `no_db`), added to `files`; its registry entry says what it samples. Multi-turn splits are
+    refused (a question there leans on its turns)."""
     if any(ex.interaction >= 0 for ex in part.examples):
         raise SqltuneError(f"--dev_sample samples single questions; {cfg.source}'s dev split is interactions")
     name = f"{cfg.name}_dev{cfg.dev_sample}"
-    picked = dev_sample_indices([part.db_path(ex.db_id).is_file() for ex in part.examples], cfg.dev_sample, cfg.seed)
+    picked = dev_sample_indices([ex.db_id not in no_db for ex in part.examples], cfg.dev_sample, cfg.seed)
     if len(picked) < cfg.dev_sample:
         say(f"{name}: only {len(picked)} dev questions have their database: all of them are the sample")
-    sample = dict(entry, file_name=Path(cfg.out) / f"{name}.jsonl", records=len(picked), sample_of=f"{cfg.name}_dev",
-                  seed=cfg.seed)
+    sample = dict(entry, records=len(picked), sample_of=f"{cfg.name}_dev", seed=cfg.seed)
     for key, suffix in (("file_name", ".jsonl"), ("gold", "_gold.sql"), ("difficulty", "_difficulty.txt")):
         if key in entry:
             lines = files[f"{cfg.name}_dev{suffix}"].split("\n")  # "\n" alone ends a line, as the readers split
@@ -269,7 +270,7 @@ def prepare(cfg: PrepareConfig) -> dict:
                 entry["difficulty"] = out / f"{name}_difficulty.txt"
         entries[name] = entry
         if cfg.dev_sample and split == "dev":
-            sample_name, entries[sample_name] = _dev_sample(cfg, entry, part, files)
+            sample_name, entries[sample_name] = _dev_sample(cfg, entry, part, no_db, files)
             figures["dev_sample_records"] = entries[sample_name]["records"]
         missing_dbs |= no_db
         figures[f"{split}_records"] = len(records)

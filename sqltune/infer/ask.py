@@ -60,8 +60,7 @@ class Asker:
     manager (the worker is closed at the end)."""
 
     def __init__(self, cfg: AskConfig):
-        from sqltune.loading import check_adapter
-        from sqltune.loading import check_attention, load_tokenizer, resolve
+        from sqltune.loading import check_adapter, check_attention, load_tokenizer, resolve
         from sqltune.templates import get_template
 
         if not cfg.model_name_or_path:

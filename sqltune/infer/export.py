@@ -110,9 +110,8 @@ def _modelfile_parts(cfg: ExportConfig, model: Path, adapter: Path | None):
 def export(cfg: ExportConfig) -> dict:
     from sqltune.infer.converter import converter, missing_modules
     from sqltune.infer.merge import adapter_base, merge
-    from sqltune.loading import check_adapter
     from sqltune.infer.modelfile import go_template, modelfile
-    from sqltune.loading import resolve
+    from sqltune.loading import check_adapter, resolve
 
     adapter = check_adapter(cfg.adapter) if cfg.adapter else None
     model = resolve(cfg.model_name_or_path or adapter_base(adapter))

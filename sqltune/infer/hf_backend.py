@@ -31,8 +31,7 @@ class HFGenerator:
     def __init__(self, cfg: PredictConfig, tokenizer=None, template=None):
         import torch
 
-        from sqltune.loading import attach_adapter, check_adapter
-        from sqltune.loading import load_model, load_tokenizer, resolve
+        from sqltune.loading import attach_adapter, check_adapter, load_model, load_tokenizer, resolve
         from sqltune.templates import get_template, stop_token_ids
 
         path = resolve(cfg.model_name_or_path)

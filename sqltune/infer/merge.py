@@ -23,6 +23,7 @@ from sqltune.io import refuse_overlap, swap_in, temp_dir
 from sqltune.lock import held
 from sqltune.loading import attach_adapter, check_adapter, gpu_device_map, load_model, load_tokenizer, resolve
 
+
 def adapter_base(adapter: Path) -> str:
     """The base model an adapter was trained on, as peft recorded it in adapter_config.json."""
     from sqltune.io import read_json

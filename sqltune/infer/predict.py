@@ -139,8 +139,7 @@ def _with_predicted_history(records: list[dict], i: int, answers: dict[int, str]
 
 
 def predict(cfg: PredictConfig) -> dict:
-    from sqltune.loading import check_adapter
-    from sqltune.loading import load_tokenizer, resolve
+    from sqltune.loading import check_adapter, load_tokenizer, resolve
     from sqltune.templates import encode_prompt, get_template
 
     if cfg.quiet:

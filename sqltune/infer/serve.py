@@ -93,10 +93,9 @@ def serve_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str], Path]:
     """(argv of the vLLM server, environment variables it needs, the folder of its files), the files written."""
     import json
 
-    from sqltune.loading import check_adapter
     from sqltune.infer.prompt_format import prompt_settings, training_record
     from sqltune.infer.vllm_backend import cpu_threads_env, vllm_engine_args, vllm_on_cpu
-    from sqltune.loading import load_tokenizer, resolve
+    from sqltune.loading import check_adapter, load_tokenizer, resolve
     from sqltune.templates import chat_template_jinja, get_template, stop_token_ids
 
     model = resolve(cfg.model_name_or_path)
