@@ -30,6 +30,22 @@ def logging_to_file() -> bool:
     return not sys.stderr.isatty()
 
 
+@contextmanager
+def environ_set(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set within the block, and each name as it was before after it (also a name the
+    caller had set: it is restored, not removed)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def umask() -> int:
     """The process umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)

@@ -164,3 +164,21 @@ def test_shipped_steps_recipes_resolve_every_step(name, tmp_path, capsys):
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["steps"] and all(s["name"] in resolved for s in resolved["steps"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_restores_the_trace_variable_its_caller_had_set(tmp_path, demo_dir, monkeypatch, capsys):
+    """Pins that `sqltune run` puts SQLTUNE_TRACE back as it found it: a caller that had set it (a script tracing its
+    own commands) kept nothing of it after a run, which removed the variable instead of restoring it. Within the run
+    the steps' spans still land in the run's own trace."""
+    import os
+
+    from sqltune.trace import ENV_TRACE
+
+    outer = tmp_path / "outer" / "trace.jsonl"
+    monkeypatch.setenv(ENV_TRACE, str(outer))
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(f"steps:\n  - {{name: p, stage: prepare, settings: {{source: spider, data_dir: {demo_dir}, "
+                      f"name: demo}}}}\n")
+    assert main(["run", str(recipe), "--run_dir", str(tmp_path / "run")]) == 0
+    assert os.environ.get(ENV_TRACE) == str(outer)
+    assert [s["stage"] for s in spans(tmp_path / "run")] == ["p", "run"] and not outer.exists()

@@ -8,7 +8,6 @@ runs in spawned worker processes: a Python script calling predict(backend="vllm"
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from sqltune.config import PredictConfig
 from sqltune.errors import SqltuneError
-from sqltune.io import logging_to_file, read_json
+from sqltune.io import environ_set, logging_to_file, read_json
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
 CPU_STEP_TOKENS = 4096  # vLLM's own CPU default for one step's tokens (its LLM class, one worker)
@@ -83,21 +82,6 @@ def cpu_threads_env(on_cpu: bool, environ=None, cpus: list[int] | None = None) -
     if not 1 < len(cpus) <= FEW_CPUS:
         return {}
     return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]):
-    """os.environ with `values` set within the block (vLLM's engine processes, spawned there, inherit them)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> dict:
@@ -181,7 +165,7 @@ class VLLMGenerator:
         from sqltune.templates import stop_token_ids
 
         self.tokenizer, self.template = tokenizer, template
-        with environment(cpu_threads_env(vllm_on_cpu())):
+        with environ_set(cpu_threads_env(vllm_on_cpu())):  # the engine's spawned processes inherit it
             self.llm = LLM(**vllm_engine_args(cfg, model, adapter))
         self.lora = None
         if adapter is not None:

@@ -3,10 +3,10 @@ trace's run span, the EX table printed at the end and the run's page (report.htm
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from sqltune.config import load_yaml
+from sqltune.io import environ_set
 from sqltune.lock import held
 from sqltune.pipeline.core import RUN_LOCK, RunPlan, execute_stages, pick_run_dir, plan_name, read_stages, \
     resolved_yaml
@@ -64,9 +64,8 @@ def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str |
     run.mkdir(parents=True, exist_ok=True)
     with held(run / RUN_LOCK, f"another sqltune run is working in {run}",
               "wait for it to finish, or start a separate run with --new"):
-        os.environ[ENV_TRACE] = str(run / TRACE_FILE)
         try:
-            with span(run / TRACE_FILE, run.name, "run") as figures:
+            with environ_set({ENV_TRACE: str(run / TRACE_FILE)}), span(run / TRACE_FILE, run.name, "run") as figures:
                 results, _ = execute(plan, run, force)
                 for arm, fig in evaluated(plan, results).items():
                     if fig.get("ex") is not None:
@@ -74,8 +73,6 @@ def run_recipe(path: str, force: bool = False, new: bool = False, run_dir: str |
         except Exception:
             write_page(run)  # a failed run's page shows the stage that failed and its error
             raise
-        finally:
-            os.environ.pop(ENV_TRACE, None)
         page = write_page(run)
     table = summary_table(evaluated(plan, results))
     if table:
