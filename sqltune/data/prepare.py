@@ -202,16 +202,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         fixed = count(make_instruction([]))
         raise SqltuneError(f"--max_prompt_tokens {cfg.max_prompt_tokens} leaves no room for the schema: the "
                            f"instruction's fixed text alone is {fixed} tokens")
-    figures: dict = {"source": cfg.source, "schema_style": cfg.schema_style}
-    if data.missing_splits:
-        missing = ", ".join(data.missing_splits)
-        say(f"no {missing} split in {data_dir}: prepared {', '.join(data.splits)} only")
-        figures["missing_splits"] = missing
-    for why, named in data.left_out.items():  # input pairs the source could not use
-        figures[f"left_out_{why}"] = len(named)
-        if named:
-            say(f"left out {len(named)} pairs ({why.replace('_', ' ')}): " + "; ".join(named[:5])
-                + ("; ..." if len(named) > 5 else ""))
+    figures: dict = {"source": cfg.source, "schema_style": cfg.schema_style, **_source_notes(data, data_dir)}
     files: dict[str, str] = dict(data.files)
     entries: dict[str, dict] = {}
     missing_dbs: set[str] = set()
@@ -219,56 +210,16 @@ def prepare(cfg: PrepareConfig) -> dict:
         name = f"{cfg.name}_{split}"
         multi_turn = any(ex.interaction >= 0 for ex in part.examples)
         history = "gold" if split == "train" else cfg.history
-        records, cut, fewer_rows, over = [], 0, 0, 0
-        rows_asked = cfg.sample_rows if cfg.schema_style in ROW_STYLES else 0
-        fitted: dict[tuple[str, str], tuple[list[str], bool, bool, bool]] = {}  # blocks, fewer rows, cut, over
         no_db = {ex.db_id for ex in part.examples if not part.db_path(ex.db_id).is_file()}
         dropped = None
         if cfg.drop_failing_gold and split == "train":
-            why = failing_gold(part, cfg.quiet)
-            dropped = len(why)
-            part = dataclasses.replace(part, examples=[ex for i, ex in enumerate(part.examples) if i not in why])
-            kinds = {k: sum(v == k for v in why.values()) for k in ("error", "no rows", "no database")}
-            say(f"{name}: dropped {dropped} records whose gold query fails or returns no rows ("
-                + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
-        without_db = sum(ex.db_id in no_db for ex in part.examples)  # of the records kept
-        bar = Progress(len(part.examples), f"prepare {name}", "q", quiet=cfg.quiet, leave=False)
-        for ex in part.examples:
-            if count is None:
-                blocks = schema_of(part, ex.db_id, rows_asked)
-            else:
-                key = (ex.db_id, ex.evidence)  # the fit depends on the database and the evidence beside it alone
-                if key not in fitted:
-                    blocks, fewer, was_cut = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
-                                                              cfg.max_prompt_tokens, count, ex.evidence)
-                    fitted[key] = blocks, fewer, was_cut, not fits(blocks, cfg.max_prompt_tokens, count, ex.evidence)
-                blocks, fewer, was_cut, too_long = fitted[key]
-                cut += was_cut
-                fewer_rows += fewer
-                over += too_long
-            if ex.interaction >= 0:
-                records.append(make_turn_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.interaction,
-                                                ex.turn, history))
-            else:
-                records.append(make_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.evidence))
-            bar.update()
-        bar.close()
-        files[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        entry: dict = {"file_name": out / f"{name}.jsonl", "source": cfg.source, "split": split,
-                       "records": len(records), "schema_style": cfg.schema_style,
-                       "tables": part.tables_file.resolve(), "db_dir": part.db_dir.resolve()}
-        if multi_turn:
-            entry["history"] = history
-        if dropped is not None:
-            entry["dropped_failing_gold"] = dropped
+            part, dropped = _drop_failing_gold(part, name, cfg.quiet)
             figures[f"{split}_dropped_failing_gold"] = dropped
-        if split != "train":
-            files[f"{name}_gold.sql"] = gold_text(part.examples)
-            entry["gold"] = out / f"{name}_gold.sql"
-            if any(ex.difficulty for ex in part.examples):
-                files[f"{name}_difficulty.txt"] = "".join(f"{ex.difficulty}\n" for ex in part.examples)
-                entry["difficulty"] = out / f"{name}_difficulty.txt"
-        entries[name] = entry
+        without_db = sum(ex.db_id in no_db for ex in part.examples)  # of the records kept
+        records, fitting = _records(cfg, part, name, history, schema_of, count)
+        about = ({"history": history} if multi_turn else {}) | \
+            ({"dropped_failing_gold": dropped} if dropped is not None else {})
+        entries[name] = entry = _split_files(cfg, name, split, part, records, files, about)
         if cfg.dev_sample and split == "dev":
             sample_name, entries[sample_name] = _dev_sample(cfg, entry, part, no_db, files)
             figures["dev_sample_records"] = entries[sample_name]["records"]
@@ -276,13 +227,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         figures[f"{split}_records"] = len(records)
         figures[f"{split}_records_without_database"] = without_db
         if count is not None:
-            figures[f"{split}_prompts_cut"] = cut
-            if cfg.schema_style in ROW_STYLES:
-                figures[f"{split}_prompts_with_fewer_rows"] = fewer_rows
-            if over:
-                figures[f"{split}_prompts_over_budget"] = over
-                say(f"{name}: {over} instructions are longer than --max_prompt_tokens {cfg.max_prompt_tokens} even "
-                    "with their schema cut to a word: their evidence alone does not fit")
+            figures.update(_fitting_figures(cfg, split, name, fitting))
         say(f"{name}: {len(records)} records ({cfg.schema_style}"
             + (f", history {history}" if multi_turn else "")
             + (f"; {without_db} whose database is missing from {part.db_dir}" if without_db else "") + ")")
@@ -292,4 +237,101 @@ def prepare(cfg: PrepareConfig) -> dict:
         link_databases(folder, databases)
     register_many(out, entries)
     figures["missing_databases"] = sorted(missing_dbs)
+    return figures
+
+
+def _source_notes(data, data_dir: str) -> dict:
+    """Figures (and a line each) for what the source lacked: splits absent from it, input pairs it left out."""
+    figures: dict = {}
+    if data.missing_splits:
+        missing = ", ".join(data.missing_splits)
+        say(f"no {missing} split in {data_dir}: prepared {', '.join(data.splits)} only")
+        figures["missing_splits"] = missing
+    for why, named in data.left_out.items():  # input pairs the source could not use
+        figures[f"left_out_{why}"] = len(named)
+        if named:
+            say(f"left out {len(named)} pairs ({why.replace('_', ' ')}): " + "; ".join(named[:5])
+                + ("; ..." if len(named) > 5 else ""))
+    return figures
+
+
+def _drop_failing_gold(part: Split, name: str, quiet: bool) -> tuple[Split, int]:
+    """The split without the examples whose gold query fails, returns no rows or has no database; how many went."""
+    why = failing_gold(part, quiet)
+    kinds = {k: sum(v == k for v in why.values()) for k in ("error", "no rows", "no database")}
+    say(f"{name}: dropped {len(why)} records whose gold query fails or returns no rows ("
+        + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
+    return dataclasses.replace(part, examples=[ex for i, ex in enumerate(part.examples) if i not in why]), len(why)
+
+
+@dataclasses.dataclass
+class _Fitting:
+    """How a split's instructions met --max_prompt_tokens: how many had their schema cut, showed fewer example rows,
+    or stayed over the budget anyway (their evidence alone is too long)."""
+    cut: int = 0
+    fewer_rows: int = 0
+    over: int = 0
+
+
+def _records(cfg: PrepareConfig, part: Split, name: str, history: str,
+             schema_of: Callable[[Split, str, int], list[str]], count: Callable[[str], int] | None
+             ) -> tuple[list[dict], _Fitting]:
+    """A split's records, each instruction with its database's schema, fitted into --max_prompt_tokens when `count`
+    is given (once per database and evidence: they alone decide the fit)."""
+    records: list[dict] = []
+    fitting = _Fitting()
+    rows_asked = cfg.sample_rows if cfg.schema_style in ROW_STYLES else 0
+    fitted: dict[tuple[str, str], tuple[list[str], bool, bool, bool]] = {}  # blocks, fewer rows, cut, over
+    bar = Progress(len(part.examples), f"prepare {name}", "q", quiet=cfg.quiet, leave=False)
+    for ex in part.examples:
+        if count is None:
+            blocks = schema_of(part, ex.db_id, rows_asked)
+        else:
+            key = (ex.db_id, ex.evidence)
+            if key not in fitted:
+                blocks, fewer, was_cut = schema_that_fits(lambda n: schema_of(part, ex.db_id, n), rows_asked,
+                                                          cfg.max_prompt_tokens, count, ex.evidence)
+                fitted[key] = blocks, fewer, was_cut, not fits(blocks, cfg.max_prompt_tokens, count, ex.evidence)
+            blocks, fewer, was_cut, too_long = fitted[key]
+            fitting.cut += was_cut
+            fitting.fewer_rows += fewer
+            fitting.over += too_long
+        if ex.interaction >= 0:
+            records.append(make_turn_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.interaction,
+                                            ex.turn, history))
+        else:
+            records.append(make_record(ex.db_id, blocks, ex.question, ex.query, ex.history, ex.evidence))
+        bar.update()
+    bar.close()
+    return records, fitting
+
+
+def _split_files(cfg: PrepareConfig, name: str, split: str, part: Split, records: list[dict],
+                 files: dict[str, str], about: dict) -> dict:
+    """The split's files added to `files` (its records; beside a split other than train its gold lines and, when
+    the source grades questions, their difficulty); returns its registry entry, `about` (what else it records)
+    among its fields."""
+    out = Path(cfg.out)
+    files[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    entry: dict = {"file_name": out / f"{name}.jsonl", "source": cfg.source, "split": split,
+                   "records": len(records), "schema_style": cfg.schema_style,
+                   "tables": part.tables_file.resolve(), "db_dir": part.db_dir.resolve(), **about}
+    if split != "train":
+        files[f"{name}_gold.sql"] = gold_text(part.examples)
+        entry["gold"] = out / f"{name}_gold.sql"
+        if any(ex.difficulty for ex in part.examples):
+            files[f"{name}_difficulty.txt"] = "".join(f"{ex.difficulty}\n" for ex in part.examples)
+            entry["difficulty"] = out / f"{name}_difficulty.txt"
+    return entry
+
+
+def _fitting_figures(cfg: PrepareConfig, split: str, name: str, fitting: _Fitting) -> dict:
+    """The split's figures of --max_prompt_tokens; a line when instructions stay over it."""
+    figures = {f"{split}_prompts_cut": fitting.cut}
+    if cfg.schema_style in ROW_STYLES:
+        figures[f"{split}_prompts_with_fewer_rows"] = fitting.fewer_rows
+    if fitting.over:
+        figures[f"{split}_prompts_over_budget"] = fitting.over
+        say(f"{name}: {fitting.over} instructions are longer than --max_prompt_tokens {cfg.max_prompt_tokens} even "
+            "with their schema cut to a word: their evidence alone does not fit")
     return figures
