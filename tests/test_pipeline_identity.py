@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,41 @@ def test_a_folder_read_by_several_stages_is_digested_once_per_run(tmp_path, call
     first_run(tmp_path, calls, str(base), demo_dir)
     assert seen and len(seen) == len(set(seen)), seen
     assert str(base.resolve()) in seen
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line")
+
+
+def _glibc_linux() -> bool:
+    try:
+        return Path("/proc/self/status").is_file() and "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "")
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+@pytest.mark.skipif(not _glibc_linux(), reason="reads the RSS from /proc and relies on glibc's heap (Linux, glibc)")
+def test_a_step_hands_the_memory_it_freed_back_before_the_next(tmp_path, monkeypatch):
+    """Pins the Spider recipe that stopped after its first step: `sqltune run` runs steps in one process, and the
+    SFT of Qwen2.5-Coder-0.5B left some 20 GB of freed heap there, so the next step's vLLM engine found 2 GiB of
+    RAM and would not start. A stand-in step frees 300 MB of malloc'd blocks while a few of them stay alive
+    spread over the heap (as a training leaves its model's small objects), which keeps glibc from shrinking the
+    heap by itself; once the step is done the process must hold no more than a tenth of it."""
+    from sqltune.config import PrepareConfig
+    from sqltune.pipeline.core import run_step
+
+    kept: list[bytes] = []
+
+    def fragmenting_step(cfg):
+        blocks = [bytes(8192) for _ in range(38_400)]  # 300 MB, each block over pymalloc's limit: malloc's heap
+        kept.extend(blocks[999::1000])
+        return {"records": len(blocks)}
+
+    monkeypatch.setitem(STAGES, "prepare", dataclasses.replace(STAGES["prepare"], run=fragmenting_step))
+    before = _rss_mb()
+    run_step(tmp_path / "run", "prepare", PrepareConfig(out=str(tmp_path / "data")), [], force=False)
+    assert _rss_mb() - before < 30, f"the step left {_rss_mb() - before:.0f} MB of freed heap in the process"
+    assert len(kept) == 38
