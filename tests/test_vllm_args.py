@@ -166,11 +166,14 @@ def test_vllm_vote_asks_for_every_candidate_in_one_call(tiny_model, prepared_dem
 
 @pytest.fixture
 def on_cpu(fake_vllm, monkeypatch):
-    """The stand-in `vllm` on a machine without CUDA (vLLM's CPU build)."""
+    """The stand-in `vllm` on a machine without CUDA (vLLM's CPU build), with 64 GiB of RAM available."""
     import torch
+
+    import sqltune.infer.vllm_backend as backend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(backend, "available_ram", lambda: 64 << 30)
     return fake_vllm
 
 
@@ -193,6 +196,27 @@ def test_vllm_runs_on_a_cpu_with_a_kv_cache_that_fits(tiny_model, prepared_demo,
     # test_vllm_engine.py::test_vote_whose_prompts_exceed_one_step_runs_on_the_cpu)
     assert llm["enable_chunked_prefill"] is False and llm["max_num_batched_tokens"] >= llm["max_model_len"]
     assert (tmp_path / "c.sql").read_text().splitlines() == ["SELECT count(*) FROM t"] * 3
+
+
+def test_too_little_ram_for_the_cpu_engine_is_one_line(tiny_model, prepared_demo, tmp_path, on_cpu, monkeypatch,
+                                                      capsys):
+    """Pins: with less RAM available than the KV cache and the weights need, vLLM's CPU engine loaded the model and
+    then stopped in an error pages long (a `sqltune run` whose SFT step held 20 GB met it); now one line names both
+    sizes and what to change, before the engine starts or anything is written. The variable's size counts too."""
+    import sqltune.infer.vllm_backend as backend
+
+    monkeypatch.setattr(backend, "available_ram", lambda: 3 << 30)
+    argv = ["predict", "--model_name_or_path", str(tiny_model), "--dataset", "demo_dev", "--dataset_dir",
+            str(prepared_demo), "--out", str(tmp_path / "o" / "k.sql"), "--backend", "vllm"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "KV cache 4 GiB" in err[0] and "3.0 GiB are available" in err[0], err
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")
+    assert main(argv[:-2] + ["--out", str(tmp_path / "o" / "v.sql"), "--backend", "vllm"]) == 2
+    assert "KV cache 8 GiB" in capsys.readouterr().err
+    assert on_cpu["llm"] == [] and not (tmp_path / "o").exists()
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    assert main(argv + ["--kv_cache_gb", "1", "--max_samples", "2"]) == 0 and len(on_cpu["llm"]) == 1
 
 
 def test_enforce_eager_and_kv_cache_gb_reach_vllm(tiny_model, prepared_demo, tmp_path, fake_vllm):

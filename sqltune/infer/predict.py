@@ -160,7 +160,7 @@ def predict(cfg: PredictConfig) -> dict:
     mode = history_mode(cfg, records, entry)
     dbs = vote_databases(cfg, records, entry)
     if cfg.backend == "vllm":
-        check_vllm(cfg)
+        check_vllm(cfg, model)
     else:
         from sqltune.loading import check_attention
 

@@ -23,9 +23,10 @@ CPU_KV_CACHE_GB = 4  # in float32: ~170k tokens of Qwen2.5-0.5B's KV cache, ~37k
 FEW_CPUS = 4  # up to this many CPUs, vLLM's automatic binding would leave a quarter or more of them idle
 
 
-def check_vllm(cfg: PredictConfig) -> None:
-    """vLLM importable and the KV cache's size settled (checked before any output is touched). A broken install
-    (native parts built for another torch) raises OSError or RuntimeError, not ImportError: one line too."""
+def check_vllm(cfg: PredictConfig, model: Path | None = None) -> None:
+    """vLLM importable, the KV cache's size settled and, on a CPU, RAM for it and `model`'s weights (checked before
+    any output is touched). A broken install (native parts built for another torch) raises OSError or RuntimeError,
+    not ImportError: one line too."""
     try:
         from vllm import LLM, SamplingParams  # noqa: F401
     except ImportError:
@@ -35,7 +36,36 @@ def check_vllm(cfg: PredictConfig) -> None:
         text = " ".join(str(exc).split())[:300]
         raise SqltuneError(f"--backend vllm: vLLM is installed but does not load: {type(exc).__name__}: {text}") \
             from None
-    kv_cache_bytes(cfg, vllm_on_cpu())
+    on_cpu = vllm_on_cpu()
+    kv = kv_cache_bytes(cfg, on_cpu)
+    if on_cpu and model is not None:
+        check_ram(kv if kv is not None else int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30, model, available_ram())
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM the kernel can give without swapping (MemAvailable); None where /proc/meminfo is not."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_ram(kv_bytes: int, model: Path, available: int | None) -> None:
+    """On a CPU vLLM holds the weights and the KV cache in RAM. With less available its engine stops after loading
+    the model, in an error pages long (a `sqltune run` whose SFT step kept 20 GB met it): one line before instead.
+    The weights count at their size on disk, a floor (float32 from bfloat16 files takes twice that)."""
+    if available is None:
+        return
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) + sum(
+        p.stat().st_size for p in model.glob("*.bin"))
+    if available < kv_bytes + weights:
+        gib = 1 << 30
+        raise SqltuneError(f"vLLM on the CPU needs at least {(kv_bytes + weights) / gib:.1f} GiB of RAM here (the "
+                           f"model's weights {weights / gib:.1f} GiB, the KV cache {kv_bytes / gib:g} GiB), and "
+                           f"{available / gib:.1f} GiB are available: lower --kv_cache_gb, or free memory")
 
 
 def vllm_on_cpu() -> bool:
