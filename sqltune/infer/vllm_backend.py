@@ -145,15 +145,15 @@ def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> d
 
 class LogLines:
     """What vLLM's `use_tqdm` calls, printing sqltune's progress lines (sqltune.progress) in a log file. vLLM makes
-    one over the requests of a `generate` call (`update(n)` once per finished request, `n` its outputs, so a vote's
-    sampled request counts once here), reads `format_dict["elapsed"]`, sets `postfix` to its token rates; and wraps
-    the prompts it renders (an iterable, passed through: rendering is quick)."""
+    one over the answers of a `generate` call (its total counts each of a request's `n` outputs: a vote's sampled
+    request is n; `update(n)` once per finished request), reads `format_dict["elapsed"]`, sets `postfix` to its
+    token rates; and wraps the prompts it renders (an iterable, passed through: rendering is quick)."""
 
     def __init__(self, iterable=None, total: int | None = None, desc: str = "", **_):
         from sqltune.progress import Progress
 
         self.iterable, self.n = iterable, 0
-        self.progress = None if iterable is not None else Progress(int(total or 0), "generate", "requests")
+        self.progress = None if iterable is not None else Progress(int(total or 0), "generate", "answers")
         self.started = time.monotonic()
 
     def __iter__(self):
@@ -173,9 +173,9 @@ class LogLines:
             self.progress.text = str(text).replace("est. speed ", "")
 
     def update(self, n: int = 1) -> None:
-        self.n += 1
+        self.n += n
         if self.progress:
-            self.progress.update(1)
+            self.progress.update(n)
 
     def refresh(self) -> None:
         pass
