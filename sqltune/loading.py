@@ -126,6 +126,12 @@ def load_model(path: Path, quantization_bit: int | None = None, dtype=None, devi
         raise SqltuneError(f"cannot load the model weights in {path}: {str(exc).strip().splitlines()[0]}") from None
 
 
+def saved_weights_bytes(path: Path) -> int:
+    """Bytes of a model folder's weight files as saved: its safetensors, else its .bin files."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) or \
+        sum(f.stat().st_size for f in Path(path).glob("*.bin"))
+
+
 def gpu_device_map(path: Path, share: float = 0.9) -> dict | None:
     """{"": 0} when a CUDA GPU has room for the folder's weights (as saved), else None (CPU). Whole-model placement
     only: accelerate's spill-over to CPU/disk leaves weights on the meta device, which merging cannot touch."""
@@ -133,8 +139,7 @@ def gpu_device_map(path: Path, share: float = 0.9) -> dict | None:
 
     if not torch.cuda.is_available():
         return None
-    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) or \
-        sum(f.stat().st_size for f in Path(path).glob("*.bin"))
+    size = saved_weights_bytes(path)
     free, _ = torch.cuda.mem_get_info(0)
     return {"": 0} if 0 < size < share * free else None
 

@@ -59,8 +59,9 @@ def check_ram(kv_bytes: int, model: Path, available: int | None) -> None:
     The weights count at their size on disk, a floor (float32 from bfloat16 files takes twice that)."""
     if available is None:
         return
-    weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) + sum(
-        p.stat().st_size for p in model.glob("*.bin"))
+    from sqltune.loading import saved_weights_bytes
+
+    weights = saved_weights_bytes(model)
     if available < kv_bytes + weights:
         gib = 1 << 30
         raise SqltuneError(f"vLLM on the CPU needs at least {(kv_bytes + weights) / gib:.1f} GiB of RAM here (the "
