@@ -148,6 +148,21 @@ def test_resume_gives_the_same_final_loss(tiny_model, prepared_demo, tmp_path):
     assert steps == sorted(steps)  # no duplicated steps after the resume
 
 
+def test_sft_goes_on_training_a_starting_adapter(tiny_model, prepared_demo, tmp_path):
+    """`--stage sft --adapter A` (rejection sampling that continues SFT's adapter on its right samples): A's weights
+    are where training starts (its first loss is A's, not the base's), its own rank is kept (not --lora_rank), the
+    output is one adapter for the base, and A's digest is part of the run's identity. Before this, --adapter was
+    refused for sft."""
+    first = train(config(tiny_model, prepared_demo, tmp_path / "a", lora_rank=4, learning_rate=1e-2, max_steps=6))
+    fresh = train(config(tiny_model, prepared_demo, tmp_path / "fresh", max_steps=1))
+    out = tmp_path / "more"
+    more = train(config(tiny_model, prepared_demo, out, max_steps=1, adapter=str(tmp_path / "a")))
+    assert more["first_loss"] < fresh["first_loss"] - 0.1, (first, fresh, more)  # 6.14 against 6.40 seen
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    import yaml
+    assert yaml.safe_load((out / "sqltune_train.yaml").read_text())["adapter_sha256"]
+
+
 def test_two_processes_end_with_identical_adapters(tiny_model, prepared_demo, tmp_path):
     """Also pins issue #12 section 5 under torchrun: both ranks printed a `train:` summary with their own figures,
     and warmup was computed without the number of processes (2x too long here: half the peak rate at step 2)."""

@@ -34,10 +34,10 @@ class TrainConfig:
     stage: str = arg("sft", "what the run learns from: sft (supervised, the records' answers), dpo (preference "
                             "pairs of right and wrong candidates) or grpo (rewards from executing sampled SQL)")
     model_name_or_path: str = arg("", "base model folder, or a catalog name (see `sqltune models list`)")
-    adapter: str = arg("", "dpo, grpo: a LoRA adapter of --model_name_or_path (SFT's, say) to go on training (its "
-                           "own rank and targets are kept); dpo keeps its frozen copy as the reference model, grpo "
-                           "needs --grpo_beta 0; without it a fresh LoRA is trained on the model (a merged SFT model, "
-                           "say), the model itself dpo's reference")
+    adapter: str = arg("", "a LoRA adapter of --model_name_or_path (SFT's, say) to go on training (its own rank "
+                           "and targets are kept): sft learns more records with it (right samples, say), dpo keeps its "
+                           "frozen copy as the reference model, grpo needs --grpo_beta 0; without it a fresh LoRA is "
+                           "trained on the model (a merged SFT model, say), the model itself dpo's reference")
     dpo_beta: float = arg(0.1, "dpo: how far the model may move from the reference (TRL's beta; higher stays "
                                "closer)")
     pref_loss: str = arg("sigmoid", f"dpo: the preference loss, TRL's name: {', '.join(PREF_LOSSES)} (sigmoid is "
@@ -195,8 +195,6 @@ class TrainConfig:
         _check(math.isfinite(self.dpo_beta) and self.dpo_beta > 0, f"--dpo_beta must be > 0, not {self.dpo_beta}")
         _check(self.pref_loss in PREF_LOSSES,
                f"--pref_loss must be one of {', '.join(PREF_LOSSES)}, not {shown(self.pref_loss)}")
-        _check(not self.adapter or self.stage in ("dpo", "grpo"),
-               "--adapter (go on training an adapter) is for --stage dpo or grpo")
         _check(not self.adapter or self.finetuning_type in ("lora", "qlora") or self.quantization_bit is not None,
                f"--adapter goes on training a LoRA adapter: it needs --finetuning_type lora or qlora, not "
                f"{shown(self.finetuning_type)}")

@@ -14,7 +14,7 @@ fine-tune on the right samples, DPO, predict greedy and with a vote, evaluate ea
 
 `from` names the earlier step whose output a step reads: predict reads a train step's adapter (on that step's model)
 or a merge step's model (none: the base model); merge reads a train step's adapter; a train step goes on training a
-train step's adapter (`--adapter`: DPO, GRPO) or starts from a merge step's model; samples reads a predict step's
+train step's adapter (`--adapter`: SFT, DPO, GRPO) or starts from a merge step's model; samples reads a predict step's
 candidates; evaluate scores a predict step's output against its dataset's gold. `data` (train only) names a samples
 step: its records (SFT) or preference pairs (DPO) are the training set. Every step writes into the run folder:
 data/ (prepare, samples), <step>/ (train, merge), predictions/<step>.sql, eval/<step>/ (one arm of the page each).

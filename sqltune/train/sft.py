@@ -2,9 +2,9 @@
 
 Read top to bottom: check every input (model, dataset, output folder against the inputs, settings of a resumed
 run), tokenise the records with the chat template (loss on answer tokens only), set up the trainable parameters for
-the finetuning type, train with length-grouped batches in the work folder, then save the adapter (or model),
-tokenizer, log and loss plot and put the finished folder in place (sqltune/train/folders.py: the old output is
-replaced only by a complete new one). The figures describe the whole run, also after a resume and over all processes.
+the finetuning type (or load --adapter, a LoRA adapter that goes on learning), train with length-grouped batches in
+the work folder, then save the adapter (or model), tokenizer, log and loss plot and put the finished folder in place
+(sqltune/train/folders.py: the old output is replaced only by a complete new one). The figures describe the whole run, also after a resume and over all processes.
 
 Several processes: launch the same command with `torchrun --nproc_per_node N -m sqltune train ...` or
 `accelerate launch -m sqltune train ...`; the Trainer does the rest (gloo on CPU, NCCL on GPUs). A DeepSpeed or
@@ -17,7 +17,7 @@ import contextlib
 from pathlib import Path
 
 from sqltune.config import TrainConfig
-from sqltune.loading import load_tokenizer, resolve
+from sqltune.loading import check_adapter, load_tokenizer, resolve
 from sqltune.progress import quiet_libraries
 from sqltune.templates import get_template
 import sqltune.train.folders as folders
@@ -27,7 +27,7 @@ from sqltune.train.data import Collator, load_records, tokenize_records
 from sqltune.train.loss import install_label_only_loss
 from sqltune.train.session import (RESOLVED_CONFIG, budget_clock, finish_run, open_run, run_inputs,  # noqa: F401
                                    run_trainer, start_work, training_arguments)
-from sqltune.train.setup import trainable_model
+from sqltune.train.setup import adapter_read, load_with_adapter, ready_for_training, trainable_model
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -39,22 +39,25 @@ def train(cfg: TrainConfig) -> dict:
         quiet_libraries()
     # every input first: nothing is written (or removed) before all of them are known good
     model_path = resolve(cfg.model_name_or_path)
+    adapter = check_adapter(cfg.adapter) if cfg.adapter else None
     out = Path(cfg.output_dir)
     folders.check_overlap(out, run_inputs(cfg, model_path))
     with folders.lock(out) if _world()[0] == 0 else contextlib.nullcontext():  # one training per output_dir
-        return _train(cfg, model_path, out)
+        return _train(cfg, model_path, out, adapter)
 
 
-def _train(cfg: TrainConfig, model_path: Path, out: Path) -> dict:
+def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None = None) -> dict:
     """train() once the output folder is this process's: plan, train, put the finished folder in place."""
     records = load_records(cfg.dataset_dir, cfg.dataset, cfg.max_samples, cfg.seed)
-    work, checkpoint, skipped, resolved = open_run(cfg, out, model_path, records)
+    work, checkpoint, skipped, resolved = open_run(cfg, out, model_path, records, **adapter_read(adapter))
     tokenizer = load_tokenizer(model_path)
     template = get_template(cfg.template, tokenizer)
     resolved["template_resolved"] = template.name
     dataset, data_figures = tokenize_records(records, tokenizer, template, cfg.max_source_length,
                                              cfg.max_target_length)
-    model, trainable = trainable_model(cfg, model_path)
+    # --adapter: that LoRA adapter goes on learning (its own rank and targets), e.g. SFT's on its right samples
+    model, trainable = (ready_for_training(load_with_adapter(cfg, model_path, adapter), cfg) if adapter
+                        else trainable_model(cfg, model_path))
     data_figures["loss_kernel"] = install_label_only_loss(model)  # no full-vocabulary logits (sqltune/train/loss.py)
 
     args = training_arguments(cfg, work, train_sampling_strategy="group_by_length" if cfg.group_by_length
