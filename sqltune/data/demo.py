@@ -181,91 +181,102 @@ def _col(t: Table, name: str) -> Column:
 
 
 def questions_for(db_id: str, tables: list[Table], fks: list[ForeignKey], rng: random.Random) -> list[dict]:
-    """Every templated (question, SQL) pair for one database, several phrasings each."""
+    """Every templated (question, SQL) pair for one database, several phrasings each: one table's questions, then
+    those that join along each foreign key (the seeded draws in this order, so the demo stays byte-identical)."""
     out: list[dict] = []
 
     def add(phrasings: list[str], sql: str) -> None:
         out.append({"db_id": db_id, "question": rng.choice(phrasings), "query": sql})
 
-    by_name = {t.name: t for t in tables}
     for t in tables:
-        if not t.rows or t.name == "performance":
-            continue
-        label = t.label
-        add([f"How many {t.plural} are there?", f"Count the number of {t.plural}.",
-             f"What is the total number of {t.plural}?"], f"SELECT count(*) FROM {t.name}")
-        add([f"List the {_col(t, label).words} of all {t.plural}.", f"Show every {t.words} {_col(t, label).words}."],
-            f"SELECT {label} FROM {t.name}")
-        for num in t.numbers:
-            w = _col(t, num).words
-            idx = [c.name for c in t.columns].index(num)
-            values = sorted({row[idx] for row in t.rows})
-            v = rng.choice(values[1:-1] or values)
-            add([f"What is the average {w} of all {t.plural}?", f"Find the mean {w} of {t.plural}."],
-                f"SELECT avg({num}) FROM {t.name}")
-            add([f"What are the maximum and minimum {w} of {t.plural}?", f"Show the largest and smallest {w} among {t.plural}."],
-                f"SELECT max({num}), min({num}) FROM {t.name}")
-            add([f"Which {t.words} has the highest {w}? Give its {_col(t, label).words}.",
-                 f"What is the {_col(t, label).words} of the {t.words} with the largest {w}?"],
-                f"SELECT {label} FROM {t.name} ORDER BY {num} DESC LIMIT 1")
-            add([f"List the {_col(t, label).words} of {t.plural} in ascending order of {w}.",
-                 f"Sort the {t.plural} by {w} from low to high and show their {_col(t, label).words}."],
-                f"SELECT {label} FROM {t.name} ORDER BY {num} ASC")
-            add([f"How many {t.plural} have a {w} greater than {v}?", f"Count the {t.plural} whose {w} is above {v}."],
-                f"SELECT count(*) FROM {t.name} WHERE {num} > {v}")
-            add([f"Show the {_col(t, label).words} of {t.plural} with {w} less than {v}.",
-                 f"Which {t.plural} have {w} below {v}? List their {_col(t, label).words}."],
-                f"SELECT {label} FROM {t.name} WHERE {num} < {v}")
-        for cat in t.categories:
-            w = _col(t, cat).words
-            idx = [c.name for c in t.columns].index(cat)
-            values = sorted({row[idx] for row in t.rows})
-            v = rng.choice(values)
-            add([f"List the {_col(t, label).words} of {t.plural} whose {w} is {v}.",
-                 f"Which {t.plural} have {w} {v}? Show their {_col(t, label).words}."],
-                f"SELECT {label} FROM {t.name} WHERE {cat} = '{v}'")
-            add([f"How many {t.plural} are there for each {w}?", f"For each {w}, count the {t.plural}."],
-                f"SELECT {cat}, count(*) FROM {t.name} GROUP BY {cat}")
-            counts = {}
-            for row in t.rows:
-                counts[row[idx]] = counts.get(row[idx], 0) + 1
-            k = sorted(counts.values())[len(counts) // 2]
-            add([f"Which {w} values have more than {k} {t.plural}?", f"List each {w} shared by more than {k} {t.plural}."],
-                f"SELECT {cat} FROM {t.name} GROUP BY {cat} HAVING count(*) > {k}")
-            add([f"Which {w} has the most {t.plural}?", f"What is the most common {w} among {t.plural}?"],
-                f"SELECT {cat} FROM {t.name} GROUP BY {cat} ORDER BY count(*) DESC LIMIT 1")
+        if t.rows and t.name != "performance":
+            _table_questions(t, add, rng)
+    by_name = {t.name: t for t in tables}
     for fk in fks:
-        child, parent = by_name[fk.child], by_name[fk.parent]
-        if child.name == "performance":
-            other = next(f for f in fks if f.child == "performance" and f.parent != fk.parent)
-            p2 = by_name[other.parent]
-            add([f"Show the {parent.label} of each {parent.words} and the {p2.label} of the {p2.words} in it.",
-                 f"List pairs of {parent.words} {parent.label} and {p2.words} {p2.label} for every {child.words}."],
-                f"SELECT T2.{parent.label}, T3.{p2.label} FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
-                f"T1.{fk.column} = T2.{fk.parent_column} JOIN {p2.name} AS T3 ON T1.{other.column} = T3.{other.parent_column}")
-            continue
-        add([f"Show the {child.label} of each {child.words} and the {parent.label} of the {parent.words} it is {fk.verb}.",
-             f"For every {child.words}, list its {child.label} and its {parent.words}'s {parent.label}."],
-            f"SELECT T1.{child.label}, T2.{parent.label} FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
-            f"T1.{fk.column} = T2.{fk.parent_column}")
-        add([f"How many {child.plural} are {fk.verb} each {parent.words}? Show the {parent.words} {parent.label} and the count.",
-             f"For each {parent.words}, give its {parent.label} and the number of {child.plural} {fk.verb} it."],
-            f"SELECT T2.{parent.label}, count(*) FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
-            f"T1.{fk.column} = T2.{fk.parent_column} GROUP BY T2.{parent.label}")
-        add([f"List the {parent.label} of {parent.plural} that have no {child.plural}.",
-             f"Which {parent.plural} have no {child.plural}? Give their {parent.label}."],
-            f"SELECT {parent.label} FROM {parent.name} WHERE {fk.parent_column} NOT IN (SELECT {fk.column} FROM {child.name})")
-        add([f"List the {parent.label} of {parent.plural} that have at least one {child.words}.",
-             f"Show the {parent.label} of every {parent.words} with some {child.plural}."],
-            f"SELECT {parent.label} FROM {parent.name} WHERE {fk.parent_column} IN (SELECT {fk.column} FROM {child.name})")
-        for cat in parent.categories:
-            idx = [c.name for c in parent.columns].index(cat)
-            v = rng.choice(sorted({row[idx] for row in parent.rows}))
-            add([f"List the {child.label} of {child.plural} {fk.verb} a {parent.words} whose {_col(parent, cat).words} is {v}.",
-                 f"Which {child.plural} are {fk.verb} {parent.plural} with {_col(parent, cat).words} {v}? Show their {child.label}."],
-                f"SELECT T1.{child.label} FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
-                f"T1.{fk.column} = T2.{fk.parent_column} WHERE T2.{cat} = '{v}'")
+        _join_questions(fk, fks, by_name, add, rng)
     return out
+
+
+def _table_questions(t: Table, add, rng: random.Random) -> None:
+    """Counts, listings, aggregates, orderings, filters and groupings over one table's own columns."""
+    label = t.label
+    add([f"How many {t.plural} are there?", f"Count the number of {t.plural}.",
+         f"What is the total number of {t.plural}?"], f"SELECT count(*) FROM {t.name}")
+    add([f"List the {_col(t, label).words} of all {t.plural}.", f"Show every {t.words} {_col(t, label).words}."],
+        f"SELECT {label} FROM {t.name}")
+    for num in t.numbers:
+        w = _col(t, num).words
+        idx = [c.name for c in t.columns].index(num)
+        values = sorted({row[idx] for row in t.rows})
+        v = rng.choice(values[1:-1] or values)
+        add([f"What is the average {w} of all {t.plural}?", f"Find the mean {w} of {t.plural}."],
+            f"SELECT avg({num}) FROM {t.name}")
+        add([f"What are the maximum and minimum {w} of {t.plural}?", f"Show the largest and smallest {w} among {t.plural}."],
+            f"SELECT max({num}), min({num}) FROM {t.name}")
+        add([f"Which {t.words} has the highest {w}? Give its {_col(t, label).words}.",
+             f"What is the {_col(t, label).words} of the {t.words} with the largest {w}?"],
+            f"SELECT {label} FROM {t.name} ORDER BY {num} DESC LIMIT 1")
+        add([f"List the {_col(t, label).words} of {t.plural} in ascending order of {w}.",
+             f"Sort the {t.plural} by {w} from low to high and show their {_col(t, label).words}."],
+            f"SELECT {label} FROM {t.name} ORDER BY {num} ASC")
+        add([f"How many {t.plural} have a {w} greater than {v}?", f"Count the {t.plural} whose {w} is above {v}."],
+            f"SELECT count(*) FROM {t.name} WHERE {num} > {v}")
+        add([f"Show the {_col(t, label).words} of {t.plural} with {w} less than {v}.",
+             f"Which {t.plural} have {w} below {v}? List their {_col(t, label).words}."],
+            f"SELECT {label} FROM {t.name} WHERE {num} < {v}")
+    for cat in t.categories:
+        w = _col(t, cat).words
+        idx = [c.name for c in t.columns].index(cat)
+        values = sorted({row[idx] for row in t.rows})
+        v = rng.choice(values)
+        add([f"List the {_col(t, label).words} of {t.plural} whose {w} is {v}.",
+             f"Which {t.plural} have {w} {v}? Show their {_col(t, label).words}."],
+            f"SELECT {label} FROM {t.name} WHERE {cat} = '{v}'")
+        add([f"How many {t.plural} are there for each {w}?", f"For each {w}, count the {t.plural}."],
+            f"SELECT {cat}, count(*) FROM {t.name} GROUP BY {cat}")
+        counts = {}
+        for row in t.rows:
+            counts[row[idx]] = counts.get(row[idx], 0) + 1
+        k = sorted(counts.values())[len(counts) // 2]
+        add([f"Which {w} values have more than {k} {t.plural}?", f"List each {w} shared by more than {k} {t.plural}."],
+            f"SELECT {cat} FROM {t.name} GROUP BY {cat} HAVING count(*) > {k}")
+        add([f"Which {w} has the most {t.plural}?", f"What is the most common {w} among {t.plural}?"],
+            f"SELECT {cat} FROM {t.name} GROUP BY {cat} ORDER BY count(*) DESC LIMIT 1")
+
+
+def _join_questions(fk: ForeignKey, fks: list[ForeignKey], by_name: dict[str, Table], add, rng: random.Random) -> None:
+    """Questions along one foreign key: joined listings, counts per parent, parents with and without children, and
+    a filter on the parent's categories (the `performance` link table joins its two parents instead)."""
+    child, parent = by_name[fk.child], by_name[fk.parent]
+    if child.name == "performance":
+        other = next(f for f in fks if f.child == "performance" and f.parent != fk.parent)
+        p2 = by_name[other.parent]
+        add([f"Show the {parent.label} of each {parent.words} and the {p2.label} of the {p2.words} in it.",
+             f"List pairs of {parent.words} {parent.label} and {p2.words} {p2.label} for every {child.words}."],
+            f"SELECT T2.{parent.label}, T3.{p2.label} FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
+            f"T1.{fk.column} = T2.{fk.parent_column} JOIN {p2.name} AS T3 ON T1.{other.column} = T3.{other.parent_column}")
+        return
+    add([f"Show the {child.label} of each {child.words} and the {parent.label} of the {parent.words} it is {fk.verb}.",
+         f"For every {child.words}, list its {child.label} and its {parent.words}'s {parent.label}."],
+        f"SELECT T1.{child.label}, T2.{parent.label} FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
+        f"T1.{fk.column} = T2.{fk.parent_column}")
+    add([f"How many {child.plural} are {fk.verb} each {parent.words}? Show the {parent.words} {parent.label} and the count.",
+         f"For each {parent.words}, give its {parent.label} and the number of {child.plural} {fk.verb} it."],
+        f"SELECT T2.{parent.label}, count(*) FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
+        f"T1.{fk.column} = T2.{fk.parent_column} GROUP BY T2.{parent.label}")
+    add([f"List the {parent.label} of {parent.plural} that have no {child.plural}.",
+         f"Which {parent.plural} have no {child.plural}? Give their {parent.label}."],
+        f"SELECT {parent.label} FROM {parent.name} WHERE {fk.parent_column} NOT IN (SELECT {fk.column} FROM {child.name})")
+    add([f"List the {parent.label} of {parent.plural} that have at least one {child.words}.",
+         f"Show the {parent.label} of every {parent.words} with some {child.plural}."],
+        f"SELECT {parent.label} FROM {parent.name} WHERE {fk.parent_column} IN (SELECT {fk.column} FROM {child.name})")
+    for cat in parent.categories:
+        idx = [c.name for c in parent.columns].index(cat)
+        v = rng.choice(sorted({row[idx] for row in parent.rows}))
+        add([f"List the {child.label} of {child.plural} {fk.verb} a {parent.words} whose {_col(parent, cat).words} is {v}.",
+             f"Which {child.plural} are {fk.verb} {parent.plural} with {_col(parent, cat).words} {v}? Show their {child.label}."],
+            f"SELECT T1.{child.label} FROM {child.name} AS T1 JOIN {parent.name} AS T2 ON "
+            f"T1.{fk.column} = T2.{fk.parent_column} WHERE T2.{cat} = '{v}'")
 
 
 def generate(out: str | Path, seed: int = 0, train: int = 400, dev: int = 100) -> dict:
