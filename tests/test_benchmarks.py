@@ -131,3 +131,26 @@ def test_ask_latency_without_spider_is_one_line(tmp_path, capsys):
     assert ask_latency.main(["--spider", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().out == (f"ask_latency: --spider {tmp_path / 'nowhere'} has no dev.json "
                                        "(a Spider folder: dev.json and database/)\n")
+
+
+def test_grpo_rewards_summarises_a_log_by_epoch(tmp_path, capsys):
+    """grpo_rewards reads a GRPO trainer_log.jsonl: one row per step with a reward (the run's summary row, which has
+    none, left out), the mean reward per epoch and per half; a missing or reward-less log is one line, exit 2."""
+    import grpo_rewards
+
+    log = tmp_path / "trainer_log.jsonl"
+    rows = [{"step": s, "epoch": s / 2, "reward": r, "reward_std": 0.5, "frac_reward_zero_std": 0.25,
+             "sql/match": r, "sql/runs": 0.0, "sql/fails": 1 - r, "step_time": 40.0}
+            for s, r in ((1, 0.2), (2, 0.4), (3, 0.6), (4, 0.8))] + [{"step": 4, "train_runtime": 160.0}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert grpo_rewards.main([str(log)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 + 4 + 2 + 2
+    assert out[5:] == ["epoch 1: steps   2  mean reward 0.300", "epoch 2: steps   2  mean reward 0.700",
+                       "steps 1-2 / 3-4: mean reward 0.300 / 0.700",
+                       "groups whose completions scored alike, mean over steps: 0.25"]
+    assert grpo_rewards.main([str(tmp_path / "none.jsonl")]) == 2
+    log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert grpo_rewards.main([str(log)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err
