@@ -154,3 +154,25 @@ def test_grpo_rewards_summarises_a_log_by_epoch(tmp_path, capsys):
     assert grpo_rewards.main([str(log)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "Traceback" not in err
+
+
+def test_compare_arms_counts_changes_both_ways(tmp_path, capsys):
+    """compare_arms pairs two evaluations' per_example.jsonl by question: changed answers, newly right, newly wrong;
+    evaluations of different questions, or a missing folder, are one line and exit 2."""
+    import compare_arms
+
+    def write(name, rows):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "per_example.jsonl").write_text(
+            "".join(json.dumps({"question": q, "pred": p, "ex": ex}) + "\n" for q, p, ex in rows))
+
+    write("a", [("q1", "s1", 1), ("q2", "s2", 0), ("q3", "s3", 1), ("q4", "s4", 0)])
+    write("b", [("q1", "s1", 1), ("q2", "t2", 1), ("q3", "t3", 0), ("q4", "t4", 0)])
+    assert compare_arms.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert capsys.readouterr().out == ("a -> b: EX 0.500 -> 0.500 on 4 questions; answers changed 3, newly right 1, "
+                                       "newly wrong 1\n")
+    write("c", [("other", "s1", 1)])
+    assert compare_arms.main([str(tmp_path / "a"), str(tmp_path / "c")]) == 2
+    assert compare_arms.main([str(tmp_path / "a"), str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Traceback" not in err, err
