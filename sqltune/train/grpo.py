@@ -40,7 +40,7 @@ from sqltune.train.grpo_data import databases, prompt_rows
 from sqltune.train.reward import SqlReward
 from sqltune.train.session import (budget_clock, checkpointing, finish_run, open_run, plot_log, run_inputs,
                                    run_trainer, start_work, training_arguments)
-from sqltune.train.setup import adapter_read, load_with_adapter, ready_for_training, trainable_model
+from sqltune.train.setup import adapter_read, trainable_model
 
 
 def rollout_backend(choice: str, vllm_found: bool | None = None, gpu: bool | None = None) -> str:
@@ -134,14 +134,6 @@ def train_grpo(cfg: TrainConfig) -> dict:
         return _train(cfg, model_path, out, records, dbs, bird, backend, adapter)
 
 
-def policy(cfg: TrainConfig, model_path: Path, adapter: Path | None):
-    """(model, trainable parameters): a fresh LoRA (or the finetuning type's parameters) on the model, or the
-    starting adapter going on."""
-    if adapter is None:
-        return trainable_model(cfg, model_path)
-    return ready_for_training(load_with_adapter(cfg, model_path, adapter), cfg)
-
-
 def _train(cfg: TrainConfig, model_path: Path, out: Path, records: list[dict], dbs: list[Path], bird: bool,
            backend: str, adapter: Path | None) -> dict:
     from trl import GRPOConfig
@@ -151,7 +143,7 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, records: list[dict], d
     template = get_template(cfg.template, tokenizer)
     resolved["template_resolved"] = template.name
     rows, prompt_ids, prompts_cut = prompt_rows(records, dbs, tokenizer, template, cfg.max_source_length)
-    model, trainable = policy(cfg, model_path, adapter)
+    model, trainable = trainable_model(cfg, model_path, adapter)  # a fresh LoRA, or the starting adapter going on
     stops = stop_token_ids(tokenizer, template, model.generation_config)
     model.generation_config.eos_token_id = stops  # TRL stops and masks completions at these, as predict stops
     vllm = backend == "vllm"

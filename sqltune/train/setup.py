@@ -87,9 +87,11 @@ def ready_for_training(model, cfg):
     return model, trainable
 
 
-def trainable_model(cfg, model_path):
+def trainable_model(cfg, model_path, adapter=None):
     """(model, trainable parameters): the base loaded for cfg.finetuning_type with exactly the intended parameters
-    trainable."""
+    trainable, or, with `adapter`, that LoRA adapter going on learning (load_with_adapter)."""
+    if adapter is not None:
+        return ready_for_training(load_with_adapter(cfg, model_path, adapter), cfg)
     return ready_for_training(setup_trainable(load_for_training(cfg, model_path), cfg), cfg)
 
 

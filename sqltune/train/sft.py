@@ -4,7 +4,8 @@ Read top to bottom: check every input (model, dataset, output folder against the
 run), tokenise the records with the chat template (loss on answer tokens only), set up the trainable parameters for
 the finetuning type (or load --adapter, a LoRA adapter that goes on learning), train with length-grouped batches in
 the work folder, then save the adapter (or model), tokenizer, log and loss plot and put the finished folder in place
-(sqltune/train/folders.py: the old output is replaced only by a complete new one). The figures describe the whole run, also after a resume and over all processes.
+(sqltune/train/folders.py: the old output is replaced only by a complete new one). The figures describe the whole
+run, also after a resume and over all processes.
 
 Several processes: launch the same command with `torchrun --nproc_per_node N -m sqltune train ...` or
 `accelerate launch -m sqltune train ...`; the Trainer does the rest (gloo on CPU, NCCL on GPUs). A DeepSpeed or
@@ -27,7 +28,7 @@ from sqltune.train.data import Collator, load_records, tokenize_records
 from sqltune.train.loss import install_label_only_loss
 from sqltune.train.session import (RESOLVED_CONFIG, budget_clock, finish_run, open_run, run_inputs,  # noqa: F401
                                    run_trainer, start_work, training_arguments)
-from sqltune.train.setup import adapter_read, load_with_adapter, ready_for_training, trainable_model
+from sqltune.train.setup import adapter_read, trainable_model
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -56,8 +57,7 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None =
     dataset, data_figures = tokenize_records(records, tokenizer, template, cfg.max_source_length,
                                              cfg.max_target_length)
     # --adapter: that LoRA adapter goes on learning (its own rank and targets), e.g. SFT's on its right samples
-    model, trainable = (ready_for_training(load_with_adapter(cfg, model_path, adapter), cfg) if adapter
-                        else trainable_model(cfg, model_path))
+    model, trainable = trainable_model(cfg, model_path, adapter)
     data_figures["loss_kernel"] = install_label_only_loss(model)  # no full-vocabulary logits (sqltune/train/loss.py)
 
     args = training_arguments(cfg, work, train_sampling_strategy="group_by_length" if cfg.group_by_length
