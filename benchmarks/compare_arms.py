@@ -11,13 +11,16 @@ per_example.jsonl. Reads files only; times nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from sqltune.errors import SqltuneError
+from sqltune.io import read_jsonl
+from sqltune.report.page import EXAMPLES
+
 
 def examples(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "per_example.jsonl").read_text().splitlines() if line.strip()]
+    return list(read_jsonl(folder / EXAMPLES))
 
 
 def compare(before: list[dict], after: list[dict]) -> dict:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         c = compare(examples(args.before), examples(args.after))
-    except (OSError, ValueError, KeyError) as exc:
+    except (SqltuneError, OSError, ValueError, KeyError) as exc:
         print(f"compare_arms: {exc}", file=sys.stderr)
         return 2
     print(f"{args.before.name} -> {args.after.name}: EX {c['ex_before']:.3f} -> {c['ex_after']:.3f} on "

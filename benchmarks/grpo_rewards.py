@@ -14,10 +14,12 @@ Reads the log only; times nothing (step seconds are the Trainer's own).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from sqltune.errors import SqltuneError
+from sqltune.io import read_jsonl
 
 COLUMNS = (("reward", "mean_reward"), ("reward_std", "reward_std"),
            ("frac_reward_zero_std", "groups_with_equal_rewards"), ("sql/match", "match"), ("sql/runs", "runs"),
@@ -26,8 +28,7 @@ COLUMNS = (("reward", "mean_reward"), ("reward_std", "reward_std"),
 
 def steps(log: Path) -> list[dict]:
     """The log's rows that carry a reward (the last row is the run's summary: no reward), by step."""
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return sorted((r for r in rows if "reward" in r), key=lambda r: r["step"])
+    return sorted((r for r in read_jsonl(log) if "reward" in r), key=lambda r: r["step"])
 
 
 def mean(values: list[float]) -> float:
@@ -53,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("log", type=Path, help="a GRPO run's trainer_log.jsonl")
     log = parser.parse_args(argv).log
-    if not log.is_file():
-        print(f"error: no such log: {log}", file=sys.stderr)
+    try:
+        rows = steps(log)
+    except SqltuneError as exc:  # no such file, or a line that is not JSON
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    rows = steps(log)
     if not rows:
         print(f"error: {log} has no step with a reward (not a GRPO log?)", file=sys.stderr)
         return 2

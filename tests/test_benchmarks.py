@@ -135,7 +135,8 @@ def test_ask_latency_without_spider_is_one_line(tmp_path, capsys):
 
 def test_grpo_rewards_summarises_a_log_by_epoch(tmp_path, capsys):
     """grpo_rewards reads a GRPO trainer_log.jsonl: one row per step with a reward (the run's summary row, which has
-    none, left out), the mean reward per epoch and per half; a missing or reward-less log is one line, exit 2."""
+    none, left out), the mean reward per epoch and per half; a missing, reward-less or malformed log is one line,
+    exit 2 (a malformed line was a JSONDecodeError traceback at first)."""
     import grpo_rewards
 
     log = tmp_path / "trainer_log.jsonl"
@@ -152,8 +153,10 @@ def test_grpo_rewards_summarises_a_log_by_epoch(tmp_path, capsys):
     assert grpo_rewards.main([str(tmp_path / "none.jsonl")]) == 2
     log.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     assert grpo_rewards.main([str(log)]) == 2
+    log.write_text('{"step": 1, "reward": 0.5\n')  # a line cut short (a run killed while writing)
+    assert grpo_rewards.main([str(log)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 2 and "Traceback" not in err
+    assert err.count("\n") == 3 and "Traceback" not in err
 
 
 def test_compare_arms_counts_changes_both_ways(tmp_path, capsys):
