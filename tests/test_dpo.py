@@ -218,3 +218,65 @@ def test_dpo_keeps_the_time_budget(tiny_model, pairs_data, tmp_path, monkeypatch
     assert figures["steps"] < figures["planned_steps"] == 6
     assert f"the time budget stopped training at step {figures['steps']} of 6" in capsys.readouterr().err
     assert (tmp_path / "cut" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_on_a_cpu_sends_only_answer_positions_through_the_output_layer(tiny_model, pairs_data, tmp_path,
+                                                                           monkeypatch):
+    """Pins DPO's (and GRPO's) CPU cost: TRL's fused LM head projected every position of prompt and answer through
+    the output layer in float32 on a CPU (it compacts to the labelled positions only where Triton runs), some 90% of
+    it for prompt tokens whose log-probabilities it then zeroes; `run_trainer` makes it project the answers alone.
+    Before the fix each call saw 4 whole sequences (more rows than the longest 4 answers can have)."""
+    import types
+
+    import trl.trainer.utils as trl_utils
+
+    cfg = config(tiny_model, pairs_data, tmp_path / "dpo", max_steps=1)
+    tok = load_tokenizer(tiny_model)
+    template = get_template("chatml", tok)
+    pairs = [json.loads(line) for line in (pairs_data / "demo_samples_pairs.jsonl").read_text().splitlines()]
+    encoded = [encode_preference(tok, template, p, cfg.max_source_length, cfg.max_target_length) for p in pairs]
+    most_answer_rows = 2 * 2 * max(max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in encoded)
+    fewest_sequence_rows = 2 * 2 * min(len(e["prompt_ids"]) for e in encoded)
+    assert most_answer_rows < fewest_sequence_rows  # so the check below tells answers from whole sequences
+
+    rows = []
+    projection = trl_utils._ChunkedLogProbFunction
+
+    def counted(hidden, *rest):
+        rows.append(hidden.shape[0])
+        return projection.apply(hidden, *rest)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", types.SimpleNamespace(apply=counted))
+    train(cfg)
+    assert len(rows) == 2  # the policy's forward and the reference's, on one batch of 2 pairs
+    assert 0 < max(rows) <= most_answer_rows
+
+
+def test_answer_positions_alone_give_trls_log_probs_and_gradients(tiny_model):
+    """The switch changes which rows the output layer sees, not what comes out: the log-probabilities of the labelled
+    positions and every gradient equal TRL's own full projection's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from sqltune.train.loss import trl_head_on_labelled_positions
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    add_fused_lm_head(model)
+    ids = torch.randint(3, model.config.vocab_size, (2, 40))
+    labels = ids.masked_fill(torch.arange(40) < 30, -100)  # a 30-token prompt, a 10-token answer
+
+    def forward_backward():
+        model.zero_grad()
+        log_probs = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        log_probs.sum().backward()
+        return log_probs.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full_log_probs, full_grads = forward_backward()
+    with trl_head_on_labelled_positions():
+        log_probs, grads = forward_backward()
+    torch.testing.assert_close(log_probs, full_log_probs)
+    assert len(grads) == len(full_grads) > 0
+    for grad, full in zip(grads, full_grads):
+        torch.testing.assert_close(grad, full)

@@ -15,6 +15,7 @@ the model through its root module. Evaluation and generation (no labels, or eval
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -138,3 +139,29 @@ def install_label_only_loss(model, chunk: int | None = None) -> str:
         return f"model's own loss ({why})"
     liger = importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
     return "liger" if liger and type(head) is torch.nn.Linear else "chunked"
+
+
+@contextlib.contextmanager
+def trl_head_on_labelled_positions():
+    """While it is open, TRL's fused LM head (DPO and GRPO call `model(..., fused_lm_head=True)`) projects only the
+    positions that carry a label on a CPU too, as it does where Triton runs.
+
+    Elsewhere TRL projects every position, prompt and schema included, through the 152k-row output layer, in float32
+    on a CPU, forward and backward, and then zeroes the prompt's log-probabilities: it keeps tile shapes fixed so that
+    compilers such as Neuron's do not recompile on every batch. Nothing recompiles on a CPU, and a Text-to-SQL prompt
+    is ten times its answer, so there the labelled positions alone go through the head: the same log-probabilities
+    and gradients. A TRL without that switch is left as it is."""
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original

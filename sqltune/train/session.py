@@ -23,6 +23,7 @@ from sqltune.io import atomic_write, write_json
 import sqltune.train.folders as folders
 from sqltune.train.budget import BudgetClock, _barrier, _world, spent_before
 from sqltune.train.callbacks import TRAIN_LOG
+from sqltune.train.loss import trl_head_on_labelled_positions
 from sqltune.train.setup import parallel_args
 
 RESOLVED_CONFIG = "sqltune_train.yaml"
@@ -153,7 +154,8 @@ def run_trainer(trainer, callbacks: list, checkpoint: Path | None):
 
     trainer.remove_callback(PrinterCallback)
     try:
-        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        with trl_head_on_labelled_positions():  # DPO and GRPO: the prompt's positions skip the output layer on a CPU
+            return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     finally:
         for callback in callbacks:
             getattr(callback, "close_progress", lambda: None)()
