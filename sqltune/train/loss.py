@@ -146,11 +146,11 @@ def trl_head_on_labelled_positions():
     """While it is open, TRL's fused LM head (DPO and GRPO call `model(..., fused_lm_head=True)`) projects only the
     positions that carry a label on a CPU too, as it does where Triton runs.
 
-    Elsewhere TRL projects every position, prompt and schema included, through the 152k-row output layer, in float32
-    on a CPU, forward and backward, and then zeroes the prompt's log-probabilities: it keeps tile shapes fixed so that
-    compilers such as Neuron's do not recompile on every batch. Nothing recompiles on a CPU, and a Text-to-SQL prompt
-    is ten times its answer, so there the labelled positions alone go through the head: the same log-probabilities
-    and gradients. A TRL without that switch is left as it is."""
+    Elsewhere TRL projects every position, prompt and schema included, through the output layer (Qwen's has 152k
+    rows), forward and backward (the backward's products in float32 on a CPU), and then zeroes the prompt's
+    log-probabilities: it keeps tile shapes fixed so that compilers such as Neuron's do not recompile on every batch.
+    Nothing recompiles on a CPU, and a Spider prompt is some fifteen times its answer, so there the labelled positions
+    alone go through the head: the same log-probabilities and gradients. A TRL without that switch is left as it is."""
     try:
         import trl.trainer.utils as trl_utils
     except ImportError:
