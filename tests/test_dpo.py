@@ -223,8 +223,9 @@ def test_dpo_keeps_the_time_budget(tiny_model, pairs_data, tmp_path, monkeypatch
 def test_dpo_on_a_cpu_sends_only_answer_positions_through_the_output_layer(tiny_model, pairs_data, tmp_path,
                                                                            monkeypatch):
     """Pins DPO's (and GRPO's) CPU cost: TRL's fused LM head projected every position of prompt and answer through
-    the output layer in float32 on a CPU (it compacts to the labelled positions only where Triton runs), some 90% of
-    it for prompt tokens whose log-probabilities it then zeroes; `run_trainer` makes it project the answers alone.
+    the output layer on a CPU, forward and backward (it compacts to the labelled positions only where Triton runs),
+    most of it for prompt tokens whose log-probabilities it then zeroes; `run_trainer` makes it project the answers
+    alone.
     Before the fix each call saw 4 whole sequences (more rows than the longest 4 answers can have)."""
     import types
 

@@ -154,8 +154,7 @@ def trl_head_on_labelled_positions():
     try:
         import trl.trainer.utils as trl_utils
     except ImportError:
-        yield
-        return
+        trl_utils = None
     original = getattr(trl_utils, "_use_triton", None)
     if original is None:
         yield
