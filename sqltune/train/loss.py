@@ -149,7 +149,7 @@ def trl_head_on_labelled_positions():
     Elsewhere TRL projects every position, prompt and schema included, through the output layer (Qwen's has 152k
     rows), forward and backward (the backward's products in float32 on a CPU), and then zeroes the prompt's
     log-probabilities: it keeps tile shapes fixed so that compilers such as Neuron's do not recompile on every batch.
-    Nothing recompiles on a CPU, and a Spider prompt is some fifteen times its answer, so there the labelled positions
+    Nothing recompiles on a CPU, and a Spider prompt is many times its answer, so there the labelled positions
     alone go through the head: the same log-probabilities and gradients. A TRL without that switch is left as it is."""
     try:
         import trl.trainer.utils as trl_utils
