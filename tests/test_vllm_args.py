@@ -4,7 +4,10 @@ the real engine under `make test-vllm`), and the hf backend's attention choice (
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 import types
 
 import pytest
@@ -378,3 +381,57 @@ def test_a_long_generate_call_prints_progress_lines_in_a_log(monkeypatch, capsys
     bar.close()
     err = capsys.readouterr().err
     assert "generate: 36/36" in err and "output: 5.00 toks/s" in err and "\r" not in err, err
+
+
+def _swallowing_keyboard_interrupt(send):
+    """What vLLM's engine start does (vllm/utils/network_utils.py, zmq_socket_ctx): a KeyboardInterrupt raised while
+    it waits is logged at debug level and dropped."""
+    try:
+        send()
+        time.sleep(5)  # the handler runs here, at the next bytecode
+    except KeyboardInterrupt:
+        pass
+    return "went on"
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_vllm_call_is_not_swallowed(sig):
+    """Pins that SIGTERM and Ctrl-C stop a run whose vLLM engine is starting: vLLM's start swallows KeyboardInterrupt,
+    and so the Terminated that sqltune's SIGTERM handler raises (a KeyboardInterrupt, so it ends a run like Ctrl-C);
+    a `sqltune run --backend vllm` stopped by a scheduler during an engine start went on generating. Inside
+    `interrupts_reach_us` the interrupt passes vLLM's `except KeyboardInterrupt`, leaves as the handler's own
+    exception, and the handlers are restored after."""
+    from sqltune.cli import Terminated, _on_sigterm
+    from sqltune.infer.vllm_backend import interrupts_reach_us
+
+    signum = getattr(signal, sig)
+    expected = Terminated if sig == "SIGTERM" else KeyboardInterrupt
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert _swallowing_keyboard_interrupt(lambda: os.kill(os.getpid(), signum)) == "went on"  # the bug's cause
+        with pytest.raises(expected) as raised:
+            with interrupts_reach_us():
+                _swallowing_keyboard_interrupt(lambda: os.kill(os.getpid(), signum))
+        assert type(raised.value) is expected
+        assert signal.getsignal(signal.SIGTERM) is _on_sigterm
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_an_ignored_signal_stays_ignored_inside_a_vllm_call():
+    """A process started with nohup ignores SIGINT: interrupts_reach_us leaves SIG_IGN as it is."""
+    from sqltune.infer.vllm_backend import interrupts_reach_us
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_reach_us():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

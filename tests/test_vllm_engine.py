@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,16 +36,21 @@ RECORDS = 6
 ENGINE_TIMEOUT = 900  # a cold engine start on 2 CPU cores with --enforce_eager takes well under this
 
 
-def _predict(tiny_model, prepared_demo, out, *extra):
-    """Run `sqltune predict --backend vllm` in a child process; returns (seconds, stderr)."""
-    argv = [sys.executable, "-m", "sqltune", "predict", "--model_name_or_path", str(tiny_model), "--dataset",
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def _predict_argv(tiny_model, prepared_demo, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "sqltune", "predict", "--model_name_or_path", str(tiny_model), "--dataset",
             "demo_dev", "--dataset_dir", str(prepared_demo), "--out", str(out), "--template", "chatml",
             "--max_samples", str(RECORDS), "--max_new_tokens", "16", "--backend", "vllm", "--enforce_eager",
             "--kv_cache_gb", "1", "--dtype", "float32", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1"}
+
+
+def _predict(tiny_model, prepared_demo, out, *extra):
+    """Run `sqltune predict --backend vllm` in a child process; returns (seconds, stderr)."""
+    argv = _predict_argv(tiny_model, prepared_demo, out, *extra)
     started = time.time()
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=ENGINE_TIMEOUT)
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=ENGINE_TIMEOUT)
     seconds = time.time() - started
     assert done.returncode == 0, f"rc {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     print(f"sqltune predict --backend vllm {' '.join(extra)}: {seconds:.1f} s", file=sys.stderr)
@@ -74,6 +80,56 @@ def tiny_model(prepared_demo, tmp_path_factory):
         r = json.loads(line)
         corpus += [r["instruction"], r["input"], r["output"]]
     return build_tiny_llama(tmp_path_factory.mktemp("tiny32") / "model", corpus, hidden=128)
+
+
+def _group_alive(pgid: int) -> list[str]:
+    """Command lines of the processes still in process group `pgid`."""
+    alive = []
+    for stat in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                alive.append(open(f"/proc/{stat}/cmdline").read().replace("\0", " ").strip())
+        except (OSError, ValueError, IndexError):
+            pass
+    return alive
+
+
+def test_sigterm_while_the_engine_starts_stops_the_run(tiny_model, prepared_demo, tmp_path):
+    """Pins that SIGTERM stops `sqltune predict --backend vllm` while vLLM's engine starts: vLLM's start swallowed the
+    Terminated that sqltune's handler raises (a KeyboardInterrupt), and the run went on to generate everything (seen
+    in a Spider recipe stopped by `kill`, then here: exit 0 after the signal). Now it ends within seconds with exit
+    143, its output lock gone, no output written, and no engine process left behind."""
+    out = tmp_path / "stopped" / "p.sql"
+    out.parent.mkdir()
+    argv = _predict_argv(tiny_model, prepared_demo, out)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,  # vLLM logs on stdout
+                            env={**os.environ, **ENV}, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:  # the engine's process says it initialises: the parent waits on its handshake
+            seen.append(line)
+            if "Initializing a V1 LLM engine" in line:
+                break
+        else:
+            pytest.fail("the engine never started:\n" + "".join(seen[-40:]))
+        proc.send_signal(signal.SIGTERM)
+        sent = time.time()
+        rest = proc.communicate(timeout=120)[0]
+        took = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = "".join(seen) + rest
+    assert proc.returncode == 143, f"rc {proc.returncode} after SIGTERM\n{err[-4000:]}"
+    assert "sqltune predict: terminated (SIGTERM)" in err and "generate:" not in err
+    assert took < 60, took
+    assert sorted(p.name for p in out.parent.iterdir()) == []  # no lock, no partial, no output
+    for _ in range(60):
+        if not (left := _group_alive(proc.pid)):
+            break
+        time.sleep(0.5)
+    assert not left, left
 
 
 @pytest.fixture(scope="module")

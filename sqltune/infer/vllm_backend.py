@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqltune.config import PredictConfig
@@ -144,6 +147,41 @@ def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> d
     return args
 
 
+class _CarriedInterrupt(BaseException):
+    """A KeyboardInterrupt (Ctrl-C, or the Terminated sqltune's SIGTERM handler raises) on its way through vLLM."""
+
+
+@contextmanager
+def interrupts_reach_us():
+    """Ctrl-C and SIGTERM stop a vLLM call. vLLM's engine start swallows KeyboardInterrupt (its `zmq_socket_ctx`
+    logs it at debug level and goes on), so a SIGTERM or Ctrl-C while the engine started was lost and the run went
+    on generating. Inside this block the signal handlers' KeyboardInterrupt travels as an exception no `except
+    KeyboardInterrupt` catches, and leaves the block as itself. Handlers that do not raise (SIG_IGN: a nohup'd
+    Ctrl-C) are left alone; off the main thread there are no handlers to wrap."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wrapped = {sig: handler for sig in (signal.SIGINT, signal.SIGTERM) if callable(handler := signal.getsignal(sig))}
+    for sig, handler in wrapped.items():
+        signal.signal(sig, _carrying(handler))
+    try:
+        yield
+    except _CarriedInterrupt as carried:
+        raise carried.args[0] from None
+    finally:
+        for sig, handler in wrapped.items():
+            signal.signal(sig, handler)
+
+
+def _carrying(handler):
+    def on_signal(signum, frame):
+        try:
+            handler(signum, frame)
+        except KeyboardInterrupt as exc:
+            raise _CarriedInterrupt(exc) from None
+    return on_signal
+
+
 class LogLines:
     """What vLLM's `use_tqdm` calls, printing sqltune's progress lines (sqltune.progress) in a log file. vLLM makes
     one over the answers of a `generate` call (its total counts each of a request's `n` outputs: a vote's sampled
@@ -196,7 +234,7 @@ class VLLMGenerator:
         from sqltune.templates import stop_token_ids
 
         self.tokenizer, self.template = tokenizer, template
-        with environ_set(cpu_threads_env(vllm_on_cpu())):  # the engine's spawned processes inherit it
+        with environ_set(cpu_threads_env(vllm_on_cpu())), interrupts_reach_us():  # spawned processes inherit the env
             self.llm = LLM(**vllm_engine_args(cfg, model, adapter))
         self.lora = None
         if adapter is not None:
@@ -212,8 +250,9 @@ class VLLMGenerator:
                                      seed=cfg.seed, stop_token_ids=self.stop)
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params, lora_request=self.lora,
-                                 use_tqdm=self.bar)
+        with interrupts_reach_us():
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params,
+                                     lora_request=self.lora, use_tqdm=self.bar)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
 
     def candidates(self, prompts: list[list[int]], n: int, include_greedy: bool, end: str | None) -> list[list[dict]]:
@@ -226,8 +265,9 @@ class VLLMGenerator:
             ([("sample", self.sampling(n=n, temperature=sampling_temperature(self.cfg.temperature),
                                        top_p=self.cfg.top_p, **common))] if n else [])
         requests = [({"prompt_token_ids": p}, params) for _, params in kinds for p in prompts]
-        outs = self.llm.generate([r for r, _ in requests], [params for _, params in requests],
-                                 lora_request=self.lora, use_tqdm=self.bar)
+        with interrupts_reach_us():
+            outs = self.llm.generate([r for r, _ in requests], [params for _, params in requests],
+                                     lora_request=self.lora, use_tqdm=self.bar)
         rows: list[list[dict]] = [[] for _ in prompts]
         for k, (source, _) in enumerate(kinds):
             for row, out in zip(rows, outs[k * len(prompts):(k + 1) * len(prompts)]):
