@@ -38,7 +38,9 @@ an arm's rounds), and how many vote greedy candidates agree (samples come from d
 
 A `vllm_auto` arm is the vLLM backend with vLLM's own CPU thread binding (it keeps one CPU for its scheduler; on a
 small machine sqltune binds the model's threads to all CPUs, sqltune/infer/vllm_backend.py cpu_threads_env):
---backend vllm_auto,vllm measures what that binding buys.
+--backend vllm_auto,vllm measures what that binding buys. A `vllm_nopreload` arm is the vLLM backend without the
+libraries sqltune preloads for the CPU engine (tcmalloc and Intel's OpenMP, cpu_preload_env; LD_PRELOAD empty):
+--backend vllm_nopreload,vllm measures what they buy. Any two or three arms alternate in one run.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+VLLM_VARIANTS = {  # arm: (environment variable, its value, what the arm is), against the plain `vllm` arm
+    "vllm_auto": ("VLLM_CPU_OMP_THREADS_BIND", "auto", "vLLM's own binding"),
+    "vllm_nopreload": ("LD_PRELOAD", "", "nothing preloaded"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vote_batch", type=int, default=2, help="prompts per sampling call with --vote")
     p.add_argument("--repeats", type=int, default=2, help="alternations of the two --vote (or --backend) arms")
     p.add_argument("--backend", default="", help="hf,vllm: time sqltune's HF generator against its vLLM backend; "
-                   "vllm_auto: the vLLM backend under vLLM's own CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto)")
+                   "vllm_auto: the vLLM backend under vLLM's own CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto); "
+                   "vllm_nopreload: without the preloaded tcmalloc and Intel OpenMP (LD_PRELOAD empty)")
     p.add_argument("--batch_size", type=int, default=8, help="--backend: the HF arm's prompts per call")
     p.add_argument("--vote_prompts", type=int, default=16, help="--backend with --vote N: prompts sampled at vote@N")
     p.add_argument("--hf_python", default=str(ROOT / ".venv" / "bin" / "python"), help="--backend: the HF arm's Python")
@@ -202,8 +209,9 @@ def vote_arms(a, records: list[dict]) -> int:
 def backend_arms(a) -> int:
     """The parent: checks the arms, runs each as a child process of its Python, alternating, and sums up."""
     arms = [b.strip() for b in a.backend.split(",") if b.strip()]
-    if not arms or set(arms) - {"hf", "vllm", "vllm_auto"} or len(set(arms)) != len(arms):
-        print(f"predict_throughput: --backend takes hf, vllm, vllm_auto or a comma list of them, not {a.backend!r}")
+    if not arms or set(arms) - {"hf", "vllm", *VLLM_VARIANTS} or len(set(arms)) != len(arms):
+        print(f"predict_throughput: --backend takes hf, vllm, {', '.join(VLLM_VARIANTS)} or a comma list of them, "
+              f"not {a.backend!r}")
         return 2
     if a.vote == 1 or a.vote < 0 or a.batch_size < 1 or a.prompts < 1 or a.repeats < 1:
         print("predict_throughput: --backend needs --vote 0 or >= 2, --batch_size, --prompts and --repeats >= 1")
@@ -221,7 +229,7 @@ def backend_arms(a) -> int:
         if not (work / "data" / "dataset_info.json").is_file():
             prepare(PrepareConfig(source="demo", out=str(work / "data"), name="demo"))
         records = str(work / "data" / "demo_dev.jsonl")
-    pythons = {"hf": a.hf_python, "vllm": a.vllm_python, "vllm_auto": a.vllm_python}
+    pythons = {"hf": a.hf_python, "vllm": a.vllm_python, **{arm: a.vllm_python for arm in VLLM_VARIANTS}}
     runnable = []
     for arm in arms:
         reason = arm_missing(arm, pythons[arm])
@@ -263,7 +271,7 @@ def arm_missing(arm: str, python: str) -> str:
 
 def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
     """One child process of `python` for the arm; its output goes to `log`; returns its RESULT, None on failure."""
-    backend = "vllm" if arm.startswith("vllm") else arm  # vllm_auto is the vllm backend under another binding
+    backend = "vllm" if arm.startswith("vllm") else arm  # a variant is the vllm backend in another environment
     cmd = [python, str(Path(__file__).resolve()), "--arm", backend, "--records", records, "--prompts", str(a.prompts),
            "--model", a.model, "--template", a.template, "--dtypes", a.dtypes.split(",")[0].strip(),
            "--max_new_tokens", str(a.max_new_tokens), "--max_source_length", str(a.max_source_length),
@@ -271,8 +279,9 @@ def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
            "--seed", str(a.seed), "--device", a.device] + (["--vllm_compile"] if a.vllm_compile else [])
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
-    if arm == "vllm_auto":  # vLLM's own CPU binding (one CPU kept for its scheduler), not sqltune's (all CPUs)
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "auto"
+    if arm in VLLM_VARIANTS:  # a setting the user's environment may give, which sqltune's then leaves alone
+        name, value, _ = VLLM_VARIANTS[arm]
+        env[name] = value
     start = time.perf_counter()
     with open(log, "w") as err:  # vLLM logs (its engine's errors too) to stdout: kept in the log, less RESULT
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -410,7 +419,7 @@ def backend_summary(results: dict[str, list[dict]], a) -> list[str]:
         n = len(runs[0]["greedy_answers"])
         lines.append(fig + f"; greedy answers equal in its first and last round: {same}/{n}"
                      + (f"; stop tokens the backend counts as new tokens: {extra[0]}" if any(extra) else ""))
-    if set(results) == {"hf", "vllm"}:
+    if {"hf", "vllm"} <= set(results):
         hf, vl = results["hf"][-1], results["vllm"][-1]
         n = len(hf["greedy_answers"])
         lines.append(f"greedy answers equal between the arms (last rounds): "
@@ -423,14 +432,15 @@ def backend_summary(results: dict[str, list[dict]], a) -> list[str]:
                          f"(samples come from different generators and are not compared)")
         lines.append(f"vLLM / HF, best of each: greedy {best['vllm']['greedy'] / best['hf']['greedy']:.2f}x"
                      + (f", vote@{a.vote} {best['vllm']['vote'] / best['hf']['vote']:.2f}x" if a.vote else ""))
-    if {"vllm", "vllm_auto"} <= set(results):
-        mine, auto = results["vllm"][-1], results["vllm_auto"][-1]
-        n = len(mine["greedy_answers"])
-        lines.append(f"greedy answers equal between vllm and vllm_auto (last rounds): "
-                     f"{sum(x == y for x, y in zip(mine['greedy_answers'], auto['greedy_answers']))}/{n}")
-        lines.append(f"vLLM bound to every CPU / vLLM's own binding, best of each: greedy "
-                     f"{best['vllm']['greedy'] / best['vllm_auto']['greedy']:.2f}x"
-                     + (f", vote@{a.vote} {best['vllm']['vote'] / best['vllm_auto']['vote']:.2f}x" if a.vote else ""))
+    for arm, (_, _, what) in VLLM_VARIANTS.items():
+        if {"vllm", arm} <= set(results):
+            mine, other = results["vllm"][-1], results[arm][-1]
+            n = len(mine["greedy_answers"])
+            lines.append(f"greedy answers equal between vllm and {arm} (last rounds): "
+                         f"{sum(x == y for x, y in zip(mine['greedy_answers'], other['greedy_answers']))}/{n}")
+            lines.append(f"vLLM as sqltune runs it / {what}, best of each: greedy "
+                         f"{best['vllm']['greedy'] / best[arm]['greedy']:.2f}x"
+                         + (f", vote@{a.vote} {best['vllm']['vote'] / best[arm]['vote']:.2f}x" if a.vote else ""))
     return lines
 
 
