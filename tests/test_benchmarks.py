@@ -10,6 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from test_dpo import pairs_data  # noqa: E402, F401 (fixture: demo pairs registered by `sqltune samples`)
+
 
 def test_spider_dev_benchmark_code_path(demo_dir, tiny_model, tmp_path):
     import spider_dev
@@ -179,3 +181,25 @@ def test_compare_arms_counts_changes_both_ways(tmp_path, capsys):
     assert compare_arms.main([str(tmp_path / "a"), str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 2 and "Traceback" not in err, err
+
+
+
+def test_dpo_head_arms_code_path(tiny_model, pairs_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Both arms of benchmarks/dpo_head.py train DPO steps on the same pairs (each as the parent's child process
+    does, here in this process) and agree on the loss: the trl arm (the switch off, every position through the
+    output layer) computes what sqltune's does."""
+    import dpo_head
+
+    import sqltune.train.session as session
+
+    monkeypatch.setattr(session, "trl_head_on_labelled_positions", session.trl_head_on_labelled_positions)
+    results = {}
+    for arm in ("sqltune", "trl"):
+        assert dpo_head.main(["--arm", arm, "--dataset_dir", str(pairs_data), "--dataset", "demo_samples",
+                              "--model", str(tiny_model), "--steps", "2", "--work", str(tmp_path / arm)]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
+        results[arm] = json.loads(line[len("RESULT "):])
+    assert all(r["steps"] == 2 and r["s_per_step"] > 0 for r in results.values())
+    assert results["trl"]["train_loss"] == pytest.approx(results["sqltune"]["train_loss"], rel=1e-2)
+    assert dpo_head.main(["--dataset_dir", str(tmp_path / "nothing"), "--steps", "1"]) == 2
+    assert "holds no dataset_info.json" in capsys.readouterr().out

@@ -118,39 +118,6 @@ def cpu_threads_env(on_cpu: bool, environ=None, cpus: list[int] | None = None) -
     return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cpus))}
 
 
-def cpu_preload_env(on_cpu: bool, environ=None, libraries: list[str] | None = None) -> dict[str, str]:
-    """LD_PRELOAD for vLLM's CPU engine: tcmalloc and Intel's OpenMP, as vLLM's CPU docs advise (its worker warns
-    without them). Measured here: vote@8 sampling some 9% faster, greedy unchanged (BENCHMARKS.md). Both libraries or
-    neither: only the pair was measured. Intel's OpenMP comes with vllm-cpu (intel-openmp, in this Python's lib/);
-    tcmalloc from the system (`apt-get install libtcmalloc-minimal4`; `make install-vllm` tries). An LD_PRELOAD the
-    user set, even empty, wins. The engine's processes spawn, so they start with it; this process does not."""
-    environ = os.environ if environ is None else environ
-    if not on_cpu or "LD_PRELOAD" in environ:
-        return {}
-    found = preload_libraries() if libraries is None else libraries
-    return {"LD_PRELOAD": ":".join(found)} if len(found) == 2 else {}
-
-
-def preload_libraries() -> list[str]:
-    """Paths of tcmalloc and Intel's OpenMP where both are here, else the ones found (fewer than two)."""
-    import ctypes.util
-    import sys
-
-    found = []
-    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
-    if tcmalloc:
-        found.append(tcmalloc)  # a soname: the dynamic loader finds it where find_library did
-    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    if iomp.is_file():
-        found.append(str(iomp))
-    return found
-
-
-def cpu_engine_env(on_cpu: bool) -> dict[str, str]:
-    """Environment for vLLM's CPU engine: its threads on every CPU of a small machine, its libraries preloaded."""
-    return {**cpu_threads_env(on_cpu), **cpu_preload_env(on_cpu)}
-
-
 def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> dict:
     """Keyword arguments of `vllm.LLM`: parallelism, memory (the KV cache sized on a CPU) and length limits, dtype,
     eager mode, prefix caching, and LoRA sized from the adapter (vLLM's default max_lora_rank 16 rejects r=64)."""
@@ -267,7 +234,7 @@ class VLLMGenerator:
         from sqltune.templates import stop_token_ids
 
         self.tokenizer, self.template = tokenizer, template
-        with environ_set(cpu_engine_env(vllm_on_cpu())), interrupts_reach_us():  # spawned processes inherit the env
+        with environ_set(cpu_threads_env(vllm_on_cpu())), interrupts_reach_us():  # spawned processes inherit the env
             self.llm = LLM(**vllm_engine_args(cfg, model, adapter))
         self.lora = None
         if adapter is not None:
