@@ -184,22 +184,33 @@ def test_compare_arms_counts_changes_both_ways(tmp_path, capsys):
 
 
 
-def test_dpo_head_arms_code_path(tiny_model, pairs_data, tmp_path, capsys, monkeypatch):  # noqa: F811
-    """Both arms of benchmarks/dpo_head.py train DPO steps on the same pairs (each as the parent's child process
+def test_trl_head_arms_code_path(tiny_model, pairs_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """Both arms of benchmarks/trl_head.py train DPO steps on the same pairs (each as the parent's child process
     does, here in this process) and agree on the loss: the trl arm (the switch off, every position through the
     output layer) computes what sqltune's does."""
-    import dpo_head
+    import trl_head
 
     import sqltune.train.session as session
 
     monkeypatch.setattr(session, "trl_head_on_labelled_positions", session.trl_head_on_labelled_positions)
     results = {}
     for arm in ("sqltune", "trl"):
-        assert dpo_head.main(["--arm", arm, "--dataset_dir", str(pairs_data), "--dataset", "demo_samples",
+        assert trl_head.main(["--arm", arm, "--dataset_dir", str(pairs_data), "--dataset", "demo_samples",
                               "--model", str(tiny_model), "--steps", "2", "--work", str(tmp_path / arm)]) == 0
         line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
         results[arm] = json.loads(line[len("RESULT "):])
     assert all(r["steps"] == 2 and r["s_per_step"] > 0 for r in results.values())
     assert results["trl"]["train_loss"] == pytest.approx(results["sqltune"]["train_loss"], rel=1e-2)
-    assert dpo_head.main(["--dataset_dir", str(tmp_path / "nothing"), "--steps", "1"]) == 2
+    assert trl_head.main(["--dataset_dir", str(tmp_path / "nothing"), "--steps", "1"]) == 2
     assert "holds no dataset_info.json" in capsys.readouterr().out
+
+
+def test_trl_head_grpo_arm_code_path(tiny_model, prepared_demo, tmp_path, capsys):
+    """benchmarks/trl_head.py --stage grpo: one GRPO step of the demo recipe's settings on the demo records."""
+    import trl_head
+
+    assert trl_head.main(["--arm", "sqltune", "--stage", "grpo", "--dataset_dir", str(prepared_demo), "--dataset",
+                          "demo_train", "--model", str(tiny_model), "--steps", "1", "--max_source_length", "256",
+                          "--work", str(tmp_path / "grpo")]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
+    assert json.loads(line[len("RESULT "):])["steps"] == 1

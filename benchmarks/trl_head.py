@@ -1,4 +1,5 @@
-"""DPO's step time on a CPU with TRL's output layer over every position against sqltune's, over the answers only.
+"""DPO's or GRPO's step time on a CPU with TRL's output layer over every position against sqltune's, over the answers
+only.
 
 TRL 1.16's DPO and GRPO call the model with `fused_lm_head=True`. Where Triton does not run (a CPU), TRL projects every
 position, the prompt's included, through the output layer (Qwen's has 152k rows), forward and backward, and then
@@ -6,19 +7,25 @@ zeroes the prompt's log-probabilities; sqltune's `trl_head_on_labelled_positions
 every training stage) makes it project the labelled positions alone, as it does where Triton runs. The same
 log-probabilities and gradients (tests/test_dpo.py); this measures what it saves. Arms:
 
-    trl       `sqltune train --stage dpo` with the switch replaced by a no-op: TRL as a CPU user of TRL runs it
-    sqltune   `sqltune train --stage dpo` as shipped
+    trl       `sqltune train --stage STAGE` with the switch replaced by a no-op: TRL as a CPU user of TRL runs it
+    sqltune   `sqltune train --stage STAGE` as shipped
 
-Each run is its own process: a fresh LoRA (r16, alpha 32, every linear layer) on --model, bf16, 2 pairs a batch x 2
-accumulated (configs/spider_qwen05_rft.yaml's DPO), --steps optimizer steps over the same pairs in the same order.
-Arms alternate for --repeats rounds, the order reversed every other round. Printed per run: seconds per step (the
-Trainer's training-loop time / steps, loading and saving excluded), peak RSS, the mean training loss (the arms'
-should agree: the same computation); then the best of each arm and sqltune / trl.
+Each run is its own process: a fresh LoRA (r16, alpha 32, every linear layer) on --model, --steps optimizer steps
+with the same seed. --stage dpo: bf16, 2 pairs a batch x 2 accumulated (configs/spider_qwen05_rft.yaml's DPO), the
+same pairs in the same order. --stage grpo: configs/demo_grpo.yaml's GRPO (float32, 4 prompts x 4 completions a
+step from transformers' generate, 96 tokens at most, temperature 1.0, beta 0, DAPO loss, gradient checkpointing);
+the completions are sampled, so the arms' steps see equal prompts, not equal completions. Arms alternate for
+--repeats rounds, the order reversed every other round. Printed per run: seconds per step (the Trainer's
+training-loop time / steps, loading and saving excluded), peak RSS, the mean training loss (for DPO the arms' should
+agree: the same computation); then the best of each arm and sqltune / trl.
 
-    python benchmarks/dpo_head.py --dataset_dir RUN/data --dataset right --model qwen2.5-coder-0.5b-instruct
+    python benchmarks/trl_head.py --dataset_dir RUN/data --dataset right --model qwen2.5-coder-0.5b-instruct
+    python benchmarks/trl_head.py --stage grpo --dataset_dir DEMO --dataset demo_train --model SFT_MERGED \
+        --max_source_length 512
 
---dataset: a dataset `sqltune samples` registered (its pairs file), e.g. the `right` of a configs/spider_qwen05_rft.yaml
-run's data folder.
+--stage dpo's --dataset: one `sqltune samples` registered (its pairs), e.g. the `right` of a
+configs/spider_qwen05_rft.yaml run's data folder; --stage grpo's: prepared records with databases (the reward runs
+the SQL), e.g. demo_train of `sqltune prepare --source demo --name demo --schema_style words`.
 """
 
 from __future__ import annotations
@@ -41,27 +48,30 @@ ARMS = ("trl", "sqltune")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset_dir", required=True, help="folder of dataset_info.json holding --dataset")
-    p.add_argument("--dataset", default="right", help="a dataset `sqltune samples` registered (its pairs are used)")
+    p.add_argument("--stage", choices=["dpo", "grpo"], default="dpo")
+    p.add_argument("--dataset", default="right", help="dpo: a dataset `sqltune samples` registered (its pairs); "
+                   "grpo: prepared records with databases")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="catalog name or model folder")
     p.add_argument("--template", default="chatml")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run (4 pairs each)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per run")
     p.add_argument("--repeats", type=int, default=2, help="alternations of the two arms")
     p.add_argument("--max_source_length", type=int, default=768)
     p.add_argument("--work", default="", help="folder for the runs' outputs (default: a temporary one)")
     p.add_argument("--arm", default="", help=argparse.SUPPRESS)  # set by the parent for its child processes
     a = p.parse_args(argv)
     if a.steps < 1 or a.repeats < 1:
-        print("dpo_head: --steps and --repeats must be >= 1")
+        print("trl_head: --steps and --repeats must be >= 1")
         return 2
     if a.arm:
         return child(a)
     if not (Path(a.dataset_dir) / "dataset_info.json").is_file():
-        print(f"dpo_head: --dataset_dir {a.dataset_dir} holds no dataset_info.json")
+        print(f"trl_head: --dataset_dir {a.dataset_dir} holds no dataset_info.json")
         return 2
-    work = Path(a.work or tempfile.mkdtemp(prefix="sqltune-dpo-head-"))
+    work = Path(a.work or tempfile.mkdtemp(prefix="sqltune-trl-head-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"model {a.model}, dataset {a.dataset} (pairs) in {a.dataset_dir}, {a.steps} DPO steps of 2 x 2 pairs per "
-          f"run, LoRA r16, bf16, {a.repeats} rounds; CPU ({os.cpu_count()} cores)", flush=True)
+    each = "DPO steps of 2 x 2 pairs, bf16" if a.stage == "dpo" else "GRPO steps of 4 prompts x 4 completions, float32"
+    print(f"model {a.model}, dataset {a.dataset} in {a.dataset_dir}, {a.steps} {each} per run, LoRA r16, "
+          f"{a.repeats} rounds; CPU ({os.cpu_count()} cores)", flush=True)
     results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for r in range(a.repeats):
         for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
@@ -80,33 +90,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a, arm: str, out: Path) -> dict | None:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--dataset_dir", a.dataset_dir, "--dataset",
-           a.dataset, "--model", a.model, "--template", a.template, "--steps", str(a.steps),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--stage", a.stage, "--dataset_dir",
+           a.dataset_dir, "--dataset", a.dataset, "--model", a.model, "--template", a.template, "--steps", str(a.steps),
            "--max_source_length", str(a.max_source_length), "--work", str(out)]
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **os.environ,
            "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        print(f"dpo_head: the {arm} arm failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        print(f"trl_head: the {arm} arm failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         return None
     return json.loads(lines[-1][len("RESULT "):])
 
 
 def child(a) -> int:
-    """One arm: `sqltune.train` (--stage dpo) in this process; prints RESULT {json}."""
+    """One arm: `sqltune.train` (--stage dpo or grpo) in this process; prints RESULT {json}."""
     import sqltune.train.session as session
     from sqltune.config import TrainConfig
     from sqltune.train.dispatch import train
 
     if a.arm == "trl":  # TRL's own CPU path: every position through the output layer
         session.trl_head_on_labelled_positions = contextlib.nullcontext
-    cfg = TrainConfig(stage="dpo", model_name_or_path=a.model, dataset=a.dataset, dataset_dir=a.dataset_dir,
-                      template=a.template, finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_target="all",
-                      bf16=True, max_source_length=a.max_source_length, max_target_length=128,
-                      per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=5e-5,
-                      dpo_beta=0.1, max_steps=a.steps, logging_steps=1, save_steps=10_000, output_dir=a.work,
-                      overwrite_output_dir=True, quiet=True)
+    common = dict(stage=a.stage, model_name_or_path=a.model, dataset=a.dataset, dataset_dir=a.dataset_dir,
+                  template=a.template, finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_target="all",
+                  max_source_length=a.max_source_length, learning_rate=5e-5, max_steps=a.steps, logging_steps=1,
+                  save_steps=10_000, output_dir=a.work, overwrite_output_dir=True, quiet=True, seed=42)
+    if a.stage == "dpo":  # configs/spider_qwen05_rft.yaml's DPO
+        cfg = TrainConfig(**common, bf16=True, max_target_length=128, per_device_train_batch_size=2,
+                          gradient_accumulation_steps=2, dpo_beta=0.1)
+    else:  # configs/demo_grpo.yaml's GRPO
+        cfg = TrainConfig(**common, lora_dropout=0.0, num_generations=4, per_device_train_batch_size=16,
+                          max_completion_length=96, grpo_temperature=1.0, rollout_backend="hf",
+                          gradient_checkpointing=True)
     started = time.perf_counter()
     figures = train(cfg)
     print("RESULT " + json.dumps({
