@@ -183,7 +183,6 @@ def test_compare_arms_counts_changes_both_ways(tmp_path, capsys):
     assert err.count("\n") == 2 and "Traceback" not in err, err
 
 
-
 def test_trl_head_arms_code_path(tiny_model, pairs_data, tmp_path, capsys, monkeypatch):  # noqa: F811
     """Both arms of benchmarks/trl_head.py train DPO steps on the same pairs (each as the parent's child process
     does, here in this process) and agree on the loss: the trl arm (the switch off, every position through the
