@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from sqltune.train.shared_prefix import MIN_SHARED_TOKENS, decode_with_shared_prefix, shared_prefix_length
+
 IGNORE_INDEX = -100
 CHUNK_BYTES = 1 << 28  # float32 logits of one chunk: 256 MiB
 
@@ -102,9 +104,13 @@ def label_only_loss(hidden: torch.Tensor, head, labels: torch.Tensor, num_items_
     return total / num_items_in_batch
 
 
-def install_label_only_loss(model, chunk: int | None = None) -> str:
-    """Make training forwards (labels given, train mode) compute the label-only loss and no logits, always without a
-    KV cache. Returns what the loss runs on: `liger`, `chunked`, or `model's own loss (<why>)` for an architecture
+def _checkpointing(decoder) -> bool:
+    return bool(getattr(decoder, "gradient_checkpointing", False))
+
+
+def install_label_only_loss(model, chunk: int | None = None, share_prefix: bool = False) -> str:
+    """Make training forwards (labels given, train mode) compute the label-only loss and no logits; with
+    `share_prefix`, the leading tokens all rows of a batch share run once. Returns what the loss runs on: `liger`, `chunked`, or `model's own loss (<why>)` for an architecture
     whose logits are not plain lm_head(hidden)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -129,6 +135,14 @@ def install_label_only_loss(model, chunk: int | None = None) -> str:
                             inputs_embeds=inputs_embeds, labels=labels, **kwargs)
         for name in ("logits_to_keep", "return_dict"):
             kwargs.pop(name, None)
+        shared = shared_prefix_length(input_ids, attention_mask, labels) \
+            if share_prefix and position_ids is None and inputs_embeds is None and not _checkpointing(decoder) else 0
+        if shared >= MIN_SHARED_TOKENS:  # the rows' common prompt once (sqltune/train/shared_prefix.py)
+            rest = {k: v for k, v in kwargs.items() if k != "use_cache"}
+            hidden = decode_with_shared_prefix(decoder, input_ids, attention_mask, shared, **rest)
+            if hidden is not None:
+                loss = label_only_loss(hidden, head, labels[:, shared:], num_items_in_batch, chunk)
+                return CausalLMOutputWithPast(loss=loss)
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, **kwargs)
         loss = label_only_loss(out.last_hidden_state, head, labels, num_items_in_batch, chunk)

@@ -2,8 +2,9 @@
 
 Read top to bottom: check every input (model, dataset, output folder against the inputs, settings of a resumed
 run), tokenise the records with the chat template (loss on answer tokens only), set up the trainable parameters for
-the finetuning type (or load --adapter, a LoRA adapter that goes on learning), train with length-grouped batches in
-the work folder, then save the adapter (or model), tokenizer, log and loss plot and put the finished folder in place
+the finetuning type (or load --adapter, a LoRA adapter that goes on learning), train in the work folder with batches
+of examples sharing their prompt's start (one database's schema, run once per batch) or else of similar length, then
+save the adapter (or model), tokenizer, log and loss plot and put the finished folder in place
 (sqltune/train/folders.py: the old output is replaced only by a complete new one). The figures describe the whole
 run, also after a resume and over all processes.
 
@@ -29,6 +30,7 @@ from sqltune.train.loss import install_label_only_loss
 from sqltune.train.session import (RESOLVED_CONFIG, budget_clock, finish_run, open_run, run_inputs,  # noqa: F401
                                    run_trainer, start_work, training_arguments)
 from sqltune.train.setup import adapter_read, trainable_model
+from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_grouped, prefix_key
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -58,13 +60,20 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None =
                                              cfg.max_target_length)
     # --adapter: that LoRA adapter goes on learning (its own rank and targets), e.g. SFT's on its right samples
     model, trainable = trainable_model(cfg, model_path, adapter)
-    data_figures["loss_kernel"] = install_label_only_loss(model)  # no full-vocabulary logits (sqltune/train/loss.py)
+    share = cfg.share_prompt_prefix and not cfg.packing
+    # no full-vocabulary logits (sqltune/train/loss.py); a batch's common prompt once (sqltune/train/shared_prefix.py)
+    data_figures["loss_kernel"] = install_label_only_loss(model, share_prefix=share)
 
     args = training_arguments(cfg, work, train_sampling_strategy="group_by_length" if cfg.group_by_length
                               else "random", length_column_name="length")
     start_work(cfg, out, work, checkpoint, skipped, resolved)
     clock = budget_clock(cfg, checkpoint)
     trainer_class = budget_trainer(clock if cfg.schedule_to_budget else None)
+    if share:
+        groups = [prefix_key(r) for r in records]
+        trainer_class = prefix_grouped(trainer_class, groups, dataset["length"])
+        data_figures["shared_prompt_batches"] = PrefixGroupedSampler(
+            groups, dataset["length"], cfg.per_device_train_batch_size, cfg.seed).shared_batches()
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     callbacks = _callbacks(cfg, work, resume_step, clock)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset,

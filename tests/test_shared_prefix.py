@@ -1,0 +1,118 @@
+"""Training on a batch's shared prompt once (sqltune/train/shared_prefix.py): same loss and gradients as the rows
+run whole, the shared tokens through the model once, batches of one database, and every fallback."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+from sqltune.templates import get_template
+from sqltune.train.data import Collator, load_records, tokenize_records
+from sqltune.train.loss import install_label_only_loss
+from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_key, shared_prefix_length
+from sqltune.train.sft import train
+from tests.test_train_speed_paths import grads, lora_model, train_config
+from sqltune.loading import load_tokenizer
+
+
+def one_database_batch(tiny_model, prepared_demo, n=4):
+    """n demo train records of the database with most of them, tokenised and padded as training pads them."""
+    tok = load_tokenizer(tiny_model)
+    records = load_records(str(prepared_demo), "demo_train")
+    key, _ = Counter(prefix_key(r) for r in records).most_common(1)[0]
+    chosen = [r for r in records if prefix_key(r) == key][:n]
+    assert len(chosen) == n
+    dataset, _ = tokenize_records(chosen, tok, get_template("chatml", tok), 512, 64)
+    return Collator(tok.pad_token_id)([dataset[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("num_items", [None, 29])
+def test_shared_prompt_gives_the_loss_and_gradients_of_the_rows_run_whole(tiny_model, prepared_demo, num_items):
+    """Pins exactness: the schema run once, its KV cache repeated over the rows, gives the value and every LoRA
+    gradient of the plain label-only loss (float32), averaged or divided by the Trainer's num_items_in_batch."""
+    batch = one_database_batch(tiny_model, prepared_demo)
+    shared = shared_prefix_length(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert shared > 50
+    plain = lora_model(tiny_model)
+    ours = copy.deepcopy(plain)
+    install_label_only_loss(plain)
+    install_label_only_loss(ours, share_prefix=True)
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    seen = []
+    ours.get_base_model().get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    expected = plain(**batch, **extra).loss
+    expected.backward()
+    got = ours(**batch, **extra).loss
+    got.backward()
+    rows, width = batch["input_ids"].shape
+    assert seen == [(1, shared), (rows, width - shared)]  # the shared tokens went through the model once
+    assert abs(got.item() - expected.item()) < 1e-5
+    g_plain, g_ours = grads(plain), grads(ours)
+    assert g_plain.keys() == g_ours.keys() and len(g_plain) > 0
+    for name in g_plain:
+        assert torch.allclose(g_ours[name], g_plain[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_gradient_checkpointing_runs_the_rows_whole(tiny_model, prepared_demo):
+    """With gradient checkpointing (which keeps no KV cache) the forward runs every row whole, the same loss."""
+    batch = one_database_batch(tiny_model, prepared_demo)
+    model = lora_model(tiny_model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    install_label_only_loss(model, share_prefix=True)
+    seen = []
+    model.get_base_model().get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    loss = model(**batch).loss
+    assert seen == [batch["input_ids"].shape[0]] and torch.isfinite(loss)
+
+
+def test_shared_length_stops_before_the_first_needed_output():
+    """Only equal, unpadded tokens are shared, and never the position whose output predicts a row's first label."""
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9]])
+    mask = torch.ones_like(ids)
+    no_labels = torch.full_like(ids, -100)
+    assert shared_prefix_length(ids, mask, no_labels) == 4
+    labels = no_labels.clone()
+    labels[1, 3] = 4  # row 1 learns its 4th token: the output at position 2 is needed
+    assert shared_prefix_length(ids, mask, labels) == 2
+    left_padded = mask.clone()
+    left_padded[1, 0] = 0
+    assert shared_prefix_length(ids, left_padded, no_labels) == 0
+    assert shared_prefix_length(ids[:1], mask[:1], no_labels[:1]) == 0  # one row: nothing to share
+    assert shared_prefix_length(ids, None, no_labels) == 0
+    same = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    assert shared_prefix_length(same, torch.ones_like(same), torch.full_like(same, -100)) == 2  # one token left
+
+
+def test_sampler_batches_one_group_each_and_every_example_once():
+    """Groups of at least a batch give batches of one group; leftovers are pooled; every index once per epoch; the
+    short batch last; the same order for the same seed and epoch (a resume skips the same batches), another for
+    the next epoch."""
+    groups = ["a"] * 9 + ["b"] * 8 + ["c"] * 3
+    lengths = list(range(20))
+    sampler = PrefixGroupedSampler(groups, lengths, batch_size=4, seed=3)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(20)) and list(sampler) == [i for b in batches
+                                                                                         for i in b]
+    assert [len(b) for b in batches] == [4] * 5
+    assert sum(len({groups[i] for i in b}) == 1 for b in batches) == 4 == sampler.shared_batches()
+    assert PrefixGroupedSampler(groups, lengths, 4, seed=3).batches() == batches
+    sampler.set_epoch(1)
+    assert sampler.batches() != batches
+    odd = PrefixGroupedSampler(["a"] * 5 + ["b"] * 2, list(range(7)), batch_size=4, seed=0).batches()
+    assert [len(b) for b in odd] == [4, 3]
+
+
+def test_train_shares_the_schema_and_learns(tiny_model, prepared_demo, tmp_path):
+    """`sqltune train` groups one database's questions and runs their schema once per batch (counted in its figures);
+    the loss falls as without sharing; --no-share_prompt_prefix (and --packing) turn it off."""
+    fast = {"learning_rate": 2e-2, "max_steps": 8, "max_samples": 32}
+    shared = train(train_config(tiny_model, prepared_demo, tmp_path / "shared", share_prompt_prefix=True, **fast))
+    plain = train(train_config(tiny_model, prepared_demo, tmp_path / "plain", share_prompt_prefix=False, **fast))
+    assert shared["shared_prompt_batches"] > 0 and "shared_prompt_batches" not in plain
+    assert shared["final_loss"] < shared["first_loss"] - 0.1
+    assert abs(shared["final_loss"] - plain["final_loss"]) < 0.15 * plain["final_loss"]
+    packed = train(train_config(tiny_model, prepared_demo, tmp_path / "packed", packing=True, max_steps=2))
+    assert "shared_prompt_batches" not in packed
