@@ -6,9 +6,16 @@ Baseline: `Trainer` + `DataCollatorForSeq2Seq` (each batch padded to its own lon
 alpha 32), batch size, learning rate, seed and records (one epoch: steps x batch records, each seen once, so every arm
 trains on exactly the same real tokens). The sqltune arms call `sqltune.train.sft.train` itself:
 
-    default   sqltune's default settings (length-grouped batches, loss computed on answer tokens only)
-    packing   --packing (padding-free rows; flash_attention_2 on CUDA when flash_attn is installed)
-    bf16      --bf16 (CPU only: on CUDA every arm, the baseline included, already runs in bf16)
+    default        sqltune's default settings (batches of one database's questions with their shared schema run
+                   once, else length-grouped batches; loss computed on answer tokens only)
+    unshared       the default with --no-share_prompt_prefix (length-grouped batches, each row run whole)
+    packing        --packing (padding-free rows; flash_attention_2 on CUDA when flash_attn is installed)
+    bf16           --bf16 (CPU only: on CUDA every arm, the baseline included, already runs in bf16)
+    bf16_unshared  --bf16 --no-share_prompt_prefix (CPU only)
+
+Records (--records): `grouped` (the default) are the first steps x batch examples of an epoch over the whole split
+as sqltune batches it: what a run on the whole split trains on, most batches being questions of one database;
+`random` are a seeded random steps x batch of the split (a small sample, where few questions share a database).
 
 Each run is its own process (its peak memory is its own: RSS on CPU, CUDA max allocated on a GPU); arms alternate
 (baseline, default, packing, bf16, baseline, ...) for --repeats rounds (at least 2). Tokens/s = real (non-padding)
@@ -50,13 +57,33 @@ def arm_settings(arm: str, device: str) -> dict:
         settings["packing"] = True
         if cuda and importlib.util.find_spec("flash_attn") is not None:
             settings["attn_implementation"] = "flash_attention_2"
-    if arm == "bf16":
+    if arm.startswith("bf16"):
         settings["bf16"] = True
+    if arm.endswith("unshared"):
+        settings["share_prompt_prefix"] = False
     return settings
 
 
 def arms_for(device: str) -> list[str]:
-    return ["baseline", "default", "packing"] + (["bf16"] if device == "cpu" else [])
+    return ["baseline", "default", "unshared", "packing"] + (["bf16", "bf16_unshared"] if device == "cpu" else [])
+
+
+def grouped_records(data: str, dataset: str, steps: int, batch: int, seed: int = 0) -> str:
+    """Register the records of the first `steps` batches sqltune's sampler draws from the whole of `dataset` (seeded),
+    in that order, as `<dataset>_grouped<steps>x<batch>`; returns the name."""
+    from sqltune.data.registry import lookup, register
+    from sqltune.train.data import load_records
+    from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_key
+
+    name = f"{dataset}_grouped{steps}x{batch}"
+    records = load_records(data, dataset)
+    sampler = PrefixGroupedSampler([prefix_key(r) for r in records], [len(r["input"]) for r in records], batch, seed)
+    chosen = [i for b in sampler.batches()[:steps] for i in b]
+    path = Path(data) / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(records[i]) + "\n" for i in chosen))
+    entry = {k: v for k, v in lookup(data, dataset).items() if k not in ("file_name", "gold", "dropped_failing_gold")}
+    register(Path(data), name, {**entry, "file_name": path, "records": len(chosen)})
+    return name
 
 
 def prepare_records(work: Path) -> tuple[str, str]:
@@ -193,7 +220,7 @@ def summary(runs: dict[str, list[dict]], headline: str = "default") -> list[str]
         tps = [r["tokens_per_s"] for r in rs]
         loss = statistics.median(r["loss"] for r in rs)
         ratio = max(tps) / max(r["tokens_per_s"] for r in base)
-        lines.append(f"{arm:<9} tokens/s best {max(tps):8.1f}  median {statistics.median(tps):8.1f}  ({ratio:.2f}x)  "
+        lines.append(f"{arm:<13} tokens/s best {max(tps):8.1f}  median {statistics.median(tps):8.1f}  ({ratio:.2f}x)  "
                      f"peak {max(r['peak_mb'] for r in rs):6d} MB  loss {loss:.4f} "
                      f"({100 * (loss - base_loss) / base_loss:+.2f} % vs baseline)  runs {len(rs)}")
     best = max(r["tokens_per_s"] for r in runs[headline]) / max(r["tokens_per_s"] for r in base)
@@ -215,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_source_length", type=int, default=512)
     p.add_argument("--max_target_length", type=int, default=128)
     p.add_argument("--arms", default="", help="comma list (default: all for the device); the baseline always runs")
+    p.add_argument("--records", choices=["grouped", "random"], default="grouped",
+                   help="grouped: the first steps x batch examples of sqltune's epoch over the whole split; random: a "
+                        "seeded random steps x batch of it")
     p.add_argument("--headline", default="default", choices=["default", "packing", "bf16"],
                    help="the sqltune arm the last line compares with the baseline")
     p.add_argument("--work", default="")
@@ -241,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         a.data, a.dataset = prepare_records(Path(a.work))
     elif not a.dataset:
         p.error("--data needs --dataset")
+    if a.records == "grouped":
+        a.dataset = grouped_records(a.data, a.dataset, a.steps, a.batch)
     arms = arms_for(a.device)
     if a.arms:
         wanted = {x.strip() for x in a.arms.split(",") if x.strip()}
@@ -252,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             r = spawn(a, arm, round_)
             runs[arm].append(r)
-            print(f"round {round_ + 1} {arm:<9} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:6.1f} s  "
+            print(f"round {round_ + 1} {arm:<13} {r['tokens_per_s']:8.1f} tokens/s  {r['seconds']:6.1f} s  "
                   f"peak {r['peak_mb']} MB  loss {r['loss']:.4f}", flush=True)
     tokens = runs["baseline"][0]["real_tokens"]
     if any(r["real_tokens"] != tokens for rs in runs.values() for r in rs):

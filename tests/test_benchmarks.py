@@ -31,8 +31,8 @@ def test_spider_dev_benchmark_code_path(demo_dir, tiny_model, tmp_path):
 
 
 def test_train_throughput_arms_code_path(tiny_model, prepared_demo, tmp_path, capsys):
-    """Every arm (plain Trainer + DataCollatorForSeq2Seq, sqltune default, --packing, --bf16) trains the same real
-    tokens; the summary's last line is the headline speed-up; one arm also runs through its own process."""
+    """Every arm (plain Trainer + DataCollatorForSeq2Seq, sqltune default, with and without the shared prompt,
+    --packing, --bf16) trains the same real tokens; the summary's last line is the headline speed-up; one arm also runs through its own process."""
     import train_throughput as tt
 
     common = ["--model", str(tiny_model), "--data", str(prepared_demo), "--dataset", "demo_train", "--steps", "3",
@@ -42,7 +42,7 @@ def test_train_throughput_arms_code_path(tiny_model, prepared_demo, tmp_path, ca
         assert tt.main(common + ["--arm", arm]) == 0
         line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
         runs[arm] = [json.loads(line[len("RESULT "):])]
-    assert set(runs) == {"baseline", "default", "packing", "bf16"}
+    assert set(runs) == {"baseline", "default", "unshared", "packing", "bf16", "bf16_unshared"}
     assert len({r[0]["real_tokens"] for r in runs.values()}) == 1
     assert all(r[0]["tokens_per_s"] > 0 and r[0]["steps"] == 3 for r in runs.values())
     assert abs(runs["default"][0]["loss"] - runs["baseline"][0]["loss"]) < 0.02 * runs["baseline"][0]["loss"]
@@ -52,6 +52,24 @@ def test_train_throughput_arms_code_path(tiny_model, prepared_demo, tmp_path, ca
         device="cpu", model=str(tiny_model), template="chatml", steps=2, batch=2, max_source_length=96,
         max_target_length=32, work=str(tmp_path), data=str(prepared_demo), dataset="demo_train")
     assert tt.spawn(args, "default", 1)["real_tokens"] > 0
+
+
+def test_train_throughput_grouped_records_are_an_epochs_first_batches(prepared_demo, tmp_path):
+    """--records grouped registers the first steps x batch records of sqltune's epoch over the whole split: whole
+    batches of one database where the split allows, in the order the sampler drew them."""
+    import shutil
+
+    import train_throughput as tt
+    from sqltune.train.data import load_records
+    from sqltune.train.shared_prefix import prefix_key
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared_demo, data)
+    name = tt.grouped_records(str(data), "demo_train", steps=3, batch=2)
+    chosen = load_records(str(data), name)
+    assert name == "demo_train_grouped3x2" and len(chosen) == 6
+    assert all(prefix_key(chosen[i]) == prefix_key(chosen[i + 1]) for i in (0, 2, 4))
+    assert all(r in load_records(str(data), "demo_train") for r in chosen)
 
 
 def test_eval_speed_code_path(demo_dir, prepared_demo, capsys):
