@@ -9,13 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
+from sqltune.loading import load_tokenizer
 from sqltune.templates import get_template
 from sqltune.train.data import Collator, load_records, tokenize_records
 from sqltune.train.loss import install_label_only_loss
 from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_key, shared_prefix_length
 from sqltune.train.sft import train
 from tests.test_train_speed_paths import grads, lora_model, train_config
-from sqltune.loading import load_tokenizer
 
 
 def one_database_batch(tiny_model, prepared_demo, n=4):
@@ -116,3 +116,22 @@ def test_train_shares_the_schema_and_learns(tiny_model, prepared_demo, tmp_path)
     assert abs(shared["final_loss"] - plain["final_loss"]) < 0.15 * plain["final_loss"]
     packed = train(train_config(tiny_model, prepared_demo, tmp_path / "packed", packing=True, max_steps=2))
     assert "shared_prompt_batches" not in packed
+
+
+def test_sharing_is_off_when_packed_or_sharded(monkeypatch):
+    """Packing has no attention mask to share under, and a decoder called twice in one forward is untested under
+    parameter sharding: DeepSpeed or FSDP, given as flags or by an Accelerate config's environment."""
+    from types import SimpleNamespace
+
+    from sqltune.train.shared_prefix import prompt_sharing
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    cfg = SimpleNamespace(share_prompt_prefix=True, packing=False, deepspeed="", fsdp="")
+    assert prompt_sharing(cfg)
+    assert not prompt_sharing(SimpleNamespace(**{**vars(cfg), "share_prompt_prefix": False}))
+    assert not prompt_sharing(SimpleNamespace(**{**vars(cfg), "packing": True}))
+    assert not prompt_sharing(SimpleNamespace(**{**vars(cfg), "deepspeed": "ds.json"}))
+    assert not prompt_sharing(SimpleNamespace(**{**vars(cfg), "fsdp": "full_shard"}))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert not prompt_sharing(cfg)

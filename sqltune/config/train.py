@@ -86,7 +86,8 @@ class TrainConfig:
     group_by_length: bool = arg(True, "batch examples of similar length together (less padding)")
     share_prompt_prefix: bool = arg(True, "sft: batch examples whose prompts begin alike (one database's schema) "
                                           "together and run the shared tokens once per batch: the same loss, a step "
-                                          "several times faster on Spider-style prompts (off with --packing)")
+                                          "several times faster on Spider-style prompts (off with --packing, "
+                                          "DeepSpeed or FSDP)")
     seed: int = arg(42, "random seed for data order and initialisation")
     plot_loss: bool = arg(False, "write training_loss.png (with --stage grpo also training_reward.png)")
     deepspeed: str = arg("", "DeepSpeed config file passed through to transformers/Accelerate (GPU, optional; "

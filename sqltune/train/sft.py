@@ -30,7 +30,7 @@ from sqltune.train.loss import install_label_only_loss
 from sqltune.train.session import (RESOLVED_CONFIG, budget_clock, finish_run, open_run, run_inputs,  # noqa: F401
                                    run_trainer, start_work, training_arguments)
 from sqltune.train.setup import adapter_read, trainable_model
-from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_grouped, prefix_key
+from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_grouped, prefix_key, prompt_sharing
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -60,7 +60,7 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None =
                                              cfg.max_target_length)
     # --adapter: that LoRA adapter goes on learning (its own rank and targets), e.g. SFT's on its right samples
     model, trainable = trainable_model(cfg, model_path, adapter)
-    share = cfg.share_prompt_prefix and not cfg.packing
+    share = prompt_sharing(cfg)
     # no full-vocabulary logits (sqltune/train/loss.py); a batch's common prompt once (sqltune/train/shared_prefix.py)
     data_figures["loss_kernel"] = install_label_only_loss(model, share_prefix=share)
 

@@ -10,20 +10,29 @@ rows run whole (the shared part holds no label, so no prediction is lost); only 
 tokens is common to the rows instead of drawn per row. On Qwen2.5-Coder-0.5B with 8 Spider questions of one database
 a training step took 4-8 times less time (benchmarks/train_throughput.py measures it against the plain Trainer).
 
-The forward falls back to running every row whole when too few tokens are shared, with gradient checkpointing
-(which drops the cache), or for packed rows; `--share_prompt_prefix false` switches both the grouping and the
-forward off.
+The forward falls back to running every row whole when too few tokens are shared or with gradient checkpointing
+(which drops the cache). Grouping and forward are off with `--no-share_prompt_prefix`, with --packing, and under
+DeepSpeed or FSDP.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import random
 
 import torch
 
 IGNORE_INDEX = -100
 MIN_SHARED_TOKENS = 16  # below this the second decoder call costs more than the shared tokens save
+
+
+def prompt_sharing(cfg) -> bool:
+    """Whether this training run shares prompts: asked for, not packed, and no parameter sharding (DeepSpeed, FSDP,
+    also from an Accelerate config), under which a decoder called twice in one forward is untested here."""
+    sharded = cfg.deepspeed or cfg.fsdp or any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true", "yes") for name in ("DEEPSPEED", "FSDP"))
+    return bool(cfg.share_prompt_prefix and not cfg.packing and not sharded)
 
 
 def prefix_key(record: dict) -> str:
