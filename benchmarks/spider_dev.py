@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out train records whose gold fails or returns no rows (default: as the recipe)")
     p.add_argument("--dev_sample", type=int, default=300)
     p.add_argument("--train_examples", type=int, default=train.get("max_samples", 720),
-                   help="seeded sample of train records (default: the recipe's max_samples)")
+                   help="seeded sample of train records (default: the recipe's max_samples; 0: every record)")
     p.add_argument("--train_minutes", type=float, default=float(train.get("max_train_minutes", 60.0)),
                    help="training time budget (default: the recipe's max_train_minutes)")
     p.add_argument("--max_source_length", type=int, default=whole.get("max_source_length", 512))
@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     dev_idx = dev_sample_indices([(db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file() for r in dev_rows],
                                  a.dev_sample, a.seed)  # prepare --dev_sample's rule: a recipe scores these too
     n_train = len(list(read_jsonl(data / "spider_train.jsonl")))
-    train_idx = sorted(random.Random(a.seed + 1).sample(range(n_train), min(a.train_examples, n_train)))
+    wanted = n_train if a.train_examples <= 0 else min(a.train_examples, n_train)  # 0: every record (the recipe's)
+    train_idx = sorted(random.Random(a.seed + 1).sample(range(n_train), wanted))
     sample_split(data, "spider_dev", "spider_devsample", dev_idx, with_gold=True)
     sample_split(data, "spider_train", "spider_trainsample", train_idx, with_gold=False)
     (out / "dev_questions.txt").write_text("".join(f"{i}\n" for i in dev_idx))
