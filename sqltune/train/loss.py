@@ -110,8 +110,8 @@ def _checkpointing(decoder) -> bool:
 
 def install_label_only_loss(model, chunk: int | None = None, share_prefix: bool = False) -> str:
     """Make training forwards (labels given, train mode) compute the label-only loss and no logits; with
-    `share_prefix`, the leading tokens all rows of a batch share run once. Returns what the loss runs on: `liger`, `chunked`, or `model's own loss (<why>)` for an architecture
-    whose logits are not plain lm_head(hidden)."""
+    `share_prefix`, the leading tokens all rows of a batch share run once. Returns what the loss runs on: `liger`,
+    `chunked`, or `model's own loss (<why>)` for an architecture whose logits are not plain lm_head(hidden)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     causal = causal_lm(model)
