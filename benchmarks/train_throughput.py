@@ -70,19 +70,17 @@ def arms_for(device: str) -> list[str]:
 
 def grouped_records(data: str, dataset: str, steps: int, batch: int, seed: int = 0) -> str:
     """Register the records of the first `steps` batches sqltune's sampler draws from the whole of `dataset` (seeded),
-    in that order, as `<dataset>_grouped<steps>x<batch>`; returns the name."""
-    from sqltune.data.registry import lookup, register
+    in that order, as `<dataset>_grouped<steps>x<batch>`; returns the name. The one-database batches are the ones
+    training draws; the pooled leftovers are ordered by characters here (training orders them by tokens)."""
+    from spider_dev import sample_split  # a registered subset of a prepared split, its lines byte for byte
+
     from sqltune.train.data import load_records
     from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_key
 
     name = f"{dataset}_grouped{steps}x{batch}"
     records = load_records(data, dataset)
     sampler = PrefixGroupedSampler([prefix_key(r) for r in records], [len(r["input"]) for r in records], batch, seed)
-    chosen = [i for b in sampler.batches()[:steps] for i in b]
-    path = Path(data) / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(records[i]) + "\n" for i in chosen))
-    entry = {k: v for k, v in lookup(data, dataset).items() if k not in ("file_name", "gold", "dropped_failing_gold")}
-    register(Path(data), name, {**entry, "file_name": path, "records": len(chosen)})
+    sample_split(Path(data), dataset, name, [i for b in sampler.batches()[:steps] for i in b], with_gold=False)
     return name
 
 
