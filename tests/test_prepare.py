@@ -454,3 +454,25 @@ def test_dev_sample_is_a_seeded_sample_of_questions_with_a_database(demo_dir, tm
     assert main(["prepare", "--data_dir", str(data), "--out", str(tmp_path / "t"), "--splits", "train",
                  "--dev_sample", "5"]) == 2
     assert "--dev_sample samples the dev split" in capsys.readouterr().err
+
+
+def test_train_sample_spreads_over_the_train_split(demo_dir, tmp_path, capsys):
+    """Pins `prepare --train_sample N`: `<name>_train<N>` holds the records of a seeded sample of N train questions
+    (the draw --dev_sample makes, over the train split after --drop_failing_gold), in the split's order, with no
+    gold file (the train split has none), so a recipe samples candidates for questions from many databases rather
+    than the first N (Spider's train file runs database by database); without the train split: one error line."""
+    from sqltune.data.prepare import dev_sample_indices
+
+    out = tmp_path / "o"
+    figures = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(out), train_sample=7, seed=5))
+    assert figures["train_sample_records"] == 7
+    entry = lookup(out, "spider_train7")
+    assert entry["records"] == 7 and entry["sample_of"] == "spider_train" and entry["seed"] == 5
+    assert "gold" not in entry
+    train, sample = records(out / "spider_train.jsonl"), records(out / "spider_train7.jsonl")
+    assert sample == [train[i] for i in dev_sample_indices([True] * len(train), 7, 5)]
+    assert not list(out.glob("spider_train7_gold.sql"))
+
+    assert main(["prepare", "--data_dir", str(demo_dir), "--out", str(tmp_path / "t"), "--splits", "dev",
+                 "--train_sample", "5"]) == 2
+    assert "--train_sample samples the train split" in capsys.readouterr().err

@@ -71,10 +71,13 @@ class PrepareConfig:
                          "db_id, question, query")
     dev_pairs: str = arg("", "source sqlite: the dev pairs, same format (else --dev_fraction of --pairs)")
     dev_fraction: float = arg(0.0, "source sqlite: fraction of --pairs held out as the dev split, drawn with --seed")
-    seed: int = arg(0, "seed of the --dev_sample draw and (source sqlite) of the --dev_fraction draw")
+    seed: int = arg(0, "seed of the --dev_sample and --train_sample draws and (source sqlite) of the --dev_fraction draw")
     dev_sample: int = arg(0, "also register <name>_dev<N>: a seeded sample (--seed) of N dev questions whose database "
                              "exists, with its gold, the same N for the same seed (benchmarks/spider_dev.py's "
                              "rule); 0 = none")
+    train_sample: int = arg(0, "also register <name>_train<N>: a seeded sample (--seed) of N train questions (after "
+                               "--drop_failing_gold), spread over the split's databases, e.g. the questions a recipe "
+                               "samples candidates for (the file runs database by database); 0 = none")
     quiet: bool = arg(False, "no progress bars or progress lines")
 
     def __post_init__(self):
@@ -91,6 +94,7 @@ class PrepareConfig:
         _check(0 <= self.dev_fraction < 1, f"--dev_fraction must be in [0, 1), not {self.dev_fraction:g}")
         _check(not (self.dev_pairs and self.dev_fraction), "give --dev_pairs or --dev_fraction, not both")
         _check(self.dev_sample >= 0, f"--dev_sample must be >= 0 (0 = none), not {self.dev_sample}")
+        _check(self.train_sample >= 0, f"--train_sample must be >= 0 (0 = none), not {self.train_sample}")
 
 
 # --------------------------------------------------------------------------------------------- merge

@@ -143,21 +143,24 @@ def dev_sample_indices(has_database: list[bool], n: int, seed: int) -> list[int]
     return sorted(random.Random(seed).sample(eligible, n)) if 0 < n < len(eligible) else eligible
 
 
-def _dev_sample(cfg: PrepareConfig, entry: dict, part: Split, no_db: set[str], files: dict[str, str]
-                ) -> tuple[str, dict]:
-    """`<name>_dev<N>`: the records, gold and difficulty lines of --dev_sample's questions (drawn among those whose
-    database is not in `no_db`), added to `files`; its registry entry says what it samples. Multi-turn splits are
-    refused (a question there leans on its turns)."""
+def _split_sample(cfg: PrepareConfig, split: str, n: int, entry: dict, part: Split, no_db: set[str],
+                  files: dict[str, str]) -> tuple[str, dict]:
+    """`<name>_<split><N>`: the records (with gold and difficulty lines where the split has them) of a seeded sample
+    of `n` of the split's questions (drawn among those whose database is not in `no_db`), added to `files`; its
+    registry entry says what it samples. --dev_sample is benchmarks/spider_dev.py's rule; --train_sample spreads the
+    questions a recipe samples candidates for over the split's databases (Spider's train file runs database by
+    database: its first 500 questions are 10 databases). Multi-turn splits are refused (a question there leans on
+    its turns)."""
     if any(ex.interaction >= 0 for ex in part.examples):
-        raise SqltuneError(f"--dev_sample samples single questions; {cfg.source}'s dev split is interactions")
-    name = f"{cfg.name}_dev{cfg.dev_sample}"
-    picked = dev_sample_indices([ex.db_id not in no_db for ex in part.examples], cfg.dev_sample, cfg.seed)
-    if len(picked) < cfg.dev_sample:
-        say(f"{name}: only {len(picked)} dev questions have their database: all of them are the sample")
-    sample = dict(entry, records=len(picked), sample_of=f"{cfg.name}_dev", seed=cfg.seed)
+        raise SqltuneError(f"--{split}_sample samples single questions; {cfg.source}'s {split} split is interactions")
+    name = f"{cfg.name}_{split}{n}"
+    picked = dev_sample_indices([ex.db_id not in no_db for ex in part.examples], n, cfg.seed)
+    if len(picked) < n:
+        say(f"{name}: only {len(picked)} {split} questions have their database: all of them are the sample")
+    sample = dict(entry, records=len(picked), sample_of=f"{cfg.name}_{split}", seed=cfg.seed)
     for key, suffix in (("file_name", ".jsonl"), ("gold", "_gold.sql"), ("difficulty", "_difficulty.txt")):
         if key in entry:
-            lines = files[f"{cfg.name}_dev{suffix}"].split("\n")  # "\n" alone ends a line, as the readers split
+            lines = files[f"{cfg.name}_{split}{suffix}"].split("\n")  # "\n" alone ends a line, as the readers split
             files[f"{name}{suffix}"] = "".join(lines[i] + "\n" for i in picked)
             sample[key] = Path(cfg.out) / f"{name}{suffix}"
     return name, sample
@@ -189,6 +192,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise SqltuneError("--splits names no split (e.g. train,dev)")
     if cfg.dev_sample and "dev" not in splits:
         raise SqltuneError(f"--dev_sample samples the dev split, which --splits {cfg.splits} leaves out")
+    if cfg.train_sample and "train" not in splits:
+        raise SqltuneError(f"--train_sample samples the train split, which --splits {cfg.splits} leaves out")
     out = Path(cfg.out)
     data_dir = cfg.data_dir or (str(out / "demo_source") if cfg.source == "demo" else "")
     data_dir = cfg.db_dir if cfg.source == "sqlite" else data_dir
@@ -220,9 +225,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         about = ({"history": history} if multi_turn else {}) | \
             ({"dropped_failing_gold": dropped} if dropped is not None else {})
         entries[name] = entry = _split_files(cfg, name, split, part, records, files, about)
-        if cfg.dev_sample and split == "dev":
-            sample_name, entries[sample_name] = _dev_sample(cfg, entry, part, no_db, files)
-            figures["dev_sample_records"] = entries[sample_name]["records"]
+        n = {"dev": cfg.dev_sample, "train": cfg.train_sample}.get(split, 0)
+        if n:
+            sample_name, entries[sample_name] = _split_sample(cfg, split, n, entry, part, no_db, files)
+            figures[f"{split}_sample_records"] = entries[sample_name]["records"]
         missing_dbs |= no_db
         figures[f"{split}_records"] = len(records)
         figures[f"{split}_records_without_database"] = without_db
