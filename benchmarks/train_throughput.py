@@ -69,18 +69,20 @@ def arms_for(device: str) -> list[str]:
 
 
 def grouped_records(data: str, dataset: str, steps: int, batch: int, seed: int = 0) -> str:
-    """Register the records of the first `steps` batches sqltune's sampler draws from the whole of `dataset` (seeded),
-    in that order, as `<dataset>_grouped<steps>x<batch>`; returns the name. The one-database batches are the ones
-    training draws; the pooled leftovers are ordered by characters here (training orders them by tokens)."""
+    """Register the first `steps` x `batch` records sqltune's sampler draws from the whole of `dataset` (seeded, one
+    process: a database's remainder is a short batch of its own), in that order, as
+    `<dataset>_grouped<steps>x<batch>`; returns the name. The one-database batches are the ones training draws; the
+    pooled single leftovers are ordered by characters here (training orders them by tokens)."""
     from spider_dev import sample_split  # a registered subset of a prepared split, its lines byte for byte
 
     from sqltune.train.data import load_records
-    from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_key
+    from sqltune.train.shared_prefix import grouped_sampler, prefix_key
 
     name = f"{dataset}_grouped{steps}x{batch}"
     records = load_records(data, dataset)
-    sampler = PrefixGroupedSampler([prefix_key(r) for r in records], [len(r["input"]) for r in records], batch, seed)
-    sample_split(Path(data), dataset, name, [i for b in sampler.batches()[:steps] for i in b], with_gold=False)
+    drawn = grouped_sampler([prefix_key(r) for r in records], [len(r["input"]) for r in records], batch, seed, 1)
+    drawn = [i for b in getattr(drawn, "sampler", drawn).batches() for i in b]  # one process's: remainders own batches
+    sample_split(Path(data), dataset, name, drawn[:steps * batch], with_gold=False)
     return name
 
 

@@ -231,3 +231,14 @@ def test_trl_head_grpo_arm_code_path(tiny_model, prepared_demo, tmp_path, capsys
                           "--work", str(tmp_path / "grpo")]) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT ")][-1]
     assert json.loads(line[len("RESULT "):])["steps"] == 1
+
+
+def test_batch_plan_counts_both_samplers(tiny_model, prepared_demo, capsys):
+    """benchmarks/batch_plan.py: the table of both samplers over the demo train split (counts only; --peak, which
+    trains, runs in BENCHMARKS.md's command)."""
+    import batch_plan
+
+    assert batch_plan.main(["--data", str(prepared_demo), "--dataset", "demo_train", "--model", str(tiny_model),
+                            "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| fixed |" in out and "| own_remainders |" in out and "of before; largest batch" in out

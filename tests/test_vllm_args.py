@@ -435,3 +435,42 @@ def test_an_ignored_signal_stays_ignored_inside_a_vllm_call():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_prompts_of_one_schema_go_to_vllm_after_their_leader_and_come_back_in_order():
+    """Pins the order vLLM gets the prompts in: one of each group sharing a long prefix (one database's schema)
+    first, then the rest (vLLM caches only computed blocks, so prompts of one schema in one step each computed it);
+    the answers, greedy and voted, still come back in the prompts' order. Prompts sharing fewer tokens, and fewer
+    than three prompts, keep their order."""
+    import types
+
+    from sqltune.infer.vllm_backend import VLLMGenerator, leaders_first
+
+    schema_a, schema_b = list(range(1000, 1200)), list(range(2000, 2200))
+    prompts = [schema_a + [1], schema_a + [2], schema_b + [3], schema_a + [4], schema_b + [5], [9] * 50 + [6]]
+    order = leaders_first(prompts)
+    assert order == [0, 2, 5, 1, 3, 4]
+    assert leaders_first([[1] * 50 + [i] for i in range(4)]) == [0, 1, 2, 3]  # 50 shared tokens: no group
+    assert leaders_first(prompts[:2]) == [0, 1]
+
+    class LLM:
+        def __init__(self):
+            self.asked = []
+
+        def generate(self, requests, params, lora_request=None, use_tqdm=True):
+            ids = [r["prompt_token_ids"][-1] for r in requests]
+            self.asked.append(ids)
+            kinds = params if isinstance(params, list) else [params] * len(requests)
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+                text=f"SELECT {i}", token_ids=[1], cumulative_logprob=-1.0)] * (p.get("n") or 1))
+                for i, p in zip(ids, kinds)]
+
+    gen = object.__new__(VLLMGenerator)
+    gen.llm, gen.params, gen.lora, gen.bar, gen.stop = LLM(), {}, None, False, [0]
+    gen.cfg, gen.sampling = types.SimpleNamespace(max_new_tokens=8, seed=0, temperature=0.0, top_p=1.0), \
+        lambda **kw: kw
+    assert [text for text, _ in gen.generate(prompts)] == [f"SELECT {i}" for i in range(1, 7)]
+    assert gen.llm.asked[-1] == [1, 3, 6, 2, 4, 5]
+    rows = gen.candidates(prompts, 2, True, None)
+    assert [[c["sql"] for c in row] for row in rows] == [[f"SELECT {i}"] * 3 for i in range(1, 7)]
+    assert gen.llm.asked[-1] == [1, 3, 6, 2, 4, 5] * 2

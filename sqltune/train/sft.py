@@ -30,7 +30,8 @@ from sqltune.train.loss import install_label_only_loss
 from sqltune.train.session import (RESOLVED_CONFIG, budget_clock, finish_run, open_run, run_inputs,  # noqa: F401
                                    run_trainer, start_work, training_arguments)
 from sqltune.train.setup import adapter_read, trainable_model
-from sqltune.train.shared_prefix import PrefixGroupedSampler, prefix_grouped, prefix_key, prompt_sharing
+from sqltune.train.shared_prefix import (group_prefix_lengths, grouped_sampler, prefix_grouped, prefix_key,
+                                        prompt_sharing)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -71,9 +72,11 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None =
     trainer_class = budget_trainer(clock if cfg.schedule_to_budget else None)
     if share:
         groups = [prefix_key(r) for r in records]
-        trainer_class = prefix_grouped(trainer_class, groups, dataset["length"])
-        data_figures["shared_prompt_batches"] = PrefixGroupedSampler(
-            groups, dataset["length"], cfg.per_device_train_batch_size, cfg.seed).shared_batches()
+        common = group_prefix_lengths(groups, dataset["input_ids"])
+        trainer_class = prefix_grouped(trainer_class, groups, dataset["length"], common)
+        drawn = grouped_sampler(groups, dataset["length"], cfg.per_device_train_batch_size, cfg.seed, args.world_size,
+                                common)
+        data_figures["shared_prompt_batches"] = getattr(drawn, "sampler", drawn).shared_batches()
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     callbacks = _callbacks(cfg, work, resume_step, clock)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset,
