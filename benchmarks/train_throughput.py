@@ -4,7 +4,8 @@ LLaMA-Factory run, on the same records.
 Baseline: `Trainer` + `DataCollatorForSeq2Seq` (each batch padded to its own longest example, labels padded with
 -100), random order, the model's own loss, a peft LoRA. Every arm: the same model, LoRA (r16 on every linear layer,
 alpha 32), batch size, learning rate, seed and records (one epoch: steps x batch records, each seen once, so every arm
-trains on exactly the same real tokens). The sqltune arms call `sqltune.train.sft.train` itself:
+trains on exactly the same real tokens; the baseline in --steps steps, sqltune's arms in as many as its batches take:
+a database's remainder is a short batch of its own). The sqltune arms call `sqltune.train.sft.train` itself:
 
     default        sqltune's default settings (batches of one database's questions with their shared schema run
                    once, else length-grouped batches; loss computed on answer tokens only)
@@ -106,7 +107,7 @@ def train_config(a, arm: str, out: Path):
 
     return TrainConfig(model_name_or_path=a.model, dataset=a.dataset, dataset_dir=a.data, template=a.template,
                        output_dir=str(out), overwrite_output_dir=True, lora_rank=16, lora_alpha=32, lora_target="all",
-                       max_samples=a.steps * a.batch, per_device_train_batch_size=a.batch, max_steps=a.steps,
+                       max_samples=a.steps * a.batch, per_device_train_batch_size=a.batch, num_train_epochs=1,
                        learning_rate=2e-4, max_source_length=a.max_source_length,
                        max_target_length=a.max_target_length, logging_steps=1, save_steps=10 ** 6, seed=0,
                        **arm_settings(arm, a.device))
@@ -132,7 +133,7 @@ def baseline(cfg) -> dict:
     model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=cfg.output_dir, per_device_train_batch_size=cfg.per_device_train_batch_size,
-                             max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+                             num_train_epochs=1, learning_rate=cfg.learning_rate,
                              lr_scheduler_type=cfg.lr_scheduler_type, logging_steps=1, save_strategy="no",
                              report_to="none", bf16=cfg.bf16, seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=True,
                              use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding")

@@ -44,7 +44,8 @@ def test_train_throughput_arms_code_path(tiny_model, prepared_demo, tmp_path, ca
         runs[arm] = [json.loads(line[len("RESULT "):])]
     assert set(runs) == {"baseline", "default", "unshared", "packing", "bf16", "bf16_unshared"}
     assert len({r[0]["real_tokens"] for r in runs.values()}) == 1
-    assert all(r[0]["tokens_per_s"] > 0 and r[0]["steps"] == 3 for r in runs.values())
+    assert all(r[0]["tokens_per_s"] > 0 for r in runs.values())
+    assert runs["baseline"][0]["steps"] == 3 and all(r[0]["steps"] >= 3 for r in runs.values())  # one epoch each
     assert abs(runs["default"][0]["loss"] - runs["baseline"][0]["loss"]) < 0.02 * runs["baseline"][0]["loss"]
     lines = tt.summary(runs)
     assert lines[-1].startswith("speed-up over a plain Trainer (DataCollatorForSeq2Seq): ") and lines[-1].endswith("x")
