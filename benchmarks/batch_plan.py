@@ -53,7 +53,7 @@ def one_step_peak_mb(a, records: list[str], work: Path, label: str) -> float:
            "--dataset", "batch", "--dataset_dir", str(data), "--template", a.template, "--max_source_length",
            str(a.max_source_length), "--max_target_length", str(a.max_target_length), "--per_device_train_batch_size",
            str(len(records)), "--max_steps", "1", "--bf16", "--lora_rank", "16", "--lora_alpha", "32",
-           "--lora_target", "all", "--output_dir", str(data / "out"), "--overwrite_output_dir", "--quiet"]
+           "--lora_target", "all", "--output_dir", str(work / f"{label}_out"), "--overwrite_output_dir", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
