@@ -124,10 +124,9 @@ def test_a_groups_remainder_is_its_own_short_batch():
 
 
 def test_pooled_batches_take_no_more_tokens_than_a_shared_one():
-    """Pins the memory bound on pooled batches: single leftovers (here five prompts of 100 tokens, a batch of 4)
-    are cut so that none runs more tokens than the largest one-group batch (90 shared + 4 x 10 = 130 here), the
-    batches that set the run's memory otherwise; with no group to share, the batch size alone cuts them. Spider's
-    pooled batches of 8 whole prompts were its 23 GB peak."""
+    """Pins the token cap on pooled batches: single leftovers (here five prompts of 100 tokens, a batch of 4) are
+    cut so that none runs more tokens than the largest one-group batch (90 shared + 4 x 10 = 130 here); with no
+    group to share, the batch size alone cuts them."""
     from sqltune.train.shared_prefix import group_prefix_lengths
 
     groups = ["g"] * 4 + list("vwxyz")

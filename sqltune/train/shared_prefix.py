@@ -12,7 +12,7 @@ a training step took 4-8 times less time (benchmarks/train_throughput.py measure
 
 A database's questions beyond a multiple of the batch size form a short batch of their own (on one process, where
 transformers takes whole batches from us); only single leftovers are pooled into batches of several databases, and
-those take no more tokens than the largest shared batch, so that they do not set the run's memory peak.
+those take no more tokens than the largest shared batch.
 
 The forward falls back to running every row whole when too few tokens are shared or with gradient checkpointing
 (which drops the cache). Grouping and forward are off with `--no-share_prompt_prefix`, with --packing, and under
@@ -89,10 +89,11 @@ class PrefixGroupedSampler(torch.utils.data.Sampler):
     Without `own_remainders` every batch but the last has `batch_size` examples: all batches are shuffled and the one
     short batch, if any, comes last, so that a DataLoader cutting the indices into batches of `batch_size` cuts on
     the batches' edges. With it (PrefixBatchSampler hands the batches over as they are) a group's remainder of two
-    or more is a short batch of its own, which still shares its prompt, and a pooled batch takes no more tokens than
-    the largest shared batch runs (`prefix_lengths`: each example's tokens shared with its group), so it costs no
-    more memory: on Spider at batch 8 the pooled batches of whole prompts were 52 of 868 and the run's peak (23 GB
-    against some 6 for the shared ones)."""
+    or more is a short batch of its own, which still shares its prompt (on Spider at batch 8, 52 of 868 batches
+    were pooled, every row's schema run whole; now 3 of 916), and a pooled batch takes no more tokens than the
+    largest shared batch runs (`prefix_lengths`: each example's tokens shared with its group), so steps stay alike
+    in cost. (Not in memory: one step on Spider's largest shared batch, 1506 tokens run, peaked at 8.2 GB RSS, on
+    the largest pooled batch of 8 whole prompts, 6259 tokens, at 4.1: benchmarks/batch_plan.py --peak.)"""
 
     def __init__(self, groups: list[str], lengths: list[int], batch_size: int, seed: int = 0,
                  own_remainders: bool = False, prefix_lengths: list[int] | None = None):
