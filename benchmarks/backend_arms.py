@@ -26,10 +26,8 @@ A `vllm_auto` arm is the vLLM backend with vLLM's own CPU thread binding (it kee
 small machine sqltune binds the model's threads to all CPUs, sqltune/infer/vllm_backend.py cpu_threads_env):
 --backend vllm_auto,vllm measures what that binding buys. A `vllm_preload` arm is the vLLM backend in a process
 started with tcmalloc and Intel's OpenMP preloaded (LD_PRELOAD, as vLLM's CPU docs advise; the arm's whole process
-tree has them, as when a user exports it): --backend vllm,vllm_preload measures what they buy. A `vllm_inorder` arm
-hands vLLM the prompts in their own order instead of one prompt per schema first (leaders_first in
-sqltune/infer/vllm_backend.py): --backend vllm,vllm_inorder measures what that order buys from the prefix cache.
-Any two or three arms alternate in one run.
+tree has them, as when a user exports it): --backend vllm,vllm_preload measures what they buy. Any two or three
+arms alternate in one run.
 """
 
 from __future__ import annotations
@@ -59,9 +57,7 @@ def preload_env(python: str) -> dict[str, str]:
 VLLM_VARIANTS = {  # arm: (its environment, given the arm's Python; what the arm is), against the plain `vllm` arm
     "vllm_auto": (lambda python: {"VLLM_CPU_OMP_THREADS_BIND": "auto"}, "vLLM's own binding"),
     "vllm_preload": (preload_env, "tcmalloc and Intel OpenMP preloaded"),
-    "vllm_inorder": (lambda python: {IN_ORDER: "1"}, "prompts handed to vLLM in their own order"),
 }
-IN_ORDER = "SQLTUNE_BENCH_VLLM_IN_ORDER"  # read by the child only: leaders_first is undone there
 
 
 # ------------------------------------------------------------------------------------------------ --backend hf,vllm
@@ -186,11 +182,8 @@ def child_arm(a) -> int:
     end = template.end_marker(tokenizer)
     start = time.perf_counter()
     if a.arm == "vllm":
-        import sqltune.infer.vllm_backend as backend
         from sqltune.infer.vllm_backend import VLLMGenerator, check_vllm
 
-        if os.environ.get(IN_ORDER) == "1":  # the vllm_inorder arm: the prompts' own order, as before leaders_first
-            backend.leaders_first = lambda prompts, *_: list(range(len(prompts)))
         check_vllm(cfg)
         gen = VLLMGenerator(cfg, tokenizer, template, model, None)
         seen: list = []  # vLLM's outputs, for token counts without the stop token

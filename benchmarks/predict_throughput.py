@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="alternations of the two --vote (or --backend) arms")
     p.add_argument("--backend", default="", help="hf,vllm: time sqltune's HF generator against its vLLM backend; "
                    "vllm_auto: the vLLM backend under vLLM's own CPU binding (VLLM_CPU_OMP_THREADS_BIND=auto); "
-                   "vllm_preload: started with tcmalloc and Intel OpenMP preloaded (LD_PRELOAD); "
-                   "vllm_inorder: the prompts handed over in their own order (not one per schema first)")
+                   "vllm_preload: started with tcmalloc and Intel OpenMP preloaded (LD_PRELOAD)")
     p.add_argument("--batch_size", type=int, default=8, help="--backend: the HF arm's prompts per call")
     p.add_argument("--vote_prompts", type=int, default=16, help="--backend with --vote N: prompts sampled at vote@N")
     p.add_argument("--hf_python", default=str(ROOT / ".venv" / "bin" / "python"), help="--backend: the HF arm's Python")

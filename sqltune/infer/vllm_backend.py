@@ -1,6 +1,5 @@
 """The vLLM backend, on a GPU or with vLLM's CPU build (`make install-vllm`): all remaining prompts in one `generate`
-call, which vLLM batches continuously; the same prompts (token ids) and stop tokens as the transformers backend. One
-prompt of each schema goes first (leaders_first), so that the others find the schema in vLLM's prefix cache.
+call, which vLLM batches continuously; the same prompts (token ids) and stop tokens as the transformers backend.
 
 Memory: on a GPU vLLM gives the KV cache what the model leaves of --gpu_memory_utilization; on a CPU that flag is a
 share of all RAM for model and cache together (vLLM's 0.9 default never starts beside anything else), so there the
@@ -25,7 +24,6 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accep
 CPU_STEP_TOKENS = 4096  # vLLM's own CPU default for one step's tokens (its LLM class, one worker)
 CPU_KV_CACHE_GB = 4  # in float32: ~170k tokens of Qwen2.5-0.5B's KV cache, ~37k of Qwen2.5-7B's
 FEW_CPUS = 4  # up to this many CPUs, vLLM's automatic binding would leave a quarter or more of them idle
-SHARED_PREFIX_TOKENS = 128  # prompts beginning with this many equal tokens (a schema) are one group for leaders_first
 
 
 def check_vllm(cfg: PredictConfig, model: Path | None = None) -> None:
@@ -226,38 +224,6 @@ class LogLines:
             self.progress.close()
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def leaders_first(prompts: list[list[int]], min_shared: int = SHARED_PREFIX_TOKENS) -> list[int]:
-    """The order to hand vLLM the prompts in: one prompt of each group that begins with at least `min_shared` equal
-    tokens (one database's schema) first, then the rest, each part in the given order. vLLM schedules requests in
-    that order and fills its prefix cache only from computed blocks, so prompts of one schema prefilled in the same
-    step each compute the schema again; after their leader's step they find it cached."""
-    if len(prompts) < 3:
-        return list(range(len(prompts)))
-    ranked = sorted(range(len(prompts)), key=lambda i: prompts[i])  # prompts alike side by side
-    leaders = {ranked[0]}
-    for before, i in zip(ranked, ranked[1:]):
-        if _common_length(prompts[before], prompts[i]) < min_shared:
-            leaders.add(i)
-    first = sorted(leaders)
-    return first + [i for i in range(len(prompts)) if i not in leaders]
-
-
-def _in_given_order(order: list[int], outs: list) -> list:
-    """vLLM's outputs (in `order`'s order) back in the prompts' order."""
-    back = [None] * len(order)
-    for position, i in enumerate(order):
-        back[i] = outs[position]
-    return back
-
-
 class VLLMGenerator:
     """vLLM (GPU or CPU build), for throughput; same prompts (token ids) and stop tokens as the HF path. predict hands it all
     remaining prompts at once, so vLLM schedules them continuously."""
@@ -284,11 +250,9 @@ class VLLMGenerator:
                                      seed=cfg.seed, stop_token_ids=self.stop)
 
     def generate(self, prompts: list[list[int]]) -> list[tuple[str, int]]:
-        order = leaders_first(prompts)
         with interrupts_reach_us():
-            outs = self.llm.generate([{"prompt_token_ids": prompts[i]} for i in order], self.params,
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], self.params,
                                      lora_request=self.lora, use_tqdm=self.bar)
-        outs = _in_given_order(order, outs)
         return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
 
     def candidates(self, prompts: list[list[int]], n: int, include_greedy: bool, end: str | None) -> list[list[dict]]:
@@ -300,14 +264,13 @@ class VLLMGenerator:
         kinds = ([("greedy", self.sampling(temperature=0.0, **common))] if include_greedy else []) + \
             ([("sample", self.sampling(n=n, temperature=sampling_temperature(self.cfg.temperature),
                                        top_p=self.cfg.top_p, **common))] if n else [])
-        order = leaders_first(prompts)
-        requests = [({"prompt_token_ids": prompts[i]}, params) for _, params in kinds for i in order]
+        requests = [({"prompt_token_ids": p}, params) for _, params in kinds for p in prompts]
         with interrupts_reach_us():
             outs = self.llm.generate([r for r, _ in requests], [params for _, params in requests],
                                      lora_request=self.lora, use_tqdm=self.bar)
         rows: list[list[dict]] = [[] for _ in prompts]
         for k, (source, _) in enumerate(kinds):
-            for row, out in zip(rows, _in_given_order(order, outs[k * len(prompts):(k + 1) * len(prompts)])):
+            for row, out in zip(rows, outs[k * len(prompts):(k + 1) * len(prompts)]):
                 row += [make_candidate(o.text, o.cumulative_logprob, source, len(o.token_ids), end)
                         for o in out.outputs]
         return rows
