@@ -3,8 +3,8 @@ batch of its own (sqltune/train/shared_prefix.py): counts, not timings, so it ru
 
 For the records sqltune trains on (tokenised as training tokenises them), per sampler: batches per epoch, those of
 one database (their schema run once), pooled batches of several databases (every row whole), tokens through the
-model per epoch (a shared batch counts its prefix once) and the largest batch in tokens, which sets the training's
-activation memory (roughly proportional to it). `fixed` is the sampler before (every batch `--batch` examples, the
+model per epoch (a shared batch counts its prefix once) and the largest batch in tokens (not its memory: a shared
+batch needs more per token than a whole one, --peak measures it). `fixed` is the sampler before (every batch `--batch` examples, the
 leftovers of all databases pooled); `own_remainders` the one a single-process run now uses.
 
 With --peak (timings aside, this one measures memory): each sampler's largest batch in tokens is trained on for one
@@ -32,13 +32,11 @@ sys.path.insert(0, str(ROOT))
 def plan_figures(sampler) -> dict:
     """Counts of one epoch of `sampler` (a PrefixGroupedSampler)."""
     batches = sampler.batches()
-    shared = [b for b in batches if len(b) > 1 and len({sampler.groups[i] for i in b}) == 1]
-    pooled = [b for b in batches if len({sampler.groups[i] for i in b}) > 1]
     tokens = [sampler.tokens_run(b) for b in batches]
-    return {"batches": len(batches), "one_database": len(shared), "pooled": len(pooled),
-            "examples_in_pooled": sum(len(b) for b in pooled), "tokens_run": sum(tokens),
-            "largest_batch_tokens": max(tokens), "largest_pooled_tokens": max(
-                (sampler.tokens_run(b) for b in pooled), default=0)}
+    pooled = [(b, t) for b, t in zip(batches, tokens) if len({sampler.groups[i] for i in b}) > 1]
+    return {"batches": len(batches), "one_database": sampler.shared_batches(), "pooled": len(pooled),
+            "examples_in_pooled": sum(len(b) for b, _ in pooled), "tokens_run": sum(tokens),
+            "largest_batch_tokens": max(tokens), "largest_pooled_tokens": max((t for _, t in pooled), default=0)}
 
 
 def one_step_peak_mb(a, records: list[str], work: Path, label: str) -> float:

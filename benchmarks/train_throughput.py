@@ -81,8 +81,8 @@ def grouped_records(data: str, dataset: str, steps: int, batch: int, seed: int =
 
     name = f"{dataset}_grouped{steps}x{batch}"
     records = load_records(data, dataset)
-    drawn = grouped_sampler([prefix_key(r) for r in records], [len(r["input"]) for r in records], batch, seed, 1)
-    drawn = [i for b in getattr(drawn, "sampler", drawn).batches() for i in b]  # one process's: remainders own batches
+    sampler = grouped_sampler([prefix_key(r) for r in records], [len(r["input"]) for r in records], batch, seed, 1)
+    drawn = [i for b in sampler.batches() for i in b]  # one process's draw: a remainder is a batch of its own
     sample_split(Path(data), dataset, name, drawn[:steps * batch], with_gold=False)
     return name
 

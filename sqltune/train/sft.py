@@ -71,12 +71,11 @@ def _train(cfg: TrainConfig, model_path: Path, out: Path, adapter: Path | None =
     clock = budget_clock(cfg, checkpoint)
     trainer_class = budget_trainer(clock if cfg.schedule_to_budget else None)
     if share:
-        groups = [prefix_key(r) for r in records]
+        groups, lengths = [prefix_key(r) for r in records], dataset["length"]
         common = group_prefix_lengths(groups, dataset["input_ids"])
-        trainer_class = prefix_grouped(trainer_class, groups, dataset["length"], common)
-        drawn = grouped_sampler(groups, dataset["length"], cfg.per_device_train_batch_size, cfg.seed, args.world_size,
-                                common)
-        data_figures["shared_prompt_batches"] = getattr(drawn, "sampler", drawn).shared_batches()
+        trainer_class = prefix_grouped(trainer_class, groups, lengths, common)
+        data_figures["shared_prompt_batches"] = grouped_sampler(
+            groups, lengths, cfg.per_device_train_batch_size, cfg.seed, args.world_size, common).shared_batches()
     resume_step = int(checkpoint.name.split("-")[-1]) if checkpoint else 0
     callbacks = _callbacks(cfg, work, resume_step, clock)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset,

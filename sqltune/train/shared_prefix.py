@@ -187,16 +187,19 @@ if _HandedOverAsBatches is not None:
         def set_epoch(self, epoch: int) -> None:
             self.sampler.set_epoch(epoch)
 
-        def _batches(self) -> list[list[int]]:
+        def batches(self) -> list[list[int]]:
             if self._cached[0] != self.sampler.epoch:
                 self._cached = (self.sampler.epoch, self.sampler.batches())
             return self._cached[1]
 
+        def shared_batches(self) -> int:
+            return self.sampler.shared_batches()
+
         def __iter__(self):
-            return iter(self._batches())
+            return iter(self.batches())
 
         def __len__(self) -> int:
-            return len(self._batches())
+            return len(self.batches())
 
 
 def group_prefix_lengths(groups: list[str], input_ids: list[list[int]]) -> list[int]:
@@ -219,7 +222,7 @@ def grouped_sampler(groups: list[str], lengths: list[int], batch_size: int, seed
                     prefix_lengths: list[int] | None = None):
     """What the Trainer draws its training batches from: whole batches (a database's remainder its own batch,
     pooled batches capped in tokens) on one process where transformers allows it, else indices cut into batches of
-    `batch_size`."""
+    `batch_size`. Either answers batches() and shared_batches()."""
     if variable_batches_possible(world_size):
         return PrefixBatchSampler(PrefixGroupedSampler(groups, lengths, batch_size, seed, own_remainders=True,
                                                        prefix_lengths=prefix_lengths))
