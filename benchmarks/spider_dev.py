@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from sqltune.infer.outputs import output_totals
-    from sqltune.data.prepare import dev_sample_indices
+    from sqltune.data.prepare import sample_indices
 
     p = build_parser()
     a = p.parse_args(argv)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = json.loads((data / "dataset_info.json").read_text())
     dev_rows = list(read_jsonl(data / "spider_dev.jsonl"))
     db_dir = dev_db_dir(data)
-    dev_idx = dev_sample_indices([(db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file() for r in dev_rows],
+    dev_idx = sample_indices([(db_dir / r["db_id"] / f"{r['db_id']}.sqlite").is_file() for r in dev_rows],
                                  a.dev_sample, a.seed)  # prepare --dev_sample's rule: a recipe scores these too
     n_train = len(list(read_jsonl(data / "spider_train.jsonl")))
     wanted = n_train if a.train_examples <= 0 else min(a.train_examples, n_train)  # 0: every record (the recipe's)

@@ -243,3 +243,15 @@ def test_batch_plan_counts_both_samplers(tiny_model, prepared_demo, capsys):
                             "--batch", "4"]) == 0
     out = capsys.readouterr().out
     assert "| fixed |" in out and "| own_remainders |" in out and "of before; largest batch" in out
+
+
+@pytest.mark.skipif(not Path("/usr/bin/time").is_file(), reason="train_memory reads peaks from /usr/bin/time -v")
+def test_train_memory_runs_both_arms(tiny_model, prepared_demo, capsys):
+    """benchmarks/train_memory.py: both arms train (`handed_back` with --trim_host_memory_every) and log RSS."""
+    import train_memory
+
+    assert train_memory.main(["--data", str(prepared_demo), "--dataset", "demo_train", "--model", str(tiny_model),
+                              "--batch", "2", "--steps", "2", "--logging_steps", "1", "--max_source_length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "round 1 kept: peak RSS" in out and "round 1 handed_back: peak RSS" in out and "RSS MB by step 1:" in out
+    assert "handed back against kept: peak RSS" in out

@@ -421,10 +421,10 @@ def test_a_broken_database_is_named_once(tmp_path, demo_dir, capsys, style, how)
 
 def test_dev_sample_is_a_seeded_sample_of_questions_with_a_database(demo_dir, tmp_path, capsys):
     """Pins `prepare --dev_sample N`: `<name>_dev<N>` holds the records, gold and difficulty lines of N dev questions
-    whose database exists, drawn with --seed by the rule benchmarks/spider_dev.py uses (dev_sample_indices), so a
+    whose database exists, drawn with --seed by the rule benchmarks/spider_dev.py uses (sample_indices), so a
     recipe scores the benchmark's questions; a question without its database is never drawn; too few is all of
     them, said in a line; a multi-turn or dev-less preparation is one error line."""
-    from sqltune.data.prepare import dev_sample_indices
+    from sqltune.data.prepare import sample_indices
 
     data = tmp_path / "src"
     shutil.copytree(demo_dir, data)
@@ -437,14 +437,14 @@ def test_dev_sample_is_a_seeded_sample_of_questions_with_a_database(demo_dir, tm
     entry = lookup(out, "spider_dev5")
     assert entry["records"] == 5 and entry["sample_of"] == "spider_dev" and entry["seed"] == 3
     has_db = [q["db_id"] != gone for q in source_dev]
-    picked = dev_sample_indices(has_db, 5, 3)
+    picked = sample_indices(has_db, 5, 3)
     assert all(has_db[i] for i in picked) and picked == sorted(picked)
     dev, sample = records(out / "spider_dev.jsonl"), records(out / "spider_dev5.jsonl")
     assert sample == [dev[i] for i in picked]
     gold = (out / "spider_dev_gold.sql").read_text().splitlines()
     assert (out / "spider_dev5_gold.sql").read_text().splitlines() == [gold[i] for i in picked]
     assert entry["gold"].endswith("spider_dev5_gold.sql")
-    assert dev_sample_indices(has_db, 5, 4) != picked  # another seed, another sample
+    assert sample_indices(has_db, 5, 4) != picked  # another seed, another sample
 
     everything = sum(has_db)
     prepare(PrepareConfig(data_dir=str(data), out=str(tmp_path / "all"), dev_sample=100, splits="dev"))
@@ -461,7 +461,7 @@ def test_train_sample_spreads_over_the_train_split(demo_dir, tmp_path, capsys):
     (the draw --dev_sample makes, over the train split after --drop_failing_gold), in the split's order, with no
     gold file (the train split has none), so a recipe samples candidates for questions from many databases rather
     than the first N (Spider's train file runs database by database); without the train split: one error line."""
-    from sqltune.data.prepare import dev_sample_indices
+    from sqltune.data.prepare import sample_indices
 
     out = tmp_path / "o"
     figures = prepare(PrepareConfig(data_dir=str(demo_dir), out=str(out), train_sample=7, seed=5))
@@ -470,7 +470,7 @@ def test_train_sample_spreads_over_the_train_split(demo_dir, tmp_path, capsys):
     assert entry["records"] == 7 and entry["sample_of"] == "spider_train" and entry["seed"] == 5
     assert "gold" not in entry
     train, sample = records(out / "spider_train.jsonl"), records(out / "spider_train7.jsonl")
-    assert sample == [train[i] for i in dev_sample_indices([True] * len(train), 7, 5)]
+    assert sample == [train[i] for i in sample_indices([True] * len(train), 7, 5)]
     assert not list(out.glob("spider_train7_gold.sql"))
 
     assert main(["prepare", "--data_dir", str(demo_dir), "--out", str(tmp_path / "t"), "--splits", "dev",

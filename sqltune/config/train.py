@@ -83,6 +83,10 @@ class TrainConfig:
     bf16: bool = arg(False, "train in bfloat16 mixed precision")
     fp16: bool = arg(False, "train in float16 mixed precision (GPU)")
     gradient_checkpointing: bool = arg(False, "trade compute for memory")
+    trim_host_memory_every: int = arg(0, "every N optimizer steps, hand the heap memory training freed back to the "
+                                         "system (glibc's malloc_trim; 0 = never): on a CPU, resident memory "
+                                         "otherwise grows over a long run of varying batch shapes; at 1 it cost "
+                                         "1.18x the time per step (BENCHMARKS.md, \"Host memory over a CPU run\")")
     group_by_length: bool = arg(True, "batch examples of similar length together (less padding)")
     share_prompt_prefix: bool = arg(True, "sft: batch examples whose prompts begin alike (one database's schema) "
                                           "together and run the shared tokens once per batch: the same loss, a step "
@@ -157,6 +161,8 @@ class TrainConfig:
                f"--max_steps must be > 0, or -1 to train for --num_train_epochs (not {self.max_steps})")
         _check(self.max_steps > 0 or self.num_train_epochs > 0, "set --max_steps or --num_train_epochs above 0")
         _check(self.save_steps > 0 and self.logging_steps > 0, "--save_steps and --logging_steps must be > 0")
+        _check(self.trim_host_memory_every >= 0, f"--trim_host_memory_every must be >= 0 (0 = never), "
+                                                 f"not {self.trim_host_memory_every}")
         _check(not (self.bf16 and self.fp16), "choose one of --bf16 and --fp16")
         _check(self.attn_implementation in ("sdpa", "flash_attention_2", "eager"),
                f"--attn_implementation must be sdpa, flash_attention_2 or eager, "

@@ -135,9 +135,9 @@ def failing_gold(split: Split, quiet: bool = True) -> dict[int, str]:
     return why
 
 
-def dev_sample_indices(has_database: list[bool], n: int, seed: int) -> list[int]:
+def sample_indices(has_database: list[bool], n: int, seed: int) -> list[int]:
     """Sorted indices of a seeded sample of `n` questions among those whose database exists (all of those when `n`
-    is 0 or not fewer): the one rule `prepare --dev_sample` and benchmarks/spider_dev.py share, so that a recipe and
+    is 0 or not fewer): the one rule `prepare --dev_sample` and `--train_sample` and benchmarks/spider_dev.py share, so that a recipe and
     the benchmark score the same questions."""
     eligible = [i for i, ok in enumerate(has_database) if ok]
     return sorted(random.Random(seed).sample(eligible, n)) if 0 < n < len(eligible) else eligible
@@ -154,7 +154,7 @@ def _split_sample(cfg: PrepareConfig, split: str, n: int, entry: dict, part: Spl
     if any(ex.interaction >= 0 for ex in part.examples):
         raise SqltuneError(f"--{split}_sample samples single questions; {cfg.source}'s {split} split is interactions")
     name = f"{cfg.name}_{split}{n}"
-    picked = dev_sample_indices([ex.db_id not in no_db for ex in part.examples], n, cfg.seed)
+    picked = sample_indices([ex.db_id not in no_db for ex in part.examples], n, cfg.seed)
     if len(picked) < n:
         say(f"{name}: only {len(picked)} {split} questions have their database: all of them are the sample")
     sample = dict(entry, records=len(picked), sample_of=f"{cfg.name}_{split}", seed=cfg.seed)

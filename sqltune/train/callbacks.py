@@ -1,5 +1,6 @@
 """The Trainer callbacks of every training stage: the JSONL log, the finite-loss and first-gradient checks, the
-per-rank weight digest, the time budget, the logging rule and the progress display (sqltune/progress.py).
+per-rank weight digest, the time budget, the logging rule, freed memory handed back on request (sqltune/train/host_memory.py)
+and the progress display (sqltune/progress.py).
 
 Built by `make_callbacks` for sft.py, dpo.py and grpo.py alike, so a run of any stage logs, stops and shows
 progress the same way.
@@ -21,6 +22,7 @@ from sqltune.errors import SqltuneError
 from sqltune.io import append_once, atomic_write, refuse_link
 from sqltune.progress import Progress
 from sqltune.train.budget import BudgetClock, _world
+from sqltune.train.host_memory import ReturnFreedMemory, resident_mb
 from sqltune.train.setup import gradient_check
 
 TRAIN_LOG = "trainer_log.jsonl"
@@ -30,9 +32,10 @@ def make_callbacks(cfg: TrainConfig, work: Path, resume_step: int, clock: Budget
     """The callbacks of a run, in order; `figures(logs, tokens_per_s)` gives what the progress display shows after a
     logged step (default progress_figures: loss, learning rate, tokens/s; GRPO shows its reward)."""
     budget = [BudgetSchedule(clock)] if clock else []  # before StepControl, which logs the step it stops at
+    trim = [ReturnFreedMemory(cfg.trim_host_memory_every)] if cfg.trim_host_memory_every else []
     # ShowProgress last: it reads whether StepControl made this step log
     return [JsonlLog(work / TRAIN_LOG, resume_step), FiniteLoss(cfg.learning_rate), GradientCheck(), RankDigest(work),
-            *budget, StepControl(), ShowProgress(cfg.quiet, figures or progress_figures)]
+            *budget, StepControl(), *trim, ShowProgress(cfg.quiet, figures or progress_figures)]
 
 
 class JsonlLog(TrainerCallback):
@@ -58,6 +61,9 @@ class JsonlLog(TrainerCallback):
         row = {"step": state.global_step, "epoch": state.epoch, **{k: v for k, v in logs.items()
                                                                      if isinstance(v, (int, float))}}
         row["tokens_seen"] = state.num_input_tokens_seen  # every process, the whole run
+        rss = resident_mb()
+        if rss is not None:
+            row["rss_mb"] = rss  # this process's resident memory, so a run's growth shows in its log
         append_once(self.log_path, json.dumps(row) + "\n")  # never through a link planted at the log's place
 
 
