@@ -8,8 +8,8 @@ of Qwen2.5-Coder-0.5B at batch 8 reached 23 GB on a 24 GB machine (210 steps), e
 Measured over 40 steps of that run (benchmarks/train_memory.py, BENCHMARKS.md "Host memory over a CPU run"):
 `malloc_trim` after every step brings resident memory between steps from 9.3 GB down to 2.6 GB, but the run's peak
 only from 10.0 to 9.3 GB (a step's own need sets it that early) at 1.18x the time per step (the handed-back pages
-are faulted in again). So it is not on by default: `--trim_host_memory_every N` trims every N steps; whether it keeps
-a whole run's peak down, and at what N, is not measured yet. Fixing glibc's mmap threshold
+are faulted in again); every 10 steps, 1.04x and no lower peak. So it is not on by default: `--trim_host_memory_every
+N` trims every N steps; whether it keeps a whole 200-step run's peak down is not measured yet. Fixing glibc's mmap threshold
 (MALLOC_MMAP_THRESHOLD_=65536) also stopped the growth but made steps 1.7x slower; MALLOC_ARENA_MAX=2 changed
 nothing (30-step runs, same settings).
 """
