@@ -27,7 +27,9 @@ small machine sqltune binds the model's threads to all CPUs, sqltune/infer/vllm_
 --backend vllm_auto,vllm measures what that binding buys. A `vllm_preload` arm is the vLLM backend in a process
 started with tcmalloc and Intel's OpenMP preloaded (LD_PRELOAD, as vLLM's CPU docs advise; the arm's whole process
 tree has them, as when a user exports it): --backend vllm,vllm_preload measures what they buy. Any two or three
-arms alternate in one run.
+arms alternate in one run. A `vllm_block128` arm is the vLLM backend with vLLM's own CPU block size, 128 tokens per
+KV block, where sqltune asks for 32 (its prefix cache reuses whole blocks: smaller ones share more of a schema
+between questions): --backend vllm_block128,vllm measures what the smaller blocks buy.
 """
 
 from __future__ import annotations
@@ -54,9 +56,11 @@ def preload_env(python: str) -> dict[str, str]:
     return {"LD_PRELOAD": f"{tcmalloc}:{iomp}"} if tcmalloc and iomp.is_file() else {}
 
 
-VLLM_VARIANTS = {  # arm: (its environment, given the arm's Python; what the arm is), against the plain `vllm` arm
-    "vllm_auto": (lambda python: {"VLLM_CPU_OMP_THREADS_BIND": "auto"}, "vLLM's own binding"),
-    "vllm_preload": (preload_env, "tcmalloc and Intel OpenMP preloaded"),
+VLLM_VARIANTS = {  # arm: (its environment, given the arm's Python; its child's extra flags; what the arm is),
+    # each against the plain `vllm` arm
+    "vllm_auto": (lambda python: {"VLLM_CPU_OMP_THREADS_BIND": "auto"}, [], "vLLM's own binding"),
+    "vllm_preload": (preload_env, [], "tcmalloc and Intel OpenMP preloaded"),
+    "vllm_block128": (lambda python: {}, ["--kv_block_size", "128"], "vLLM's own 128-token KV blocks on a CPU"),
 }
 
 
@@ -134,11 +138,13 @@ def run_arm(a, arm: str, python: str, records: str, log: Path) -> dict | None:
            "--seed", str(a.seed), "--device", a.device] + (["--vllm_compile"] if a.vllm_compile else [])
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [x for x in [os.environ.get("PYTHONPATH")] if x])}
-    if arm in VLLM_VARIANTS:  # a setting the user's environment may give, which sqltune's then leaves alone
-        variant = VLLM_VARIANTS[arm][0](python)
-        if not variant:
+    if arm in VLLM_VARIANTS:  # a setting the user's environment may give (sqltune's then leaves it alone), or a flag
+        make_env, flags, _ = VLLM_VARIANTS[arm]
+        variant = make_env(python)
+        if not variant and not flags:
             print(f"predict_throughput: the {arm} arm has nothing to set here (a library missing): it runs as vllm")
         env.update(variant)
+        cmd += flags
     start = time.perf_counter()
     with open(log, "w") as err:  # vLLM logs (its engine's errors too) to stdout: kept in the log, less RESULT
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
@@ -173,7 +179,8 @@ def child_arm(a) -> int:
     records = (records * (a.prompts // max(1, len(records)) + 1))[: a.prompts]
     cfg = PredictConfig(model_name_or_path=a.model, template=a.template, max_new_tokens=a.max_new_tokens,
                         dtype=a.dtypes, batch_size=a.batch_size, enforce_eager=not a.vllm_compile, seed=a.seed,
-                        max_source_length=a.max_source_length, backend="vllm" if a.arm == "vllm" else "hf")
+                        max_source_length=a.max_source_length, backend="vllm" if a.arm == "vllm" else "hf",
+                        kv_block_size=a.kv_block_size)
     model = resolve(a.model)
     tokenizer = load_tokenizer(model)
     template = get_template(a.template, tokenizer)
@@ -289,7 +296,7 @@ def backend_summary(results: dict[str, list[dict]], a) -> list[str]:
                          f"(samples come from different generators and are not compared)")
         lines.append(f"vLLM / HF, best of each: greedy {best['vllm']['greedy'] / best['hf']['greedy']:.2f}x"
                      + (f", vote@{a.vote} {best['vllm']['vote'] / best['hf']['vote']:.2f}x" if a.vote else ""))
-    for arm, (_, what) in VLLM_VARIANTS.items():
+    for arm, (_, _, what) in VLLM_VARIANTS.items():
         if {"vllm", arm} <= set(results):
             mine, other = results["vllm"][-1], results[arm][-1]
             n = len(mine["greedy_answers"])

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vllm_compile", action="store_true",
                    help="--backend: vLLM compiles its model at start (predict's default) instead of --enforce_eager")
     p.add_argument("--seed", type=int, default=42, help="--backend: sampling seed of both arms (predict's default)")
+    p.add_argument("--kv_block_size", type=int, default=0, help=argparse.SUPPRESS)  # a variant arm's, for its child
     p.add_argument("--arm", default="", help=argparse.SUPPRESS)  # set by --backend for its child processes
     a = p.parse_args(argv)
     if a.arm or a.backend:

@@ -115,6 +115,7 @@ def test_the_command_serves_the_adapter_as_a_lora_module_in_its_trained_format(t
 
     if not torch.cuda.is_available():  # on a CPU the KV cache has a fixed size, not a share of all RAM
         assert _value(argv, "--kv-cache-memory-bytes") == str(4 << 30)
+        assert _value(argv, "--block-size") == "32"  # questions on one schema share more of it in the cache
         assert _value(argv, "--dtype") == "float32"
         # a False engine setting is said (--no-...), not dropped: the server ran with chunked prefill, which kills
         # vLLM's CPU build on a seeded request (a vote's samples) whose prompt is prefilled over several steps

@@ -140,6 +140,9 @@ class PredictConfig:
                                      "minutes (SmolLM2-135M on 2 CPU cores: 8.5 s, not 131 s); decoding can be slower")
     kv_cache_gb: float = arg(0.0, "vllm: GiB for the KV cache (0 = on a GPU what --gpu_memory_utilization leaves; on "
                                   "a CPU 4, or VLLM_CPU_KVCACHE_SPACE when set)")
+    kv_block_size: int = arg(0, "vllm: tokens per KV-cache block (0 = 32 on a CPU, vLLM's own on a GPU); prefix "
+                                "caching reuses whole blocks only, so small blocks share more of a schema between "
+                                "questions (on a CPU a multiple of 32)")
     num_samples: int = arg(0, "with --vote execution: candidates sampled per question (at least 2)")
     vote: str = arg("none", "none, or execution: run every candidate on the question's database and write one of "
                             "the largest group of equal results (ties: the larger summed log-probability)")
@@ -176,6 +179,8 @@ class PredictConfig:
         _check(self.max_model_len >= 0, "--max_model_len must be >= 0 (0 = max_source_length + max_new_tokens)")
         _check(0 <= self.kv_cache_gb < math.inf, f"--kv_cache_gb must be a size in GiB >= 0 (0 = the default), "
                                                  f"not {shown(self.kv_cache_gb)}")
+        _check(self.kv_block_size >= 0, f"--kv_block_size must be >= 0 (0 = the default), not "
+                                        f"{shown(self.kv_block_size)}")
         _check(not (self.backend == "vllm" and self.num_beams > 1),
                "--num_beams > 1 needs --backend hf (vLLM's generate does no beam search)")
         _check(self.vote in ("none", "execution"), f"--vote must be none or execution, not {shown(self.vote)}")
@@ -267,6 +272,8 @@ class ServeConfig:
                                              "--kv_cache_gb)")
     kv_cache_gb: float = arg(0.0, "GiB for the KV cache (0 = on a GPU what --gpu_memory_utilization leaves; on a "
                                   "CPU 4, or VLLM_CPU_KVCACHE_SPACE when set)")
+    kv_block_size: int = arg(0, "tokens per KV-cache block (0 = 32 on a CPU, vLLM's own on a GPU); prefix caching "
+                                "reuses whole blocks only (on a CPU a multiple of 32)")
     enforce_eager: bool = arg(False, "no torch.compile or CUDA graphs: starts in seconds (a CPU compiles ~3 min), "
                                      "decodes slower")
     seed: int = arg(42, "random seed")
@@ -289,6 +296,7 @@ def serve_settings(cfg: ServeConfig) -> PredictConfig:
                          max_model_len=cfg.max_model_len, dtype=cfg.dtype, backend="vllm",
                          tensor_parallel_size=cfg.tensor_parallel_size,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gb=cfg.kv_cache_gb,
+                         kv_block_size=cfg.kv_block_size,
                          enforce_eager=cfg.enforce_eager, seed=cfg.seed)
 
 # --------------------------------------------------------------------------------------------- export

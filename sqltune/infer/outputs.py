@@ -30,7 +30,7 @@ from sqltune.lock import held
 
 NOT_IDENTITY = {"model_name_or_path", "adapter", "dataset", "dataset_dir", "out", "batch_size", "overwrite",
                 "attn_implementation", "tensor_parallel_size", "gpu_memory_utilization", "enforce_eager", "kv_cache_gb",
-                "quiet"}
+                "kv_block_size", "quiet"}
 # written for an empty answer: the official Spider evaluator drops blank lines (every later answer then meets the gold
 # of the question before it), and in a SParC/CoSQL file a blank line ends the interaction
 NO_SQL = "SELECT"

@@ -23,6 +23,7 @@ from sqltune.io import environ_set, logging_to_file, read_json
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's LoRAConfig accepts only these max_lora_rank values
 CPU_STEP_TOKENS = 4096  # vLLM's own CPU default for one step's tokens (its LLM class, one worker)
 CPU_KV_CACHE_GB = 4  # in float32: ~170k tokens of Qwen2.5-0.5B's KV cache, ~37k of Qwen2.5-7B's
+CPU_KV_BLOCK = 32  # tokens per KV block on a CPU: its attention kernel takes multiples of 32; vLLM's own is 128
 FEW_CPUS = 4  # up to this many CPUs, vLLM's automatic binding would leave a quarter or more of them idle
 
 
@@ -41,6 +42,9 @@ def check_vllm(cfg: PredictConfig, model: Path | None = None) -> None:
             from None
     on_cpu = vllm_on_cpu()
     kv = kv_cache_bytes(cfg, on_cpu)
+    if on_cpu and cfg.kv_block_size % CPU_KV_BLOCK:
+        raise SqltuneError(f"--kv_block_size must be a multiple of {CPU_KV_BLOCK} on a CPU (vLLM's CPU attention "
+                           f"takes no other), not {cfg.kv_block_size}")
     if on_cpu and model is not None:
         check_ram(kv if kv is not None else int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30, model, available_ram())
 
@@ -119,14 +123,17 @@ def cpu_threads_env(on_cpu: bool, environ=None, cpus: list[int] | None = None) -
 
 
 def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> dict:
-    """Keyword arguments of `vllm.LLM`: parallelism, memory (the KV cache sized on a CPU) and length limits, dtype,
-    eager mode, prefix caching, and LoRA sized from the adapter (vLLM's default max_lora_rank 16 rejects r=64)."""
+    """Keyword arguments of `vllm.LLM`: parallelism, memory (the KV cache sized on a CPU, in blocks of 32 tokens
+    there) and length limits, dtype, eager mode, prefix caching, and LoRA sized from the adapter (vLLM's default max_lora_rank 16 rejects r=64)."""
     on_cpu = vllm_on_cpu()
     dtype = cfg.dtype if cfg.dtype != "auto" else "float32" if on_cpu else "bfloat16"  # as the hf backend's auto
     args = dict(model=str(model), seed=cfg.seed, dtype=dtype, tensor_parallel_size=cfg.tensor_parallel_size,
                 gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
                 enable_prefix_caching=True,  # a vote's greedy and n samples (and questions on one schema) share blocks
                 max_model_len=cfg.max_model_len or cfg.max_source_length + cfg.max_new_tokens)
+    block = cfg.kv_block_size or (CPU_KV_BLOCK if on_cpu else 0)
+    if block:  # on a CPU vLLM's 128 shares a schema of 400 tokens only up to 256 of them between questions
+        args["block_size"] = block
     if on_cpu:
         # whole prompts per step: a seeded request prefilled over several steps rewinds its torch Generator, and the
         # CPU build's generators have no offset (`CPU Generator does not use offset` killed every vote whose prompts
