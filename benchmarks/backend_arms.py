@@ -29,7 +29,9 @@ started with tcmalloc and Intel's OpenMP preloaded (LD_PRELOAD, as vLLM's CPU do
 tree has them, as when a user exports it): --backend vllm,vllm_preload measures what they buy. Any two or three
 arms alternate in one run. A `vllm_block128` arm is the vLLM backend with vLLM's own CPU block size, 128 tokens per
 KV block, where sqltune asks for 32 (its prefix cache reuses whole blocks: smaller ones share more of a schema
-between questions): --backend vllm_block128,vllm measures what the smaller blocks buy.
+between questions): --backend vllm_block128,vllm measures what the smaller blocks buy. A `vllm_aot` arm compiles
+with vLLM's AOT cache, which vLLM 0.32 with torch 2.13 cannot load again on a CPU (sqltune turns it off there):
+--backend vllm_aot,vllm --vllm_compile measures the engine's start with each (the first run of each fills its cache).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ VLLM_VARIANTS = {  # arm: (its environment, given the arm's Python; its child's 
     "vllm_auto": (lambda python: {"VLLM_CPU_OMP_THREADS_BIND": "auto"}, [], "vLLM's own binding"),
     "vllm_preload": (preload_env, [], "tcmalloc and Intel OpenMP preloaded"),
     "vllm_block128": (lambda python: {}, ["--kv_block_size", "128"], "vLLM's own 128-token KV blocks on a CPU"),
+    "vllm_aot": (lambda python: {"VLLM_USE_AOT_COMPILE": "1"}, [], "vLLM's own AOT compile cache on a CPU"),
 }
 
 

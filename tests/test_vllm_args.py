@@ -365,6 +365,20 @@ def test_vllm_computes_on_every_cpu_of_a_small_machine(on_cpu, environ, cpus, ex
     assert cpu_threads_env(on_cpu, environ, cpus) == expected
 
 
+@pytest.mark.parametrize("on_cpu, environ, expected", [
+    (True, {}, {"VLLM_USE_AOT_COMPILE": "0"}),  # vLLM's older compile cache, which loads again
+    (True, {"VLLM_USE_AOT_COMPILE": "1"}, {}),  # the user's choice wins
+    (False, {}, {}),  # a GPU keeps vLLM's default
+])
+def test_a_compiled_cpu_engine_uses_the_cache_it_can_load(on_cpu, environ, expected):
+    """Pins: vLLM 0.32 with torch 2.13 saved an AOT-compiled model on a CPU that it could not load again ('function'
+    object has no attribute 'finalize_loading'), so every compiled engine start compiled anew (Qwen2.5-0.5B: 69 s
+    against 41 s from its older cache, which loads). sqltune turns AOT compilation off for the CPU engine."""
+    from sqltune.infer.vllm_backend import cpu_compile_env
+
+    assert cpu_compile_env(on_cpu, environ) == expected
+
+
 def test_the_binding_reaches_the_engine_and_is_undone(tiny_model, prepared_demo, tmp_path, fake_vllm, monkeypatch):
     """The engine (whose processes spawn inside LLM()) sees the binding; the caller's environment is as before."""
     import os
@@ -372,7 +386,7 @@ def test_the_binding_reaches_the_engine_and_is_undone(tiny_model, prepared_demo,
     import sqltune.infer.vllm_backend as backend
 
     seen = []
-    monkeypatch.setattr(backend, "cpu_threads_env", lambda on_cpu: {"VLLM_CPU_OMP_THREADS_BIND": "0,1"})
+    monkeypatch.setattr(backend, "cpu_engine_env", lambda on_cpu: {"VLLM_CPU_OMP_THREADS_BIND": "0,1"})
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
 
     class Recording(sys.modules["vllm"].LLM):

@@ -94,7 +94,7 @@ def serve_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str], Path]:
     import json
 
     from sqltune.infer.prompt_format import prompt_settings, training_record
-    from sqltune.infer.vllm_backend import cpu_threads_env, vllm_engine_args, vllm_on_cpu
+    from sqltune.infer.vllm_backend import cpu_engine_env, vllm_engine_args, vllm_on_cpu
     from sqltune.loading import check_adapter, load_tokenizer, resolve
     from sqltune.templates import chat_template_jinja, get_template, stop_token_ids
 
@@ -124,7 +124,7 @@ def serve_command(cfg: ServeConfig) -> tuple[list[str], dict[str, str], Path]:
         argv += ["--lora-modules", f"{cfg.name}={adapter}"]
     else:
         argv += ["--served-model-name", cfg.name]
-    return argv, {**QUIET_ENV, **cpu_threads_env(vllm_on_cpu())}, folder
+    return argv, {**QUIET_ENV, **cpu_engine_env(vllm_on_cpu())}, folder
 
 
 def serve(cfg: ServeConfig) -> dict:
