@@ -128,6 +128,18 @@ def test_the_command_serves_the_adapter_as_a_lora_module_in_its_trained_format(t
             assert env["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, cpus))
 
 
+def test_a_kv_block_size_the_cpu_cannot_take_is_one_line_in_serve(tiny_model, tmp_path, capsys, monkeypatch):
+    """Pins: serve built its command without checking the block size, so `--kv_block_size 48` on a CPU reached vLLM's
+    engine (a page of worker tracebacks); it is one line, as in predict."""
+    import sqltune.infer.vllm_backend as backend
+
+    monkeypatch.setattr(backend, "vllm_on_cpu", lambda: True)
+    assert main(["serve", "--model_name_or_path", str(tiny_model), "--serve_dir", str(tmp_path / "s"), "--dry_run",
+                 "--kv_block_size", "48"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--kv_block_size" in err[0], err
+
+
 def test_without_an_adapter_the_model_is_served_under_the_name(tiny_model, tmp_path, capsys):
     argv, _ = _dry_run(capsys, "--model_name_or_path", str(tiny_model), "--template", "chatml", "--name", "m1",
                        "--serve_dir", str(tmp_path / "s"), "--kv_cache_gb", "1")

@@ -42,9 +42,7 @@ def check_vllm(cfg: PredictConfig, model: Path | None = None) -> None:
             from None
     on_cpu = vllm_on_cpu()
     kv = kv_cache_bytes(cfg, on_cpu)
-    if on_cpu and cfg.kv_block_size % CPU_KV_BLOCK:
-        raise SqltuneError(f"--kv_block_size must be a multiple of {CPU_KV_BLOCK} on a CPU (vLLM's CPU attention "
-                           f"takes no other), not {cfg.kv_block_size}")
+    kv_block_size(cfg, on_cpu)  # a size the CPU cannot take: refused before any output is touched
     if on_cpu and model is not None:
         check_ram(kv if kv is not None else int(os.environ["VLLM_CPU_KVCACHE_SPACE"]) << 30, model, available_ram())
 
@@ -106,6 +104,15 @@ def kv_cache_bytes(cfg: PredictConfig, on_cpu: bool) -> int | None:
     return int(gb * (1 << 30)) if gb else None
 
 
+def kv_block_size(cfg: PredictConfig, on_cpu: bool) -> int:
+    """Tokens per KV block for vLLM (0: vLLM's own, on a GPU). On a CPU 32, the smallest its attention takes: vLLM's
+    128 shared a ~400-token schema between questions only up to 256 of its tokens in the prefix cache."""
+    if on_cpu and cfg.kv_block_size % CPU_KV_BLOCK:
+        raise SqltuneError(f"--kv_block_size must be a multiple of {CPU_KV_BLOCK} on a CPU (vLLM's CPU attention "
+                           f"takes no other), not {cfg.kv_block_size}")
+    return cfg.kv_block_size or (CPU_KV_BLOCK if on_cpu else 0)
+
+
 def cpu_threads_env(on_cpu: bool, environ=None, cpus: list[int] | None = None) -> dict[str, str]:
     """Environment for vLLM's CPU engine to compute on every CPU of a small machine. Left to itself (binding `auto`)
     vLLM reserves one CPU for its scheduler process and binds the model's threads to the others: on this project's
@@ -145,8 +152,8 @@ def vllm_engine_args(cfg: PredictConfig, model: Path, adapter: Path | None) -> d
                 gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.enforce_eager,
                 enable_prefix_caching=True,  # a vote's greedy and n samples (and questions on one schema) share blocks
                 max_model_len=cfg.max_model_len or cfg.max_source_length + cfg.max_new_tokens)
-    block = cfg.kv_block_size or (CPU_KV_BLOCK if on_cpu else 0)
-    if block:  # on a CPU vLLM's 128 shares a schema of 400 tokens only up to 256 of them between questions
+    block = kv_block_size(cfg, on_cpu)
+    if block:
         args["block_size"] = block
     if on_cpu:
         # whole prompts per step: a seeded request prefilled over several steps rewinds its torch Generator, and the
