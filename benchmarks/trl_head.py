@@ -11,13 +11,14 @@ log-probabilities and gradients (tests/test_dpo.py); this measures what it saves
     sqltune   `sqltune train --stage STAGE` as shipped
 
 Each run is its own process: a fresh LoRA (r16, alpha 32, every linear layer) on --model, --steps optimizer steps
-with the same seed. --stage dpo: bf16, 2 pairs a batch x 2 accumulated (configs/spider_qwen05_rft.yaml's DPO), the
-same pairs in the same order. --stage grpo: configs/demo_grpo.yaml's GRPO (float32, 4 prompts x 4 completions a
-step from transformers' generate, 96 tokens at most, temperature 1.0, beta 0, DAPO loss, gradient checkpointing);
-the completions are sampled, so the arms' steps see equal prompts, not equal completions. Arms alternate for
---repeats rounds, the order reversed every other round. Printed per run: seconds per step (the Trainer's
-training-loop time / steps, loading and saving excluded), peak RSS, the mean training loss (for DPO the arms' should
-agree: the same computation); then the best of each arm and sqltune / trl.
+with the same seed. --stage dpo: bf16, 2 pairs a batch x 2 accumulated (the DPO step of
+configs/spider_qwen05_rft_from_adapter.yaml, and of spider_qwen05_rft.yaml until a0d92fa), the same pairs in the same
+order. --stage grpo: configs/demo_grpo.yaml's GRPO (float32, 4 prompts x 4 completions a step from transformers'
+generate, 96 tokens at most, temperature 1.0, beta 0, DAPO loss, gradient checkpointing); the completions are
+sampled, so the arms' steps see equal prompts, not equal completions. Arms alternate for --repeats rounds, the order
+reversed every other round. Printed per run: seconds per step (the Trainer's training-loop time / steps, loading and
+saving excluded), peak RSS, the mean training loss (for DPO the arms' should agree: the same computation); then the
+best of each arm and sqltune / trl.
 
     python benchmarks/trl_head.py --dataset_dir RUN/data --dataset right --model qwen2.5-coder-0.5b-instruct
     python benchmarks/trl_head.py --stage grpo --dataset_dir DEMO --dataset demo_train --model SFT_MERGED \
@@ -114,7 +115,7 @@ def child(a) -> int:
                   template=a.template, finetuning_type="lora", lora_rank=16, lora_alpha=32, lora_target="all",
                   max_source_length=a.max_source_length, learning_rate=5e-5, max_steps=a.steps, logging_steps=1,
                   save_steps=10_000, output_dir=a.work, overwrite_output_dir=True, quiet=True, seed=42)
-    if a.stage == "dpo":  # configs/spider_qwen05_rft.yaml's DPO
+    if a.stage == "dpo":  # configs/spider_qwen05_rft_from_adapter.yaml's DPO
         cfg = TrainConfig(**common, bf16=True, max_target_length=128, per_device_train_batch_size=2,
                           gradient_accumulation_steps=2, dpo_beta=0.1)
     else:  # configs/demo_grpo.yaml's GRPO
